@@ -1,0 +1,461 @@
+package etcd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// ErrBlockLost is returned by Renew when a block this host held is now
+// owned by another host or was deleted.
+var ErrBlockLost = errors.New("etcd: block lost")
+
+// maxTxnRetries bounds how often one operation retries a transaction that
+// lost a race before giving up.
+const maxTxnRetries = 5
+
+// BlockRecord is the value of a block's key: who owns it and since when.
+// A block has no etcd lease: it stays with its owner through etcd outages
+// and overlayd restarts, and is given back only by an explicit release.
+type BlockRecord struct {
+	// Host owns the block.
+	Host overlay.HostID `json:"host"`
+	// Claimed is when the host claimed the block.
+	Claimed time.Time `json:"claimed"`
+	// Renewed is when the host last confirmed it still holds the block.
+	Renewed time.Time `json:"renewed"`
+}
+
+// AddrRecord is the value of an address's key: who holds it.
+type AddrRecord struct {
+	// Host is the host whose block the address belongs to.
+	Host overlay.HostID `json:"host"`
+	// ContainerID and IfName identify the container interface.
+	ContainerID string `json:"containerID"`
+	IfName      string `json:"ifName"`
+}
+
+// held is a block this host owns, with the revisions that prove it.
+type held struct {
+	createRev int64 // create revision of the block key: changes only if it is re-claimed
+	modRev    int64 // last modification revision seen: the compare of a renewal
+}
+
+// Pool is one host's view of one network: it leases the host's blocks and
+// allocates addresses from them. It implements overlay.BlockLeaser and
+// overlay.Allocator and is safe for concurrent use.
+type Pool struct {
+	s    *Store
+	net  overlay.Network
+	host overlay.HostID
+
+	allocMu sync.Mutex // serializes this host's allocations, so they never race each other
+
+	mu   sync.Mutex // guards held
+	held map[netip.Prefix]held
+}
+
+var (
+	_ overlay.BlockLeaser = (*Pool)(nil)
+	_ overlay.Allocator   = (*Pool)(nil)
+)
+
+// Pool returns host's pool of network n.
+func (s *Store) Pool(n overlay.Network, host overlay.HostID) *Pool {
+	return &Pool{s: s, net: n, host: host, held: make(map[netip.Prefix]held)}
+}
+
+// Owners returns the owner of every claimed block of the network.
+func (p *Pool) Owners(ctx context.Context) (map[netip.Prefix]overlay.HostID, error) {
+	recs, err := p.blocks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[netip.Prefix]overlay.HostID, len(recs))
+	for b, r := range recs {
+		out[b] = r.rec.Host
+	}
+	return out, nil
+}
+
+type blockKV struct {
+	rec       BlockRecord
+	createRev int64
+	modRev    int64
+}
+
+func (p *Pool) blocks(ctx context.Context) (map[netip.Prefix]blockKV, error) {
+	prefix := p.s.blocksPrefix(p.net.Name)
+	resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("list blocks of %s: %w", p.net.Name, err)
+	}
+	out := make(map[netip.Prefix]blockKV, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		b, err := parseBlockName(strings.TrimPrefix(string(kv.Key), prefix))
+		if err != nil || p.net.BlockIndex(b) < 0 {
+			continue // not ours to interpret; never treat it as free either
+		}
+		var rec BlockRecord
+		if err := json.Unmarshal(kv.Value, &rec); err != nil {
+			// Undecodable: keep the block taken by an unknown owner so
+			// that nobody claims it over a record we cannot read.
+			rec.Host = "?"
+		}
+		out[b] = blockKV{rec: rec, createRev: kv.CreateRevision, modRev: kv.ModRevision}
+	}
+	return out, nil
+}
+
+// Held returns the blocks this pool knows it holds, sorted.
+func (p *Pool) Held() []netip.Prefix {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make([]netip.Prefix, 0, len(p.held))
+	for b := range p.held {
+		out = append(out, b)
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return out
+}
+
+// Lease returns the blocks the host holds, claiming a free one when it
+// holds none. A restarted host gets the same blocks back. Hosts racing for
+// blocks each try a random free one; a claim is a transaction that
+// succeeds only when the block's key does not exist, so no block ever has
+// two owners.
+func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
+	recs, err := p.blocks(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("lease block for %s: %w", p.host, err)
+	}
+	p.mu.Lock()
+	for b, r := range recs {
+		if r.rec.Host == p.host {
+			p.held[b] = held{createRev: r.createRev, modRev: r.modRev}
+		}
+	}
+	n := len(p.held)
+	p.mu.Unlock()
+	if n > 0 {
+		return p.Held(), nil
+	}
+
+	var free []netip.Prefix
+	for i := range p.net.NumBlocks() {
+		b := p.net.Block(i)
+		if _, taken := recs[b]; !taken {
+			free = append(free, b)
+		}
+	}
+	now := time.Now().UTC()
+	val, err := json.Marshal(BlockRecord{Host: p.host, Claimed: now, Renewed: now})
+	if err != nil {
+		return nil, fmt.Errorf("encode block record: %w", err)
+	}
+	for len(free) > 0 {
+		i := rand.IntN(len(free))
+		b := free[i]
+		key := p.s.blockKey(p.net.Name, b)
+		resp, err := p.s.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+			Then(clientv3.OpPut(key, string(val))).
+			Commit()
+		if err != nil {
+			return nil, fmt.Errorf("lease block %s for %s: %w", b, p.host, err)
+		}
+		if resp.Succeeded {
+			rev := resp.Header.Revision
+			p.mu.Lock()
+			p.held[b] = held{createRev: rev, modRev: rev}
+			p.mu.Unlock()
+			return []netip.Prefix{b}, nil
+		}
+		// Another host won this one: try another.
+		free[i] = free[len(free)-1]
+		free = free[:len(free)-1]
+	}
+	return nil, fmt.Errorf("lease block for %s in %s (%s, /%d blocks): %w", p.host, p.net.Name, p.net.CIDR, p.net.BlockBits, overlay.ErrPoolExhausted)
+}
+
+// Renew confirms every held block with a compare-and-swap on its last
+// known revision: it never overwrites a record it has not read. A block
+// now owned by another host, or deleted, is dropped from the pool and
+// reported with ErrBlockLost.
+func (p *Pool) Renew(ctx context.Context) error {
+	p.mu.Lock()
+	blocks := make(map[netip.Prefix]held, len(p.held))
+	for b, h := range p.held {
+		blocks[b] = h
+	}
+	p.mu.Unlock()
+
+	var errs []error
+	for b, h := range blocks {
+		key := p.s.blockKey(p.net.Name, b)
+		for attempt := 0; ; attempt++ {
+			resp, err := p.s.cli.Get(ctx, key)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("renew block %s: %w", b, err))
+				break
+			}
+			var rec BlockRecord
+			if len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != h.createRev ||
+				json.Unmarshal(resp.Kvs[0].Value, &rec) != nil || rec.Host != p.host {
+				p.mu.Lock()
+				delete(p.held, b)
+				p.mu.Unlock()
+				errs = append(errs, fmt.Errorf("renew block %s for %s: %w", b, p.host, ErrBlockLost))
+				break
+			}
+			kv := resp.Kvs[0]
+			rec.Renewed = time.Now().UTC()
+			val, _ := json.Marshal(rec)
+			tr, err := p.s.cli.Txn(ctx).
+				If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)).
+				Then(clientv3.OpPut(key, string(val))).
+				Commit()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("renew block %s: %w", b, err))
+				break
+			}
+			if tr.Succeeded {
+				p.mu.Lock()
+				p.held[b] = held{createRev: h.createRev, modRev: tr.Header.Revision}
+				p.mu.Unlock()
+				break
+			}
+			if attempt >= maxTxnRetries {
+				errs = append(errs, fmt.Errorf("renew block %s: record keeps changing", b))
+				break
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ReleaseBlocks gives back every block the host owns, with every address
+// allocated from them and the host's attachment index.
+func (p *Pool) ReleaseBlocks(ctx context.Context) error {
+	recs, err := p.blocks(ctx)
+	if err != nil {
+		return fmt.Errorf("release blocks of %s: %w", p.host, err)
+	}
+	var errs []error
+	for b, r := range recs {
+		if r.rec.Host != p.host {
+			continue
+		}
+		key := p.s.blockKey(p.net.Name, b)
+		_, err := p.s.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.CreateRevision(key), "=", r.createRev)).
+			Then(
+				clientv3.OpDelete(p.s.addrsPrefix(p.net.Name, b), clientv3.WithPrefix()),
+				clientv3.OpDelete(key),
+			).Commit()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("release block %s: %w", b, err))
+		}
+	}
+	if _, err := p.s.cli.Delete(ctx, p.s.attachPrefix(p.net.Name, p.host), clientv3.WithPrefix()); err != nil {
+		errs = append(errs, fmt.Errorf("release attachments of %s: %w", p.host, err))
+	}
+	p.mu.Lock()
+	clear(p.held)
+	p.mu.Unlock()
+	return errors.Join(errs...)
+}
+
+// Allocate returns the address of key, allocating the lowest free address
+// of the host's blocks when key holds none. The address key and the
+// attachment key are created in one transaction that also checks the
+// block is still the host's, so an address is never given twice.
+func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
+	p.allocMu.Lock()
+	defer p.allocMu.Unlock()
+
+	if al, err := p.Lookup(ctx, key); err == nil {
+		return al, nil
+	} else if !errors.Is(err, overlay.ErrNotFound) {
+		return overlay.Allocation{}, err
+	}
+
+	p.mu.Lock()
+	blocks := make(map[netip.Prefix]held, len(p.held))
+	for b, h := range p.held {
+		blocks[b] = h
+	}
+	p.mu.Unlock()
+	if len(blocks) == 0 {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, p.host, p.net.Name, overlay.ErrPoolExhausted)
+	}
+
+	rec, err := json.Marshal(AddrRecord{Host: p.host, ContainerID: key.ContainerID, IfName: key.IfName})
+	if err != nil {
+		return overlay.Allocation{}, fmt.Errorf("encode address record: %w", err)
+	}
+	akey := p.s.attachKey(p.net.Name, p.host, key)
+	for _, b := range p.Held() {
+		h, ok := blocks[b]
+		if !ok {
+			continue
+		}
+		used, err := p.used(ctx, b)
+		if err != nil {
+			return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
+		}
+		for a := overlay.Gateway(b).Next(); a != overlay.Broadcast(b); a = a.Next() {
+			if used[a] {
+				continue
+			}
+			addr := netip.PrefixFrom(a, b.Bits())
+			addrKey := p.s.addrsPrefix(p.net.Name, b) + a.String()
+			blockKey := p.s.blockKey(p.net.Name, b)
+			resp, err := p.s.cli.Txn(ctx).
+				If(
+					clientv3.Compare(clientv3.CreateRevision(blockKey), "=", h.createRev),
+					clientv3.Compare(clientv3.CreateRevision(addrKey), "=", 0),
+					clientv3.Compare(clientv3.CreateRevision(akey), "=", 0),
+				).
+				Then(clientv3.OpPut(addrKey, string(rec)), clientv3.OpPut(akey, addr.String())).
+				Commit()
+			if err != nil {
+				return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
+			}
+			if resp.Succeeded {
+				return overlay.Allocation{Key: key, Addr: addr, Host: p.host, New: true}, nil
+			}
+			// Lost a race: the key got an address elsewhere, the
+			// address was taken, or the block is no longer ours.
+			if al, err := p.Lookup(ctx, key); err == nil {
+				return al, nil
+			}
+			if !p.stillHeld(ctx, b, h) {
+				break
+			}
+		}
+	}
+	return overlay.Allocation{}, fmt.Errorf("allocate %s: every address of %s's blocks %v is in use: %w", key, p.host, p.Held(), overlay.ErrPoolExhausted)
+}
+
+func (p *Pool) stillHeld(ctx context.Context, b netip.Prefix, h held) bool {
+	resp, err := p.s.cli.Get(ctx, p.s.blockKey(p.net.Name, b))
+	if err != nil || len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != h.createRev {
+		p.mu.Lock()
+		delete(p.held, b)
+		p.mu.Unlock()
+		return false
+	}
+	return true
+}
+
+func (p *Pool) used(ctx context.Context, b netip.Prefix) (map[netip.Addr]bool, error) {
+	prefix := p.s.addrsPrefix(p.net.Name, b)
+	resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", b, err)
+	}
+	used := make(map[netip.Addr]bool, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if a, err := netip.ParseAddr(strings.TrimPrefix(string(kv.Key), prefix)); err == nil {
+			used[a] = true
+		}
+	}
+	return used, nil
+}
+
+// Lookup returns the allocation of key, or an error wrapping
+// overlay.ErrNotFound.
+func (p *Pool) Lookup(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
+	resp, err := p.s.cli.Get(ctx, p.s.attachKey(p.net.Name, p.host, key))
+	if err != nil {
+		return overlay.Allocation{}, fmt.Errorf("look up %s: %w", key, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return overlay.Allocation{}, fmt.Errorf("look up %s on %s: %w", key, p.host, overlay.ErrNotFound)
+	}
+	addr, err := netip.ParsePrefix(string(resp.Kvs[0].Value))
+	if err != nil {
+		return overlay.Allocation{}, fmt.Errorf("look up %s: bad address %q: %w", key, resp.Kvs[0].Value, err)
+	}
+	return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
+}
+
+// Release frees the address of key. A key without one is not an error.
+func (p *Pool) Release(ctx context.Context, key overlay.AttachmentKey) error {
+	akey := p.s.attachKey(p.net.Name, p.host, key)
+	for attempt := 0; attempt <= maxTxnRetries; attempt++ {
+		resp, err := p.s.cli.Get(ctx, akey)
+		if err != nil {
+			return fmt.Errorf("release %s: %w", key, err)
+		}
+		if len(resp.Kvs) == 0 {
+			return nil
+		}
+		kv := resp.Kvs[0]
+		ops := []clientv3.Op{clientv3.OpDelete(akey)}
+		if addr, err := netip.ParsePrefix(string(kv.Value)); err == nil {
+			b := netip.PrefixFrom(addr.Addr(), p.net.BlockBits).Masked()
+			ops = append(ops, clientv3.OpDelete(p.s.addrsPrefix(p.net.Name, b)+addr.Addr().String()))
+		}
+		tr, err := p.s.cli.Txn(ctx).
+			If(clientv3.Compare(clientv3.ModRevision(akey), "=", kv.ModRevision)).
+			Then(ops...).
+			Commit()
+		if err != nil {
+			return fmt.Errorf("release %s: %w", key, err)
+		}
+		if tr.Succeeded {
+			return nil
+		}
+	}
+	return fmt.Errorf("release %s: attachment keeps changing: %w", key, overlay.ErrConflict)
+}
+
+// List returns every allocation of this host in the network.
+func (p *Pool) List(ctx context.Context) ([]overlay.Allocation, error) {
+	prefix := p.s.attachPrefix(p.net.Name, p.host)
+	resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("list allocations of %s: %w", p.host, err)
+	}
+	var out []overlay.Allocation
+	for _, kv := range resp.Kvs {
+		cid, ifname, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), prefix), "/")
+		addr, err := netip.ParsePrefix(string(kv.Value))
+		if !ok || err != nil {
+			continue
+		}
+		out = append(out, overlay.Allocation{Key: overlay.AttachmentKey{ContainerID: cid, IfName: ifname}, Addr: addr, Host: p.host})
+	}
+	return out, nil
+}
+
+// Holder returns who holds address a of the network, or an error wrapping
+// overlay.ErrNotFound when nobody does.
+func (s *Store) Holder(ctx context.Context, n overlay.Network, a netip.Addr) (AddrRecord, error) {
+	b := netip.PrefixFrom(a, n.BlockBits).Masked()
+	resp, err := s.cli.Get(ctx, s.addrsPrefix(n.Name, b)+a.String())
+	if err != nil {
+		return AddrRecord{}, fmt.Errorf("look up holder of %s: %w", a, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return AddrRecord{}, fmt.Errorf("holder of %s: %w", a, overlay.ErrNotFound)
+	}
+	var rec AddrRecord
+	if err := json.Unmarshal(resp.Kvs[0].Value, &rec); err != nil {
+		return AddrRecord{}, fmt.Errorf("decode holder of %s: %w", a, err)
+	}
+	return rec, nil
+}

@@ -1,0 +1,240 @@
+// Package etcd keeps the overlay's shared state in etcd: network
+// definitions, host records, block leases and address allocations.
+//
+// Key layout, below a prefix (DefaultPrefix):
+//
+//	hosts/<host-id>                               HostRecord
+//	networks/<net>/config                         overlay.Network
+//	networks/<net>/blocks/<a.b.c.d-bits>          BlockRecord
+//	networks/<net>/addrs/<a.b.c.d-bits>/<ip>      AddrRecord
+//	networks/<net>/attach/<host>/<container>/<if> the address, as text
+//
+// Every ownership change is one transaction that compares create or
+// modification revisions, so no block or address is ever handed out twice,
+// however many hosts race for it.
+package etcd
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// DefaultPrefix is the etcd key prefix of all overlay state. The version
+// in it changes only with an incompatible key layout.
+const DefaultPrefix = "/overlay/v1/"
+
+// Store reads and writes overlay state in etcd. It is safe for concurrent
+// use; its methods block on etcd and honour their context.
+type Store struct {
+	cli    *clientv3.Client
+	prefix string
+}
+
+// NewStore returns a store on cli below prefix ("" means DefaultPrefix).
+func NewStore(cli *clientv3.Client, prefix string) *Store {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	if !strings.HasSuffix(prefix, "/") {
+		prefix += "/"
+	}
+	return &Store{cli: cli, prefix: prefix}
+}
+
+// Client returns the etcd client the store uses.
+func (s *Store) Client() *clientv3.Client { return s.cli }
+
+func (s *Store) hostKey(h overlay.HostID) string { return s.prefix + "hosts/" + string(h) }
+func (s *Store) networkKey(name string) string  { return s.prefix + "networks/" + name + "/config" }
+func (s *Store) blocksPrefix(name string) string {
+	return s.prefix + "networks/" + name + "/blocks/"
+}
+func (s *Store) blockKey(name string, b netip.Prefix) string {
+	return s.blocksPrefix(name) + blockName(b)
+}
+func (s *Store) addrsPrefix(name string, b netip.Prefix) string {
+	return s.prefix + "networks/" + name + "/addrs/" + blockName(b) + "/"
+}
+func (s *Store) attachPrefix(name string, h overlay.HostID) string {
+	return s.prefix + "networks/" + name + "/attach/" + string(h) + "/"
+}
+func (s *Store) attachKey(name string, h overlay.HostID, k overlay.AttachmentKey) string {
+	return s.attachPrefix(name, h) + k.ContainerID + "/" + k.IfName
+}
+
+// blockName renders a block as a key segment: 198.19.0.64-26.
+func blockName(b netip.Prefix) string {
+	return b.Addr().String() + "-" + fmt.Sprint(b.Bits())
+}
+
+func parseBlockName(s string) (netip.Prefix, error) {
+	return netip.ParsePrefix(strings.Replace(s, "-", "/", 1))
+}
+
+// EnsureNetwork stores n as the definition of its network when none
+// exists, and otherwise checks that the stored one is the same. It
+// returns the stored definition, or an error wrapping overlay.ErrConflict
+// that names the first field that differs.
+func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.Network, error) {
+	if err := n.Validate(); err != nil {
+		return overlay.Network{}, err
+	}
+	val, err := json.Marshal(n)
+	if err != nil {
+		return overlay.Network{}, fmt.Errorf("encode network %s: %w", n.Name, err)
+	}
+	key := s.networkKey(n.Name)
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+		Then(clientv3.OpPut(key, string(val))).
+		Else(clientv3.OpGet(key)).
+		Commit()
+	if err != nil {
+		return overlay.Network{}, fmt.Errorf("ensure network %s in etcd: %w", n.Name, err)
+	}
+	if resp.Succeeded {
+		return n, nil
+	}
+	kvs := resp.Responses[0].GetResponseRange().Kvs
+	if len(kvs) == 0 {
+		return overlay.Network{}, fmt.Errorf("ensure network %s: deleted while read: %w", n.Name, overlay.ErrConflict)
+	}
+	var stored overlay.Network
+	if err := json.Unmarshal(kvs[0].Value, &stored); err != nil {
+		return overlay.Network{}, fmt.Errorf("decode network %s at %s: %w", n.Name, key, err)
+	}
+	if field := stored.Diff(n); field != "" {
+		return stored, fmt.Errorf("network %q: configuration differs from etcd in field %s (etcd has %s, configuration has %s): change the configuration to match, or remove the network from etcd first: %w",
+			n.Name, field, fieldValue(stored, field), fieldValue(n, field), overlay.ErrConflict)
+	}
+	return stored, nil
+}
+
+func fieldValue(n overlay.Network, field string) string {
+	switch field {
+	case "name":
+		return n.Name
+	case "cidr":
+		return n.CIDR.String()
+	case "blockBits":
+		return fmt.Sprint(n.BlockBits)
+	case "vni":
+		return fmt.Sprint(n.VNI)
+	case "port":
+		return fmt.Sprint(n.Port)
+	}
+	return "?"
+}
+
+// Network returns the stored definition of network name, or an error
+// wrapping overlay.ErrNotFound.
+func (s *Store) Network(ctx context.Context, name string) (overlay.Network, error) {
+	resp, err := s.cli.Get(ctx, s.networkKey(name))
+	if err != nil {
+		return overlay.Network{}, fmt.Errorf("get network %s: %w", name, err)
+	}
+	if len(resp.Kvs) == 0 {
+		return overlay.Network{}, fmt.Errorf("network %q: %w", name, overlay.ErrNotFound)
+	}
+	var n overlay.Network
+	if err := json.Unmarshal(resp.Kvs[0].Value, &n); err != nil {
+		return overlay.Network{}, fmt.Errorf("decode network %s: %w", name, err)
+	}
+	return n, nil
+}
+
+// HostRecord is what etcd knows of a host: enough to find it over gossip.
+type HostRecord struct {
+	// Host is the host's ID.
+	Host overlay.HostID `json:"host"`
+	// Underlay is the host's underlay address.
+	Underlay netip.Addr `json:"underlay"`
+	// VTEPMAC is the MAC address of the host's VXLAN devices.
+	VTEPMAC string `json:"vtepMAC"`
+	// Gossip is the host:port its memberlist listens on.
+	Gossip string `json:"gossip"`
+	// Updated is when the host last wrote the record.
+	Updated time.Time `json:"updated"`
+}
+
+// MAC parses the record's VTEP MAC.
+func (r HostRecord) MAC() (net.HardwareAddr, error) { return net.ParseMAC(r.VTEPMAC) }
+
+// RegisterHost writes the host's record, replacing an older one.
+func (s *Store) RegisterHost(ctx context.Context, rec HostRecord) error {
+	val, err := json.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("encode host %s: %w", rec.Host, err)
+	}
+	if _, err := s.cli.Put(ctx, s.hostKey(rec.Host), string(val)); err != nil {
+		return fmt.Errorf("register host %s: %w", rec.Host, err)
+	}
+	return nil
+}
+
+// Hosts returns every registered host. Records that cannot be decoded
+// are skipped and reported in the joined error next to the good ones.
+func (s *Store) Hosts(ctx context.Context) ([]HostRecord, error) {
+	resp, err := s.cli.Get(ctx, s.prefix+"hosts/", clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("list hosts: %w", err)
+	}
+	var out []HostRecord
+	var errs []error
+	for _, kv := range resp.Kvs {
+		var rec HostRecord
+		if err := json.Unmarshal(kv.Value, &rec); err != nil {
+			errs = append(errs, fmt.Errorf("decode %s: %w", kv.Key, err))
+			continue
+		}
+		out = append(out, rec)
+	}
+	return out, errors.Join(errs...)
+}
+
+// DeleteHost removes the host's record. A host with none is not an error.
+func (s *Store) DeleteHost(ctx context.Context, h overlay.HostID) error {
+	if _, err := s.cli.Delete(ctx, s.hostKey(h)); err != nil {
+		return fmt.Errorf("delete host %s: %w", h, err)
+	}
+	return nil
+}
+
+// WatchNetwork calls fn after every change to the network's blocks, until
+// ctx is done. fn must not block. A broken watch (compaction, lost
+// connection) is re-established, and fn is called then too, since changes
+// may have been missed. It returns ctx's error.
+func (s *Store) WatchNetwork(ctx context.Context, name string, fn func()) error {
+	prefix := s.blocksPrefix(name)
+	for {
+		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+		for wr := range s.cli.Watch(wctx, prefix, clientv3.WithPrefix()) {
+			if wr.Err() != nil {
+				break
+			}
+			if len(wr.Events) > 0 {
+				fn()
+			}
+		}
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		fn()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}

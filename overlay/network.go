@@ -1,0 +1,152 @@
+// Package overlay holds the types shared by every part of the overlay and
+// the small interfaces (seams) between them: the dataplane, the block
+// leaser, the address allocator and the membership. It imports neither
+// netlink nor etcd, so the reconcile logic and the in-memory fakes in
+// overlaytest depend on nothing else.
+package overlay
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+)
+
+// HostID identifies one host for its whole life. It is generated once and
+// kept in the host's data directory; it is never derived from an address.
+type HostID string
+
+// Defaults for a network definition.
+const (
+	// DefaultBlockBits is the prefix length of the blocks a network's
+	// CIDR is cut into: a /26 holds 64 addresses.
+	DefaultBlockBits = 26
+	// DefaultVNI is the VXLAN network identifier of the default network.
+	DefaultVNI = 4096
+	// DefaultPort is the IANA-assigned VXLAN UDP port.
+	DefaultPort = 4789
+	// MaxNameLen bounds a network name so that the device names derived
+	// from it fit the kernel's 15-byte interface name limit.
+	MaxNameLen = 10
+	// minBlockBits is the smallest useful block: network address,
+	// gateway, one container, broadcast.
+	minBlockBits = 30
+	// maxVNI is the largest 24-bit VXLAN network identifier.
+	maxVNI = 1<<24 - 1
+)
+
+// ErrInvalidNetwork is wrapped by every validation error of a Network.
+var ErrInvalidNetwork = errors.New("overlay: invalid network")
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`)
+
+// Network is the definition of one overlay network. It is stored in etcd
+// and is the same on every host.
+type Network struct {
+	// Name identifies the network in etcd keys, device names and CNI
+	// configuration. Lower-case letters, digits and '-', at most
+	// MaxNameLen bytes.
+	Name string `json:"name"`
+	// CIDR is the address space of the whole network.
+	CIDR netip.Prefix `json:"cidr"`
+	// BlockBits is the prefix length of the blocks that hosts lease.
+	BlockBits int `json:"blockBits"`
+	// VNI is the VXLAN network identifier.
+	VNI uint32 `json:"vni"`
+	// Port is the VXLAN UDP destination port.
+	Port uint16 `json:"port"`
+}
+
+// Validate reports whether the definition can be used, naming the field
+// that is wrong.
+func (n Network) Validate() error {
+	if len(n.Name) == 0 || len(n.Name) > MaxNameLen || !nameRE.MatchString(n.Name) {
+		return fmt.Errorf("%w: name %q: want 1 to %d lower-case letters, digits or '-'", ErrInvalidNetwork, n.Name, MaxNameLen)
+	}
+	if !n.CIDR.IsValid() || !n.CIDR.Addr().Is4() {
+		return fmt.Errorf("%w: cidr %q: want an IPv4 prefix such as 198.19.0.0/16", ErrInvalidNetwork, n.CIDR)
+	}
+	if n.CIDR != n.CIDR.Masked() {
+		return fmt.Errorf("%w: cidr %s has host bits set (did you mean %s?)", ErrInvalidNetwork, n.CIDR, n.CIDR.Masked())
+	}
+	if n.BlockBits > minBlockBits {
+		return fmt.Errorf("%w: blockBits %d: a block must be /%d or larger", ErrInvalidNetwork, n.BlockBits, minBlockBits)
+	}
+	if n.BlockBits < n.CIDR.Bits() {
+		return fmt.Errorf("%w: cidr %s is too small for blocks of /%d: use a larger cidr or a smaller block (larger blockBits)", ErrInvalidNetwork, n.CIDR, n.BlockBits)
+	}
+	if n.VNI == 0 || n.VNI > maxVNI {
+		return fmt.Errorf("%w: vni %d: want 1 to %d", ErrInvalidNetwork, n.VNI, maxVNI)
+	}
+	if n.Port == 0 {
+		return fmt.Errorf("%w: port must not be 0", ErrInvalidNetwork)
+	}
+	return nil
+}
+
+// Diff returns the name of the first field in which n and o differ, or ""
+// when they are the same.
+func (n Network) Diff(o Network) string {
+	switch {
+	case n.Name != o.Name:
+		return "name"
+	case n.CIDR != o.CIDR:
+		return "cidr"
+	case n.BlockBits != o.BlockBits:
+		return "blockBits"
+	case n.VNI != o.VNI:
+		return "vni"
+	case n.Port != o.Port:
+		return "port"
+	}
+	return ""
+}
+
+// NumBlocks returns how many blocks the network's CIDR holds.
+func (n Network) NumBlocks() int {
+	return 1 << (n.BlockBits - n.CIDR.Bits())
+}
+
+// Block returns the i-th block of the network, 0 <= i < NumBlocks().
+func (n Network) Block(i int) netip.Prefix {
+	v := addrToUint(n.CIDR.Addr()) + uint32(i)<<(32-n.BlockBits)
+	return netip.PrefixFrom(uintToAddr(v), n.BlockBits)
+}
+
+// BlockIndex returns the index of block b in the network, or -1 when b is
+// not one of its blocks.
+func (n Network) BlockIndex(b netip.Prefix) int {
+	if b.Bits() != n.BlockBits || !n.CIDR.Contains(b.Addr()) || b.Masked() != b {
+		return -1
+	}
+	off := addrToUint(b.Addr()) - addrToUint(n.CIDR.Addr())
+	return int(off >> (32 - n.BlockBits))
+}
+
+// BridgeName returns the name of the bridge that holds the network's
+// gateway addresses and the host ends of its containers' veths.
+func (n Network) BridgeName() string { return "ovbr-" + n.Name }
+
+// VXLANName returns the name of the network's VXLAN device.
+func (n Network) VXLANName() string { return "ovvx-" + n.Name }
+
+// Gateway returns the gateway address of a block: its first host address.
+// It sits on the bridge and is the containers' next hop.
+func Gateway(block netip.Prefix) netip.Addr {
+	return block.Masked().Addr().Next()
+}
+
+// Broadcast returns the last address of a block.
+func Broadcast(block netip.Prefix) netip.Addr {
+	v := addrToUint(block.Masked().Addr()) | (1<<(32-block.Bits()) - 1)
+	return uintToAddr(v)
+}
+
+func addrToUint(a netip.Addr) uint32 {
+	b := a.As4()
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+func uintToAddr(v uint32) netip.Addr {
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}

@@ -1,0 +1,143 @@
+package overlay
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+)
+
+// Sentinel errors shared by the implementations of the seams.
+var (
+	// ErrNotFound is returned when an allocation, block or network does
+	// not exist.
+	ErrNotFound = errors.New("overlay: not found")
+	// ErrPoolExhausted is returned when no block or no address is free.
+	ErrPoolExhausted = errors.New("overlay: address pool exhausted")
+	// ErrConflict is returned when stored state disagrees with what the
+	// caller expected, for example a network definition that differs.
+	ErrConflict = errors.New("overlay: conflict")
+)
+
+// Peer is another host as the dataplane programs it: where to send
+// VXLAN packets for which blocks.
+type Peer struct {
+	// Host is the peer's host ID.
+	Host HostID
+	// Underlay is the peer's underlay address, the VXLAN destination.
+	Underlay netip.Addr
+	// VTEPMAC is the MAC address of the peer's VXLAN device.
+	VTEPMAC net.HardwareAddr
+	// Blocks are the peer's blocks of this network, sorted.
+	Blocks []netip.Prefix
+}
+
+// DataplaneConfig is the whole desired state of one network's dataplane
+// on this host.
+type DataplaneConfig struct {
+	// Network is the network being programmed.
+	Network Network
+	// Underlay is the local underlay address the VXLAN device binds to.
+	Underlay netip.Addr
+	// UnderlayLink is the name of the underlay interface, or "" to let
+	// the kernel route VXLAN packets by destination.
+	UnderlayLink string
+	// MTU is the MTU of the VXLAN device, the bridge and the veths.
+	MTU int
+	// VTEPMAC is the MAC address of the local VXLAN device.
+	VTEPMAC net.HardwareAddr
+	// Blocks are this host's blocks; their gateways go on the bridge.
+	Blocks []netip.Prefix
+	// Peers are the other hosts, sorted by host ID.
+	Peers []Peer
+}
+
+// Dataplane converges the kernel to a desired state. Implementations are
+// safe for concurrent use; calls block while they talk to the kernel.
+type Dataplane interface {
+	// Set converges the network's devices, routes, neighbour and FDB
+	// entries to cfg: it adds what is missing, replaces what differs,
+	// removes what is stale and recreates devices that were deleted.
+	// Calling it again with the same cfg changes nothing. A failure on
+	// one entry does not stop the others: the error joins them all.
+	Set(ctx context.Context, cfg DataplaneConfig) error
+	// Delete removes the network's devices and every entry on them. A
+	// network that has no devices is not an error.
+	Delete(ctx context.Context, n Network) error
+}
+
+// BlockOwners reports who owns the blocks of one network.
+type BlockOwners interface {
+	// Owners returns the owner of every claimed block. It blocks on the
+	// store and fails when the store cannot be read.
+	Owners(ctx context.Context) (map[netip.Prefix]HostID, error)
+}
+
+// BlockLeaser leases blocks of one network for this host.
+type BlockLeaser interface {
+	BlockOwners
+	// Lease returns the blocks this host holds, claiming a free one when
+	// it holds none. It never hands one block to two hosts.
+	Lease(ctx context.Context) ([]netip.Prefix, error)
+	// ReleaseBlocks gives back every block this host holds and every
+	// address allocated from them.
+	ReleaseBlocks(ctx context.Context) error
+}
+
+// AttachmentKey identifies one container interface: the key of an
+// address allocation.
+type AttachmentKey struct {
+	// ContainerID is the runtime's container ID (CNI_CONTAINERID).
+	ContainerID string `json:"containerID"`
+	// IfName is the interface name inside the container (CNI_IFNAME).
+	IfName string `json:"ifName"`
+}
+
+// String returns "containerID/ifName".
+func (k AttachmentKey) String() string { return k.ContainerID + "/" + k.IfName }
+
+// Allocation is an address held by one container interface.
+type Allocation struct {
+	// Key is the container interface holding the address.
+	Key AttachmentKey `json:"key"`
+	// Addr is the address with the prefix length of its block.
+	Addr netip.Prefix `json:"addr"`
+	// Host is the host whose block the address belongs to.
+	Host HostID `json:"host"`
+	// New is true when this call allocated the address, false when the
+	// key already held it.
+	New bool `json:"-"`
+}
+
+// Allocator hands out addresses of one network from this host's blocks.
+// Implementations are safe for concurrent use; calls block on the store.
+type Allocator interface {
+	// Allocate returns the address of key, allocating a free one when key
+	// holds none. It fails with ErrPoolExhausted when none is free.
+	Allocate(ctx context.Context, key AttachmentKey) (Allocation, error)
+	// Release frees the address of key. Releasing a key that holds no
+	// address is not an error.
+	Release(ctx context.Context, key AttachmentKey) error
+	// Lookup returns the allocation of key, or ErrNotFound.
+	Lookup(ctx context.Context, key AttachmentKey) (Allocation, error)
+	// List returns every allocation on this host.
+	List(ctx context.Context) ([]Allocation, error)
+}
+
+// Member is what a host says about itself over gossip.
+type Member struct {
+	// Host is the member's host ID.
+	Host HostID
+	// Underlay is the member's underlay address.
+	Underlay netip.Addr
+	// VTEPMAC is the MAC address of the member's VXLAN devices.
+	VTEPMAC net.HardwareAddr
+	// Blocks are the blocks the member claims, by network name.
+	Blocks map[string][]netip.Prefix
+}
+
+// Membership is the set of live hosts learned over gossip.
+type Membership interface {
+	// Members returns the other live hosts. It does not block.
+	Members() []Member
+}
