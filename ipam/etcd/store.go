@@ -55,7 +55,7 @@ func NewStore(cli *clientv3.Client, prefix string) *Store {
 func (s *Store) Client() *clientv3.Client { return s.cli }
 
 func (s *Store) hostKey(h overlay.HostID) string { return s.prefix + "hosts/" + string(h) }
-func (s *Store) networkKey(name string) string  { return s.prefix + "networks/" + name + "/config" }
+func (s *Store) networkKey(name string) string   { return s.prefix + "networks/" + name + "/config" }
 func (s *Store) blocksPrefix(name string) string {
 	return s.prefix + "networks/" + name + "/blocks/"
 }
