@@ -1,0 +1,130 @@
+// Package cnirpc is the protocol between the overlay-cni plugin and
+// overlayd: JSON over HTTP on a Unix socket that only root can open. The
+// version is the first path element (/v1/...); a server answers the
+// versions it knows and 404 to others, so a newer plugin can fall back.
+//
+// Every failure is an Error carrying a CNI error code, so the plugin
+// passes it to the runtime unchanged.
+package cnirpc
+
+import (
+	"fmt"
+	"net/netip"
+	"regexp"
+)
+
+// Version is the protocol version this package speaks.
+const Version = "v1"
+
+// DefaultSocket is where overlayd listens by default.
+const DefaultSocket = "/run/overlay/overlayd.sock"
+
+// CNI error codes used by the protocol (CNI spec, "Error").
+const (
+	CodeIncompatibleVersion = 1
+	CodeUnsupportedField    = 2
+	CodeUnknownContainer    = 3
+	CodeInvalidEnvironment  = 4
+	CodeIOFailure           = 5
+	CodeDecodingFailure     = 6
+	CodeInvalidNetwork      = 7
+	CodeTryAgainLater       = 11
+	// CodeNoAddress is plugin-specific: the network has no free address
+	// on this host.
+	CodeNoAddress = 100
+	// CodeInternal is plugin-specific: overlayd failed in a way that
+	// retrying will not fix.
+	CodeInternal = 101
+)
+
+// Error is a failure with a CNI error code. It is the body of every
+// non-2xx answer.
+type Error struct {
+	Code    uint   `json:"code"`
+	Msg     string `json:"msg"`
+	Details string `json:"details,omitempty"`
+}
+
+// Error returns the message and details.
+func (e *Error) Error() string {
+	if e.Details == "" {
+		return e.Msg
+	}
+	return e.Msg + ": " + e.Details
+}
+
+// Errorf returns an *Error with code and a formatted message.
+func Errorf(code uint, format string, args ...any) *Error {
+	return &Error{Code: code, Msg: fmt.Sprintf(format, args...)}
+}
+
+// Request names one container interface on one network.
+type Request struct {
+	// Network is the overlay network's name (the CNI config's "network"
+	// field, or its "name").
+	Network string `json:"network"`
+	// ContainerID is CNI_CONTAINERID.
+	ContainerID string `json:"containerID"`
+	// IfName is CNI_IFNAME.
+	IfName string `json:"ifName"`
+}
+
+var (
+	containerIDRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`)
+	ifNameRE      = regexp.MustCompile(`^[^/:\s]+$`)
+)
+
+// maxIfNameLen is the kernel's limit on an interface name, in bytes
+// (IFNAMSIZ less the terminating NUL).
+const maxIfNameLen = 15
+
+// maxContainerIDLen bounds a container ID; runtimes use 64 hex digits.
+const maxContainerIDLen = 256
+
+// Validate checks the request's fields, naming the bad one.
+func (r Request) Validate() error {
+	if r.Network == "" {
+		return Errorf(CodeInvalidNetwork, "request names no network")
+	}
+	if len(r.ContainerID) > maxContainerIDLen || !containerIDRE.MatchString(r.ContainerID) {
+		return Errorf(CodeInvalidEnvironment, "invalid container ID %q: want letters, digits, '_', '.' or '-', starting with a letter or digit", r.ContainerID)
+	}
+	if len(r.IfName) > maxIfNameLen || !ifNameRE.MatchString(r.IfName) || r.IfName == "." || r.IfName == ".." {
+		return Errorf(CodeInvalidEnvironment, "invalid interface name %q", r.IfName)
+	}
+	return nil
+}
+
+// Attachment is what a container interface gets: its address and how to
+// wire it.
+type Attachment struct {
+	// Network is the network's name.
+	Network string `json:"network"`
+	// Addr is the container's address with its block's prefix length.
+	Addr netip.Prefix `json:"addr"`
+	// Gateway is the block's gateway on the host's bridge.
+	Gateway netip.Addr `json:"gateway"`
+	// CIDR is the whole overlay network, routed through the gateway.
+	CIDR netip.Prefix `json:"cidr"`
+	// MTU is the MTU for the veth pair.
+	MTU int `json:"mtu"`
+	// Bridge is the host bridge the veth's host end joins.
+	Bridge string `json:"bridge"`
+	// New is true when this request allocated the address, false when the
+	// container interface already held it.
+	New bool `json:"new"`
+}
+
+// Status is the health of one network on this host, as STATUS needs it.
+type Status struct {
+	// Network is the network's name.
+	Network string `json:"network"`
+	// Ready is true when an ADD can be served.
+	Ready bool `json:"ready"`
+	// Reason says why not, when Ready is false.
+	Reason string `json:"reason,omitempty"`
+	// FreeAddresses counts the addresses still free in this host's blocks.
+	FreeAddresses int `json:"freeAddresses"`
+	// Peers counts the other hosts programmed in the dataplane.
+	Peers int `json:"peers"`
+}

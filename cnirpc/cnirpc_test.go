@@ -1,0 +1,180 @@
+package cnirpc_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/overlaynet/overlay/cnirpc"
+)
+
+type fakeHandler struct {
+	addrs map[string]netip.Prefix
+}
+
+func (f *fakeHandler) Add(_ context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
+	if r.Network != "default" {
+		return cnirpc.Attachment{}, cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q", r.Network)
+	}
+	a, ok := f.addrs[r.ContainerID]
+	if !ok {
+		a = netip.MustParsePrefix("198.19.0.2/26")
+		f.addrs[r.ContainerID] = a
+	}
+	return cnirpc.Attachment{Network: r.Network, Addr: a, Gateway: netip.MustParseAddr("198.19.0.1"), MTU: 1450, Bridge: "ovbr-default", New: !ok}, nil
+}
+
+func (f *fakeHandler) Del(_ context.Context, r cnirpc.Request) error {
+	delete(f.addrs, r.ContainerID)
+	return nil
+}
+
+func (f *fakeHandler) Check(_ context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
+	if _, ok := f.addrs[r.ContainerID]; !ok {
+		return cnirpc.Attachment{}, cnirpc.Errorf(cnirpc.CodeUnknownContainer, "no address for %s", r.ContainerID)
+	}
+	return cnirpc.Attachment{Network: r.Network, Addr: f.addrs[r.ContainerID]}, nil
+}
+
+func (f *fakeHandler) Status(_ context.Context, network string) (cnirpc.Status, error) {
+	if network == "boom" {
+		return cnirpc.Status{}, errors.New("store exploded")
+	}
+	return cnirpc.Status{Network: network, Ready: true, FreeAddresses: 61}, nil
+}
+
+func serve(t *testing.T) (socket string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ovl-rpc-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	socket = filepath.Join(dir, "run", "overlayd.sock")
+	l, err := cnirpc.Listen(socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: cnirpc.NewHandler(&fakeHandler{addrs: map[string]netip.Prefix{}}, slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return socket
+}
+
+func TestRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	socket := serve(t)
+	fi, err := os.Stat(socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode = %v, want 0600", fi.Mode().Perm())
+	}
+	if _, err := cnirpc.Listen(socket); err == nil || !strings.Contains(err.Error(), "another overlayd") {
+		t.Errorf("second Listen on a live socket = %v", err)
+	}
+
+	c := cnirpc.NewClient(socket)
+	req := cnirpc.Request{Network: "default", ContainerID: "abc123", IfName: "eth0"}
+	a, err := c.Add(ctx, req)
+	if err != nil || a.Addr.String() != "198.19.0.2/26" || !a.New {
+		t.Fatalf("Add = %+v, %v", a, err)
+	}
+	if a, err = c.Add(ctx, req); err != nil || a.New {
+		t.Fatalf("second Add = %+v, %v; want not new", a, err)
+	}
+	if _, err := c.Check(ctx, req); err != nil {
+		t.Fatalf("Check = %v", err)
+	}
+	if err := c.Del(ctx, req); err != nil {
+		t.Fatalf("Del = %v", err)
+	}
+	var e *cnirpc.Error
+	if _, err := c.Check(ctx, req); !errors.As(err, &e) || e.Code != cnirpc.CodeUnknownContainer {
+		t.Fatalf("Check after Del = %v, want code 3", err)
+	}
+	st, err := c.Status(ctx, "default")
+	if err != nil || !st.Ready || st.FreeAddresses != 61 {
+		t.Fatalf("Status = %+v, %v", st, err)
+	}
+	if _, err := c.Status(ctx, "boom"); !errors.As(err, &e) || e.Code != cnirpc.CodeInternal || !strings.Contains(e.Error(), "store exploded") {
+		t.Fatalf("Status failure = %v, want code %d with the cause", err, cnirpc.CodeInternal)
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	ctx := context.Background()
+	c := cnirpc.NewClient(serve(t))
+	cases := []struct {
+		req  cnirpc.Request
+		code uint
+	}{
+		{cnirpc.Request{Network: "other", ContainerID: "abc", IfName: "eth0"}, cnirpc.CodeInvalidNetwork},
+		{cnirpc.Request{Network: "", ContainerID: "abc", IfName: "eth0"}, cnirpc.CodeInvalidNetwork},
+		{cnirpc.Request{Network: "default", ContainerID: "-bad", IfName: "eth0"}, cnirpc.CodeInvalidEnvironment},
+		{cnirpc.Request{Network: "default", ContainerID: "a/b", IfName: "eth0"}, cnirpc.CodeInvalidEnvironment},
+		{cnirpc.Request{Network: "default", ContainerID: "abc", IfName: "this-name-is-too-long"}, cnirpc.CodeInvalidEnvironment},
+		{cnirpc.Request{Network: "default", ContainerID: "abc", IfName: "a/b"}, cnirpc.CodeInvalidEnvironment},
+	}
+	for _, tc := range cases {
+		_, err := c.Add(ctx, tc.req)
+		var e *cnirpc.Error
+		if !errors.As(err, &e) || e.Code != tc.code {
+			t.Errorf("Add(%+v) = %v, want code %d", tc.req, err, tc.code)
+		}
+	}
+}
+
+func TestMalformedBody(t *testing.T) {
+	socket := serve(t)
+	hc := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+	}}}
+	for _, body := range []string{"", "{", `{"network": 7}`, strings.Repeat("[", 100000)} {
+		resp, err := hc.Post("http://x/v1/add", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		data, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(data), `"code":6`) {
+			t.Errorf("body %.20q: %s %s, want 400 with code 6", body, resp.Status, data)
+		}
+	}
+	resp, err := hc.Post("http://x/v9/add", "application/json", strings.NewReader("{}"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound {
+		t.Errorf("unknown version: %s, want 404", resp.Status)
+	}
+}
+
+func TestUnavailable(t *testing.T) {
+	c := cnirpc.NewClient(filepath.Join(t.TempDir(), "missing.sock"))
+	_, err := c.Add(context.Background(), cnirpc.Request{Network: "default", ContainerID: "abc", IfName: "eth0"})
+	if !errors.Is(err, cnirpc.ErrUnavailable) {
+		t.Fatalf("Add without overlayd = %v, want ErrUnavailable", err)
+	}
+}
+
+func FuzzRequestValidate(f *testing.F) {
+	f.Add("default", "abc123", "eth0")
+	f.Add("", "-x", "a/b")
+	f.Fuzz(func(t *testing.T, network, cid, ifname string) {
+		err := cnirpc.Request{Network: network, ContainerID: cid, IfName: ifname}.Validate()
+		if err == nil && (strings.ContainsAny(cid, "/ ") || strings.Contains(ifname, "/") || len(ifname) > 15) {
+			t.Fatalf("accepted %q %q", cid, ifname)
+		}
+	})
+}

@@ -1,0 +1,134 @@
+package cnirpc
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+// maxRequestBytes bounds a request body; a real one is about 100 bytes.
+const maxRequestBytes = 64 << 10
+
+// Handler serves the protocol's operations. Its methods may be called
+// concurrently and block while they talk to the store. An error that is
+// an *Error is passed to the plugin as it is; any other becomes
+// CodeInternal.
+type Handler interface {
+	// Add allocates (or returns the existing) address of the container
+	// interface.
+	Add(ctx context.Context, r Request) (Attachment, error)
+	// Del releases the container interface's address; one that holds
+	// none is not an error.
+	Del(ctx context.Context, r Request) error
+	// Check returns the container interface's attachment, or an error
+	// when it holds no address.
+	Check(ctx context.Context, r Request) (Attachment, error)
+	// Status reports whether the network can serve an ADD.
+	Status(ctx context.Context, network string) (Status, error)
+}
+
+// NewHandler returns the HTTP handler of the protocol over h.
+func NewHandler(h Handler, log *slog.Logger) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /"+Version+"/add", func(w http.ResponseWriter, r *http.Request) {
+		serveRequest(w, r, log, "add", h.Add)
+	})
+	mux.HandleFunc("POST /"+Version+"/check", func(w http.ResponseWriter, r *http.Request) {
+		serveRequest(w, r, log, "check", h.Check)
+	})
+	mux.HandleFunc("POST /"+Version+"/del", func(w http.ResponseWriter, r *http.Request) {
+		serveRequest(w, r, log, "del", func(ctx context.Context, req Request) (struct{}, error) {
+			return struct{}{}, h.Del(ctx, req)
+		})
+	})
+	mux.HandleFunc("GET /"+Version+"/status", func(w http.ResponseWriter, r *http.Request) {
+		network := r.URL.Query().Get("network")
+		if network == "" {
+			writeError(w, log, "status", Errorf(CodeInvalidNetwork, "status: no network given"))
+			return
+		}
+		st, err := h.Status(r.Context(), network)
+		if err != nil {
+			writeError(w, log, "status", err)
+			return
+		}
+		writeJSON(w, http.StatusOK, st)
+	})
+	return mux
+}
+
+func serveRequest[T any](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, fn func(context.Context, Request) (T, error)) {
+	var req Request
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestBytes))
+	if err := dec.Decode(&req); err != nil {
+		writeError(w, log, op, Errorf(CodeDecodingFailure, "%s: decode request: %v", op, err))
+		return
+	}
+	if err := req.Validate(); err != nil {
+		writeError(w, log, op, err)
+		return
+	}
+	out, err := fn(r.Context(), req)
+	if err != nil {
+		writeError(w, log, op, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func writeError(w http.ResponseWriter, log *slog.Logger, op string, err error) {
+	var e *Error
+	if !errors.As(err, &e) {
+		e = &Error{Code: CodeInternal, Msg: op + " failed", Details: err.Error()}
+	}
+	status := http.StatusInternalServerError
+	switch e.Code {
+	case CodeDecodingFailure, CodeInvalidEnvironment, CodeInvalidNetwork, CodeUnsupportedField:
+		status = http.StatusBadRequest
+	case CodeUnknownContainer:
+		status = http.StatusNotFound
+	case CodeTryAgainLater, CodeNoAddress:
+		status = http.StatusServiceUnavailable
+	}
+	log.Warn("cni request failed", "op", op, "code", e.Code, "err", e.Error())
+	writeJSON(w, status, e)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// Listen creates the Unix socket at path, readable and writable by its
+// owner only (root, for overlayd), in a directory of mode 0700. A stale
+// socket left by a crashed overlayd is replaced; a live one is an error.
+func Listen(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("socket directory: %w", err)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("listen on %s: another overlayd is serving it", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("restrict socket %s: %w", path, err)
+	}
+	return l, nil
+}

@@ -1,0 +1,660 @@
+package vxlan
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// dumpAttempts is how many times a netlink dump interrupted by a
+// concurrent change is tried before its partial result is used.
+const dumpAttempts = 5
+
+// Set converges the network's devices and entries to cfg. See
+// overlay.Dataplane. A configuration that cannot be programmed at all (an
+// invalid network, underlay address or VTEP MAC) fails before anything is
+// changed; an invalid peer or block is left out and reported while the
+// rest is programmed. An MTU of 0 leaves the devices' MTU alone.
+func (l *Linux) Set(ctx context.Context, cfg overlay.DataplaneConfig) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("vxlan: set network %s: %w", cfg.Network.Name, err)
+	}
+	if err := cfg.Network.Validate(); err != nil {
+		return fmt.Errorf("vxlan: set network %s: %w", cfg.Network.Name, err)
+	}
+	if !cfg.Underlay.Is4() {
+		return fmt.Errorf("vxlan: set network %s: underlay address %q is not IPv4", cfg.Network.Name, cfg.Underlay)
+	}
+	if len(cfg.VTEPMAC) != len(mac{}) {
+		return fmt.Errorf("vxlan: set network %s: VTEP MAC %q is not a 6-byte Ethernet address", cfg.Network.Name, cfg.VTEPMAC)
+	}
+	if cfg.MTU < 0 {
+		return fmt.Errorf("vxlan: set network %s: negative MTU %d", cfg.Network.Name, cfg.MTU)
+	}
+	want, err := desired(cfg)
+	errs := []error{err}
+
+	l.mu.Lock()
+	defer l.mu.Unlock()
+
+	// The bridge comes first: the routes' preferred source is one of its
+	// gateway addresses, which the kernel requires to be local.
+	br, err := l.ensureBridgeLocked(cfg)
+	if err != nil {
+		errs = append(errs, err)
+	} else {
+		errs = append(errs, l.syncGatewaysLocked(br, cfg.Network.CIDR, want.Gateways)...)
+	}
+	if err := ctx.Err(); err != nil {
+		return errors.Join(append(errs, fmt.Errorf("vxlan: set network %s: %w", cfg.Network.Name, err))...)
+	}
+	vx, err := l.ensureVXLANLocked(cfg)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	errs = append(errs, l.syncFDBLocked(vx, want.FDB)...)
+	errs = append(errs, l.syncNeighsLocked(vx, want.Neighs)...)
+	errs = append(errs, l.syncRoutesLocked(vx, want.Routes)...)
+	return errors.Join(errs...)
+}
+
+// Delete removes the network's VXLAN device and bridge, and with them
+// every entry on them. Devices that do not exist are not an error.
+func (l *Linux) Delete(ctx context.Context, n overlay.Network) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("vxlan: delete network %s: %w", n.Name, err)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return errors.Join(
+		l.deleteLinkLocked(n.VXLANName()),
+		l.deleteLinkLocked(n.BridgeName()),
+	)
+}
+
+// Text reads the network's state back from the kernel and renders it in
+// the format of overlaytest.ConfigText, so that tests can compare it with
+// the configuration that was set. It renders the bridge's addresses inside
+// the network's CIDR, the permanent FDB and neighbour entries of the VXLAN
+// device and every IPv4 route of the main table on it. It fails, wrapping
+// overlay.ErrNotFound, when a device is missing.
+func (l *Linux) Text(n overlay.Network) (string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+
+	var errs []error
+	var s state
+	br, err := l.linkLocked(n.BridgeName())
+	if err != nil {
+		errs = append(errs, err)
+	} else {
+		s.Gateways, err = l.listGatewaysLocked(br, n.CIDR)
+		errs = append(errs, err)
+	}
+	vx, err := l.linkLocked(n.VXLANName())
+	if err != nil {
+		errs = append(errs, err)
+	} else {
+		s.FDB, err = l.listFDBLocked(vx)
+		errs = append(errs, err)
+		s.Neighs, err = l.listNeighsLocked(vx)
+		errs = append(errs, err)
+		s.Routes, err = l.listRoutesLocked(vx)
+		errs = append(errs, err)
+	}
+	return s.text(), errors.Join(errs...)
+}
+
+// linkLocked returns the device name, wrapping overlay.ErrNotFound when
+// it does not exist.
+func (l *Linux) linkLocked(name string) (netlink.Link, error) {
+	link, err := l.h.LinkByName(name)
+	if isLinkNotFound(err) {
+		return nil, fmt.Errorf("vxlan: device %s: %w", name, overlay.ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: get device %s: %w", name, err)
+	}
+	return link, nil
+}
+
+// deleteLinkLocked deletes the device name if it exists.
+func (l *Linux) deleteLinkLocked(name string) error {
+	link, err := l.h.LinkByName(name)
+	if isLinkNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("vxlan: get device %s: %w", name, err)
+	}
+	if err := l.h.LinkDel(link); err != nil && !isGone(err) {
+		return fmt.Errorf("vxlan: delete device %s: %w", name, err)
+	}
+	l.log.Info("deleted device", "device", name)
+	return nil
+}
+
+// ensureBridgeLocked creates the network's bridge or converges its MTU
+// and state, and returns it.
+func (l *Linux) ensureBridgeLocked(cfg overlay.DataplaneConfig) (netlink.Link, error) {
+	name := cfg.Network.BridgeName()
+	want := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: cfg.MTU}}
+	link, err := l.h.LinkByName(name)
+	switch {
+	case isLinkNotFound(err):
+		link, err = l.createLinkLocked(want)
+	case err != nil:
+		return nil, fmt.Errorf("vxlan: get device %s: %w", name, err)
+	case link.Type() != want.Type():
+		l.log.Warn("recreating device", "device", name, "reason", "type "+link.Type())
+		if err := l.h.LinkDel(link); err != nil && !isGone(err) {
+			return nil, fmt.Errorf("vxlan: delete device %s of type %s: %w", name, link.Type(), err)
+		}
+		link, err = l.createLinkLocked(want)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return link, l.convergeLinkLocked(link, cfg.MTU, nil)
+}
+
+// ensureVXLANLocked creates the network's VXLAN device, recreates it when
+// attributes that cannot change differ, converges its MTU, address and
+// state, and returns it.
+func (l *Linux) ensureVXLANLocked(cfg overlay.DataplaneConfig) (netlink.Link, error) {
+	name := cfg.Network.VXLANName()
+	want := &netlink.Vxlan{
+		LinkAttrs: netlink.LinkAttrs{Name: name, MTU: cfg.MTU, HardwareAddr: cfg.VTEPMAC},
+		VxlanId:   int(cfg.Network.VNI),
+		SrcAddr:   net.IP(cfg.Underlay.AsSlice()),
+		Port:      int(cfg.Network.Port),
+		Learning:  false,
+	}
+	if cfg.UnderlayLink != "" {
+		ul, err := l.h.LinkByName(cfg.UnderlayLink)
+		if err != nil {
+			return nil, fmt.Errorf("vxlan: underlay link %s of device %s: %w", cfg.UnderlayLink, name, err)
+		}
+		want.VtepDevIndex = ul.Attrs().Index
+	}
+
+	link, err := l.h.LinkByName(name)
+	switch {
+	case isLinkNotFound(err):
+		link, err = l.createLinkLocked(want)
+	case err != nil:
+		return nil, fmt.Errorf("vxlan: get device %s: %w", name, err)
+	default:
+		if why := vxlanMismatch(link, want); why != "" {
+			l.log.Info("recreating device", "device", name, "reason", why)
+			if err := l.h.LinkDel(link); err != nil && !isGone(err) {
+				return nil, fmt.Errorf("vxlan: delete device %s to recreate it (%s): %w", name, why, err)
+			}
+			link, err = l.createLinkLocked(want)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	return link, l.convergeLinkLocked(link, cfg.MTU, cfg.VTEPMAC)
+}
+
+// vxlanMismatch returns why link cannot serve as want, or "" when it can.
+// These attributes are fixed when a device is created.
+func vxlanMismatch(link netlink.Link, want *netlink.Vxlan) string {
+	have, ok := link.(*netlink.Vxlan)
+	switch {
+	case !ok:
+		return "type " + link.Type()
+	case have.VxlanId != want.VxlanId:
+		return fmt.Sprintf("VNI %d, want %d", have.VxlanId, want.VxlanId)
+	case have.Port != want.Port:
+		return fmt.Sprintf("port %d, want %d", have.Port, want.Port)
+	case !have.SrcAddr.Equal(want.SrcAddr):
+		return fmt.Sprintf("local address %s, want %s", have.SrcAddr, want.SrcAddr)
+	case have.VtepDevIndex != want.VtepDevIndex:
+		return fmt.Sprintf("underlay link index %d, want %d", have.VtepDevIndex, want.VtepDevIndex)
+	case have.Learning != want.Learning:
+		return fmt.Sprintf("learning %t, want %t", have.Learning, want.Learning)
+	}
+	return ""
+}
+
+// createLinkLocked adds link and returns it as the kernel reports it.
+func (l *Linux) createLinkLocked(link netlink.Link) (netlink.Link, error) {
+	name := link.Attrs().Name
+	if err := l.h.LinkAdd(link); err != nil {
+		return nil, fmt.Errorf("vxlan: create %s device %s: %w", link.Type(), name, err)
+	}
+	l.log.Info("created device", "device", name, "type", link.Type())
+	got, err := l.h.LinkByName(name)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: get device %s after creating it: %w", name, err)
+	}
+	return got, nil
+}
+
+// convergeLinkLocked sets the MTU (unless 0) and the hardware address
+// (unless nil) of link when they differ, and brings it up.
+func (l *Linux) convergeLinkLocked(link netlink.Link, mtu int, hw net.HardwareAddr) error {
+	a := link.Attrs()
+	var errs []error
+	if mtu > 0 && a.MTU != mtu {
+		if err := l.h.LinkSetMTU(link, mtu); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: set MTU of %s to %d: %w", a.Name, mtu, err))
+		} else {
+			l.log.Info("set MTU", "device", a.Name, "mtu", mtu, "was", a.MTU)
+		}
+	}
+	if hw != nil && !bytes.Equal(a.HardwareAddr, hw) {
+		if err := l.h.LinkSetHardwareAddr(link, hw); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: set address of %s to %s: %w", a.Name, hw, err))
+		} else {
+			l.log.Info("set hardware address", "device", a.Name, "addr", hw, "was", a.HardwareAddr)
+		}
+	}
+	if a.Flags&net.FlagUp == 0 {
+		if err := l.h.LinkSetUp(link); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: set %s up: %w", a.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// syncGatewaysLocked adds the wanted gateway addresses to the bridge and
+// removes its other addresses inside cidr.
+func (l *Linux) syncGatewaysLocked(br netlink.Link, cidr netip.Prefix, want []netip.Prefix) []error {
+	have, err := l.listGatewaysLocked(br, cidr)
+	errs := []error{err}
+	add, del := diff(want, have, identity)
+	name := br.Attrs().Name
+	for _, p := range add {
+		if err := l.h.AddrReplace(br, &netlink.Addr{IPNet: ipNet(p)}); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: add address %s to %s: %w", p, name, err))
+			continue
+		}
+		l.log.Info("added gateway", "device", name, "addr", p)
+	}
+	for _, p := range del {
+		if err := l.h.AddrDel(br, &netlink.Addr{IPNet: ipNet(p)}); err != nil {
+			if !isGone(err) {
+				errs = append(errs, fmt.Errorf("vxlan: delete stale address %s from %s: %w", p, name, err))
+			}
+			continue
+		}
+		l.log.Info("deleted stale gateway", "device", name, "addr", p)
+	}
+	return errs
+}
+
+// listGatewaysLocked returns the IPv4 addresses of br inside cidr.
+func (l *Linux) listGatewaysLocked(br netlink.Link, cidr netip.Prefix) ([]netip.Prefix, error) {
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return l.h.AddrList(br, netlink.FAMILY_V4) })
+	if err != nil {
+		err = fmt.Errorf("vxlan: list addresses of %s: %w", br.Attrs().Name, err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		p, ok := prefixOf(a.IPNet)
+		if ok && cidr.Contains(p.Addr()) {
+			out = append(out, p)
+		}
+	}
+	return out, err
+}
+
+// syncFDBLocked adds the wanted FDB entries to the VXLAN device and
+// removes its other static ones.
+func (l *Linux) syncFDBLocked(vx netlink.Link, want []fdbEntry) []error {
+	have, err := l.listFDBLocked(vx)
+	errs := []error{err}
+	add, del := diff(want, have, identity)
+	name, idx := vx.Attrs().Name, vx.Attrs().Index
+	for _, e := range add {
+		if err := l.h.NeighSet(fdbNeigh(idx, e)); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: add FDB entry %s dst %s to %s: %w", e.MAC, e.Dst, name, err))
+			continue
+		}
+		l.log.Info("added FDB entry", "device", name, "mac", e.MAC, "dst", e.Dst)
+	}
+	for _, e := range del {
+		if err := l.h.NeighDel(fdbNeigh(idx, e)); err != nil {
+			if !isGone(err) {
+				errs = append(errs, fmt.Errorf("vxlan: delete stale FDB entry %s dst %s from %s: %w", e.MAC, e.Dst, name, err))
+			}
+			continue
+		}
+		l.log.Info("deleted stale FDB entry", "device", name, "mac", e.MAC, "dst", e.Dst)
+	}
+	return errs
+}
+
+// listFDBLocked returns the static unicast FDB entries of the VXLAN device
+// that have an IPv4 destination: those Set could have made. Entries the
+// kernel makes (the all-zero default, multicast ones) are left out.
+func (l *Linux) listFDBLocked(vx netlink.Link) ([]fdbEntry, error) {
+	idx := vx.Attrs().Index
+	neighs, err := retryDump(func() ([]netlink.Neigh, error) { return l.h.NeighList(idx, unix.AF_BRIDGE) })
+	if err != nil {
+		err = fmt.Errorf("vxlan: list FDB of %s: %w", vx.Attrs().Name, err)
+	}
+	var out []fdbEntry
+	for _, n := range neighs {
+		if n.LinkIndex != idx || n.Flags&netlink.NTF_SELF == 0 || n.State&netlink.NUD_PERMANENT == 0 {
+			continue
+		}
+		m, ok := unicastMAC(n.HardwareAddr)
+		dst, ok2 := netip.AddrFromSlice(n.IP)
+		if !ok || !ok2 || !dst.Unmap().Is4() {
+			continue
+		}
+		out = append(out, fdbEntry{MAC: m, Dst: dst.Unmap()})
+	}
+	return out, err
+}
+
+// fdbNeigh returns the netlink form of an FDB entry of device idx.
+func fdbNeigh(idx int, e fdbEntry) *netlink.Neigh {
+	return &netlink.Neigh{
+		LinkIndex:    idx,
+		Family:       unix.AF_BRIDGE,
+		Flags:        netlink.NTF_SELF,
+		State:        netlink.NUD_PERMANENT,
+		HardwareAddr: e.MAC.hw(),
+		IP:           net.IP(e.Dst.AsSlice()),
+	}
+}
+
+// syncNeighsLocked adds the wanted neighbour entries to the VXLAN device
+// and removes its other permanent ones.
+func (l *Linux) syncNeighsLocked(vx netlink.Link, want []neighEntry) []error {
+	have, err := l.listNeighsLocked(vx)
+	errs := []error{err}
+	add, del := diff(want, have, func(e neighEntry) netip.Addr { return e.IP })
+	name, idx := vx.Attrs().Name, vx.Attrs().Index
+	for _, e := range add {
+		if err := l.h.NeighSet(neigh(idx, e)); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: add neighbour %s lladdr %s to %s: %w", e.IP, e.MAC, name, err))
+			continue
+		}
+		l.log.Info("added neighbour", "device", name, "ip", e.IP, "mac", e.MAC)
+	}
+	for _, e := range del {
+		if err := l.h.NeighDel(neigh(idx, e)); err != nil {
+			if !isGone(err) {
+				errs = append(errs, fmt.Errorf("vxlan: delete stale neighbour %s from %s: %w", e.IP, name, err))
+			}
+			continue
+		}
+		l.log.Info("deleted stale neighbour", "device", name, "ip", e.IP, "mac", e.MAC)
+	}
+	return errs
+}
+
+// listNeighsLocked returns the permanent IPv4 neighbour entries of the
+// VXLAN device. Entries the kernel resolved itself are left out.
+func (l *Linux) listNeighsLocked(vx netlink.Link) ([]neighEntry, error) {
+	idx := vx.Attrs().Index
+	neighs, err := retryDump(func() ([]netlink.Neigh, error) { return l.h.NeighList(idx, unix.AF_INET) })
+	if err != nil {
+		err = fmt.Errorf("vxlan: list neighbours of %s: %w", vx.Attrs().Name, err)
+	}
+	var out []neighEntry
+	for _, n := range neighs {
+		if n.LinkIndex != idx || n.State&netlink.NUD_PERMANENT == 0 {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(n.IP)
+		if !ok || len(n.HardwareAddr) != len(mac{}) {
+			continue
+		}
+		out = append(out, neighEntry{IP: ip.Unmap(), MAC: mac(n.HardwareAddr)})
+	}
+	return out, err
+}
+
+// neigh returns the netlink form of a neighbour entry of device idx.
+func neigh(idx int, e neighEntry) *netlink.Neigh {
+	return &netlink.Neigh{
+		LinkIndex:    idx,
+		Family:       unix.AF_INET,
+		State:        netlink.NUD_PERMANENT,
+		IP:           net.IP(e.IP.AsSlice()),
+		HardwareAddr: e.MAC.hw(),
+	}
+}
+
+// syncRoutesLocked adds or replaces the wanted routes on the VXLAN device
+// and removes its other routes that carry RouteProtocol.
+func (l *Linux) syncRoutesLocked(vx netlink.Link, want []routeEntry) []error {
+	have, err := l.listRoutesLocked(vx)
+	errs := []error{err}
+	add, del := diff(want, have, routeEntry.key)
+	name, idx := vx.Attrs().Name, vx.Attrs().Index
+	for _, r := range add {
+		if err := l.h.RouteReplace(route(idx, r)); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: add route %s via %s dev %s: %w", r.Dst, r.Gw, name, err))
+			continue
+		}
+		l.log.Info("added route", "device", name, "dst", r.Dst, "via", r.Gw)
+	}
+	for _, r := range del {
+		if r.Proto != RouteProtocol {
+			continue // not ours
+		}
+		if err := l.h.RouteDel(route(idx, r)); err != nil {
+			if !isGone(err) {
+				errs = append(errs, fmt.Errorf("vxlan: delete stale route %s via %s dev %s: %w", r.Dst, r.Gw, name, err))
+			}
+			continue
+		}
+		l.log.Info("deleted stale route", "device", name, "dst", r.Dst, "via", r.Gw)
+	}
+	return errs
+}
+
+// listRoutesLocked returns the IPv4 unicast routes of the main table
+// whose output device is the VXLAN device, whatever their protocol.
+func (l *Linux) listRoutesLocked(vx netlink.Link) ([]routeEntry, error) {
+	idx := vx.Attrs().Index
+	routes, err := retryDump(func() ([]netlink.Route, error) {
+		return l.h.RouteListFiltered(netlink.FAMILY_V4,
+			&netlink.Route{LinkIndex: idx, Table: unix.RT_TABLE_MAIN, Type: unix.RTN_UNICAST},
+			netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE|netlink.RT_FILTER_TYPE)
+	})
+	if err != nil {
+		err = fmt.Errorf("vxlan: list routes of %s: %w", vx.Attrs().Name, err)
+	}
+	var out []routeEntry
+	for _, r := range routes {
+		dst, ok := prefixOf(r.Dst)
+		if !ok {
+			dst = netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+		}
+		e := routeEntry{
+			Dst:    dst,
+			OnLink: r.Flags&int(netlink.FLAG_ONLINK) != 0,
+			Proto:  r.Protocol,
+			Metric: r.Priority,
+		}
+		if gw, ok := netip.AddrFromSlice(r.Gw); ok {
+			e.Gw = gw.Unmap()
+		}
+		if src, ok := netip.AddrFromSlice(r.Src); ok {
+			e.Src = src.Unmap()
+		}
+		out = append(out, e)
+	}
+	return out, err
+}
+
+// route returns the netlink form of a route on device idx.
+func route(idx int, r routeEntry) *netlink.Route {
+	nr := &netlink.Route{
+		LinkIndex: idx,
+		Family:    netlink.FAMILY_V4,
+		Table:     unix.RT_TABLE_MAIN,
+		Type:      unix.RTN_UNICAST,
+		Scope:     netlink.SCOPE_UNIVERSE,
+		Dst:       ipNet(r.Dst),
+		Protocol:  r.Proto,
+		Priority:  r.Metric,
+	}
+	if r.Gw.IsValid() {
+		nr.Gw = net.IP(r.Gw.AsSlice())
+	} else {
+		nr.Scope = netlink.SCOPE_LINK
+	}
+	if r.Src.IsValid() {
+		nr.Src = net.IP(r.Src.AsSlice())
+	}
+	if r.OnLink {
+		nr.Flags = int(netlink.FLAG_ONLINK)
+	}
+	return nr
+}
+
+// DetectUnderlay finds the host's underlay in the network namespace of h.
+// When addr is valid it is the interface that holds addr; otherwise it is
+// the interface of the IPv4 default route (the one of lowest metric) and
+// the route's preferred source, or the interface's first global IPv4
+// address. It blocks while it talks to the kernel.
+func DetectUnderlay(h *netlink.Handle, addr netip.Addr) (Underlay, error) {
+	if addr.IsValid() {
+		return underlayOf(h, addr)
+	}
+	routes, err := retryDump(func() ([]netlink.Route, error) {
+		return h.RouteListFiltered(netlink.FAMILY_V4,
+			&netlink.Route{Table: unix.RT_TABLE_MAIN, Type: unix.RTN_UNICAST},
+			netlink.RT_FILTER_TABLE|netlink.RT_FILTER_TYPE)
+	})
+	if err != nil {
+		return Underlay{}, fmt.Errorf("vxlan: detect underlay: list routes: %w", err)
+	}
+	var def *netlink.Route
+	for i, r := range routes {
+		if r.Dst != nil {
+			if ones, _ := r.Dst.Mask.Size(); ones != 0 {
+				continue
+			}
+		}
+		if def == nil || r.Priority < def.Priority {
+			def = &routes[i]
+		}
+	}
+	if def == nil {
+		return Underlay{}, errors.New("vxlan: detect underlay: no IPv4 default route: pass --underlay-addr")
+	}
+	idx := def.LinkIndex
+	if idx == 0 && len(def.MultiPath) > 0 {
+		idx = def.MultiPath[0].LinkIndex
+	}
+	link, err := h.LinkByIndex(idx)
+	if err != nil {
+		return Underlay{}, fmt.Errorf("vxlan: detect underlay: link %d of the IPv4 default route: %w", idx, err)
+	}
+	if src, ok := netip.AddrFromSlice(def.Src); ok && src.Unmap().Is4() {
+		return Underlay{Addr: src.Unmap(), Link: link.Attrs().Name, MTU: link.Attrs().MTU}, nil
+	}
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return h.AddrList(link, netlink.FAMILY_V4) })
+	if err != nil {
+		return Underlay{}, fmt.Errorf("vxlan: detect underlay: list addresses of %s: %w", link.Attrs().Name, err)
+	}
+	for _, a := range addrs {
+		p, ok := prefixOf(a.IPNet)
+		if ok && a.Scope == int(netlink.SCOPE_UNIVERSE) {
+			return Underlay{Addr: p.Addr(), Link: link.Attrs().Name, MTU: link.Attrs().MTU}, nil
+		}
+	}
+	return Underlay{}, fmt.Errorf("vxlan: detect underlay: %s, the link of the IPv4 default route, has no global IPv4 address: pass --underlay-addr", link.Attrs().Name)
+}
+
+// underlayOf returns the underlay whose address is addr.
+func underlayOf(h *netlink.Handle, addr netip.Addr) (Underlay, error) {
+	if !addr.Is4() {
+		return Underlay{}, fmt.Errorf("vxlan: detect underlay: %s is not an IPv4 address", addr)
+	}
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return h.AddrList(nil, netlink.FAMILY_V4) })
+	if err != nil {
+		return Underlay{}, fmt.Errorf("vxlan: detect underlay: list addresses: %w", err)
+	}
+	for _, a := range addrs {
+		if p, ok := prefixOf(a.IPNet); !ok || p.Addr() != addr {
+			continue
+		}
+		link, err := h.LinkByIndex(a.LinkIndex)
+		if err != nil {
+			return Underlay{}, fmt.Errorf("vxlan: detect underlay: link %d of %s: %w", a.LinkIndex, addr, err)
+		}
+		return Underlay{Addr: addr, Link: link.Attrs().Name, MTU: link.Attrs().MTU}, nil
+	}
+	return Underlay{}, fmt.Errorf("vxlan: detect underlay: no interface has address %s", addr)
+}
+
+// retryDump calls dump until it is not interrupted by a concurrent change,
+// at most dumpAttempts times. The last, possibly partial, result is
+// returned with ErrDumpInterrupted: it is safe to use for adding what is
+// missing and deleting what was seen.
+func retryDump[T any](dump func() ([]T, error)) ([]T, error) {
+	for i := 1; ; i++ {
+		out, err := dump()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) || i == dumpAttempts {
+			return out, err
+		}
+	}
+}
+
+// isGone reports whether err says that the object a delete was meant for
+// does not exist, which makes the delete a success.
+func isGone(err error) bool {
+	return isLinkNotFound(err) ||
+		errors.Is(err, unix.ENOENT) ||
+		errors.Is(err, unix.ESRCH) ||
+		errors.Is(err, unix.EADDRNOTAVAIL)
+}
+
+// isLinkNotFound reports whether err says that a device does not exist.
+func isLinkNotFound(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, unix.ENODEV)
+}
+
+// unicastMAC returns hw as a mac when it is a unicast, non-zero Ethernet
+// address.
+func unicastMAC(hw net.HardwareAddr) (mac, bool) {
+	if len(hw) != len(mac{}) || hw[0]&1 != 0 {
+		return mac{}, false
+	}
+	m := mac(hw)
+	return m, m != mac{}
+}
+
+// prefixOf converts an IPv4 net.IPNet to a netip.Prefix.
+func prefixOf(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	a = a.Unmap()
+	ones, bits := n.Mask.Size()
+	if !a.Is4() || bits != 32 {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, ones), true
+}
+
+// ipNet converts p to a net.IPNet, keeping the host bits of its address.
+func ipNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}

@@ -1,0 +1,29 @@
+//go:build !linux
+
+package vxlan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// errNotLinux is returned by every operation on other systems than Linux.
+var errNotLinux = fmt.Errorf("vxlan: the dataplane needs Linux: %w", errors.ErrUnsupported)
+
+// Set fails: the dataplane needs Linux.
+func (l *Linux) Set(context.Context, overlay.DataplaneConfig) error { return errNotLinux }
+
+// Delete fails: the dataplane needs Linux.
+func (l *Linux) Delete(context.Context, overlay.Network) error { return errNotLinux }
+
+// Text fails: the dataplane needs Linux.
+func (l *Linux) Text(overlay.Network) (string, error) { return "", errNotLinux }
+
+// DetectUnderlay fails: the dataplane needs Linux.
+func DetectUnderlay(*netlink.Handle, netip.Addr) (Underlay, error) { return Underlay{}, errNotLinux }
