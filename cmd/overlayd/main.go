@@ -1,0 +1,138 @@
+// Command overlayd is the overlay's per-host daemon: it leases address
+// blocks from etcd, programs the VXLAN dataplane, gossips with the other
+// hosts and serves the overlay-cni plugin.
+//
+// Usage:
+//
+//	overlayd [flags]            run the daemon
+//	overlayd teardown [flags]   remove this host from the overlay for good
+//
+// Run "overlayd -h" for the flags; docs/configuration.md describes them.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/overlaynet/overlay/daemon"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+func run(args []string, stderr io.Writer) int {
+	cmd := "run"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	if cmd != "run" && cmd != "teardown" {
+		fmt.Fprintf(stderr, "overlayd: unknown command %q (want run or teardown)\n", cmd)
+		return 2
+	}
+	cfg, logger, err := parseFlags(cmd, args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "overlayd: %v\n", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if cmd == "teardown" {
+		err = daemon.Teardown(ctx, cfg)
+	} else {
+		err = daemon.Run(ctx, cfg)
+	}
+	if err != nil {
+		logger.Error("overlayd failed", "cmd", cmd, "err", err)
+		return 1
+	}
+	return 0
+}
+
+func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *slog.Logger, error) {
+	cfg := daemon.DefaultConfig()
+	fs := flag.NewFlagSet("overlayd "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&cfg.DataDir, "data-dir", cfg.DataDir, "directory for the host ID and the embedded etcd's data")
+	fs.StringVar(&cfg.Socket, "socket", cfg.Socket, "Unix socket the CNI plugin talks to")
+	endpoints := fs.String("etcd-endpoints", "", "comma-separated etcd client URLs (http://, https://, unix://); empty runs an embedded etcd")
+	fs.StringVar(&cfg.Etcd.CertFile, "etcd-cert", "", "client certificate for etcd (mutual TLS)")
+	fs.StringVar(&cfg.Etcd.KeyFile, "etcd-key", "", "client key for etcd (mutual TLS)")
+	fs.StringVar(&cfg.Etcd.CAFile, "etcd-ca", "", "CA bundle that verifies etcd's server certificates")
+	fs.DurationVar(&cfg.Etcd.DialTimeout, "etcd-dial-timeout", cfg.Etcd.DialTimeout, "how long to wait for etcd at start")
+	fs.StringVar(&cfg.EtcdPrefix, "etcd-prefix", cfg.EtcdPrefix, "key prefix of the overlay's state in etcd")
+	fs.StringVar(&cfg.EmbeddedClientURL, "embedded-etcd-client-url", cfg.EmbeddedClientURL, "where the embedded etcd serves clients (http:// or unix://)")
+	fs.StringVar(&cfg.EmbeddedPeerURL, "embedded-etcd-peer-url", cfg.EmbeddedPeerURL, "where the embedded etcd listens for peers")
+	fs.StringVar(&cfg.Network.Name, "network", cfg.Network.Name, "name of the overlay network")
+	cidr := fs.String("network-cidr", cfg.Network.CIDR.String(), "address space of the network")
+	fs.IntVar(&cfg.Network.BlockBits, "block-bits", cfg.Network.BlockBits, "prefix length of the blocks hosts lease (26 = 64 addresses)")
+	vni := fs.Uint("vni", uint(cfg.Network.VNI), "VXLAN network identifier")
+	port := fs.Uint("vxlan-port", uint(cfg.Network.Port), "VXLAN UDP port")
+	underlay := fs.String("underlay-addr", "", "local underlay address; empty takes the address of the default route's interface")
+	fs.IntVar(&cfg.GossipPort, "gossip-port", cfg.GossipPort, "TCP and UDP port for gossip")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "host:port serving /metrics; empty disables it")
+	fs.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "how often the dataplane is checked when nothing changed")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	logFormat := fs.String("log-format", "text", "text or json")
+	if err := fs.Parse(args); err != nil {
+		return cfg, nil, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return cfg, nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", *logLevel)
+	}
+	hopts := &slog.HandlerOptions{Level: level}
+	switch *logFormat {
+	case "text":
+		cfg.Logger = slog.New(slog.NewTextHandler(stderr, hopts))
+	case "json":
+		cfg.Logger = slog.New(slog.NewJSONHandler(stderr, hopts))
+	default:
+		return cfg, nil, fmt.Errorf("--log-format %q: want text or json", *logFormat)
+	}
+
+	if *endpoints != "" {
+		for _, e := range strings.Split(*endpoints, ",") {
+			if e = strings.TrimSpace(e); e != "" {
+				cfg.Etcd.Endpoints = append(cfg.Etcd.Endpoints, e)
+			}
+		}
+	}
+	var err error
+	if cfg.Network.CIDR, err = netip.ParsePrefix(*cidr); err != nil {
+		return cfg, nil, fmt.Errorf("--network-cidr: %w", err)
+	}
+	if *vni > 1<<24-1 {
+		return cfg, nil, fmt.Errorf("--vni %d: want 1 to %d", *vni, 1<<24-1)
+	}
+	cfg.Network.VNI = uint32(*vni)
+	if *port == 0 || *port > 65535 {
+		return cfg, nil, fmt.Errorf("--vxlan-port %d: want 1 to 65535", *port)
+	}
+	cfg.Network.Port = uint16(*port)
+	if *underlay != "" {
+		if cfg.UnderlayAddr, err = netip.ParseAddr(*underlay); err != nil || !cfg.UnderlayAddr.Is4() {
+			return cfg, nil, fmt.Errorf("--underlay-addr %q: want an IPv4 address", *underlay)
+		}
+	}
+	if err := cfg.Network.Validate(); err != nil {
+		return cfg, nil, err
+	}
+	return cfg, cfg.Logger, nil
+}

@@ -1,0 +1,122 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/overlay"
+)
+
+var _ cnirpc.Handler = (*daemon)(nil)
+
+// reservedPerBlock counts the addresses of a block no container gets:
+// the network address, the gateway and the broadcast address.
+const reservedPerBlock = 3
+
+// Add allocates the container interface's address, or returns the one it
+// already holds.
+func (d *daemon) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
+	if err := d.checkNetwork(r.Network); err != nil {
+		return cnirpc.Attachment{}, err
+	}
+	al, err := d.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
+	if err != nil {
+		return cnirpc.Attachment{}, storeError("add", err)
+	}
+	if al.New {
+		d.log.Info("allocated", "container", r.ContainerID, "ifname", r.IfName, "addr", al.Addr)
+	}
+	return d.attachment(al), nil
+}
+
+// Del releases the container interface's address.
+func (d *daemon) Del(ctx context.Context, r cnirpc.Request) error {
+	if err := d.checkNetwork(r.Network); err != nil {
+		return err
+	}
+	key := overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}
+	if err := d.pool.Release(ctx, key); err != nil {
+		return storeError("del", err)
+	}
+	d.log.Info("released", "container", r.ContainerID, "ifname", r.IfName)
+	return nil
+}
+
+// Check returns the container interface's attachment.
+func (d *daemon) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
+	if err := d.checkNetwork(r.Network); err != nil {
+		return cnirpc.Attachment{}, err
+	}
+	al, err := d.pool.Lookup(ctx, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
+	if err != nil {
+		return cnirpc.Attachment{}, storeError("check", err)
+	}
+	return d.attachment(al), nil
+}
+
+// Status reports whether an ADD can be served: a block is held, the
+// dataplane was programmed, and an address is free.
+func (d *daemon) Status(ctx context.Context, network string) (cnirpc.Status, error) {
+	if err := d.checkNetwork(network); err != nil {
+		return cnirpc.Status{}, err
+	}
+	st := cnirpc.Status{Network: network}
+	rs := d.rec.Status()
+	st.Peers = len(rs.Config.Peers)
+	held := d.pool.Held()
+	list, err := d.pool.List(ctx)
+	if err != nil {
+		return cnirpc.Status{}, storeError("status", err)
+	}
+	for _, b := range held {
+		st.FreeAddresses += 1<<(32-b.Bits()) - reservedPerBlock
+	}
+	st.FreeAddresses = max(0, st.FreeAddresses-len(list))
+	switch {
+	case len(held) == 0:
+		st.Reason = "this host holds no block"
+	case rs.Passes == rs.Failures:
+		st.Reason = fmt.Sprintf("the dataplane was never programmed: %v", rs.LastErr)
+	case st.FreeAddresses == 0:
+		st.Reason = "no free address in this host's blocks"
+	default:
+		st.Ready = true
+	}
+	return st, nil
+}
+
+func (d *daemon) checkNetwork(name string) error {
+	if name != d.network.Name {
+		return cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: this overlayd serves %q", name, d.network.Name)
+	}
+	return nil
+}
+
+func (d *daemon) attachment(al overlay.Allocation) cnirpc.Attachment {
+	block := al.Addr.Masked()
+	return cnirpc.Attachment{
+		Network: d.network.Name,
+		Addr:    al.Addr,
+		Gateway: overlay.Gateway(block),
+		CIDR:    d.network.CIDR,
+		MTU:     d.mtu,
+		Bridge:  d.network.BridgeName(),
+		New:     al.New,
+	}
+}
+
+// storeError maps a store failure to a CNI error code: no free address,
+// unknown container, or (for anything from etcd) try again later.
+func storeError(op string, err error) error {
+	switch {
+	case errors.Is(err, overlay.ErrPoolExhausted):
+		return &cnirpc.Error{Code: cnirpc.CodeNoAddress, Msg: "no free address", Details: err.Error()}
+	case errors.Is(err, overlay.ErrNotFound):
+		return &cnirpc.Error{Code: cnirpc.CodeUnknownContainer, Msg: "container interface holds no address", Details: err.Error()}
+	case errors.Is(err, overlay.ErrConflict):
+		return &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: op + " failed", Details: err.Error()}
+	}
+	return &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: op + ": etcd is unavailable or failing; try again later", Details: err.Error()}
+}

@@ -1,0 +1,78 @@
+// Package daemon composes overlayd: identity, etcd (remote or embedded),
+// the network definition, the block lease, gossip, the reconcile loop,
+// the CNI socket and metrics. cmd/overlayd only turns flags into a Config.
+package daemon
+
+import (
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/gossip"
+	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// Config is everything overlayd needs to run on one host.
+type Config struct {
+	// DataDir holds the host's identity and, when embedded, etcd's data.
+	DataDir string
+	// Socket is the Unix socket the CNI plugin talks to.
+	Socket string
+	// Etcd says how to reach etcd; no endpoints means run an embedded
+	// etcd in DataDir.
+	Etcd etcd.ClientConfig
+	// EtcdPrefix is the key prefix of all overlay state in etcd.
+	EtcdPrefix string
+	// EmbeddedClientURL is where an embedded etcd serves clients.
+	EmbeddedClientURL string
+	// EmbeddedPeerURL is where an embedded etcd listens for peers.
+	EmbeddedPeerURL string
+	// Network is the network this host joins. It is created in etcd when
+	// absent; a stored definition that differs is an error.
+	Network overlay.Network
+	// UnderlayAddr is the local underlay address; invalid means the
+	// address of the interface holding the IPv4 default route.
+	UnderlayAddr netip.Addr
+	// GossipPort is the TCP and UDP port of memberlist.
+	GossipPort int
+	// MetricsAddr is where /metrics is served; "" disables it.
+	MetricsAddr string
+	// ResyncInterval is how often the dataplane is compared with the
+	// desired state when nothing changed.
+	ResyncInterval time.Duration
+	// RenewInterval is how often the host confirms its blocks in etcd.
+	RenewInterval time.Duration
+	// RejoinInterval is how often hosts registered in etcd but missing
+	// from gossip are joined again.
+	RejoinInterval time.Duration
+	// Logger receives every log line.
+	Logger *slog.Logger
+}
+
+// DefaultConfig returns the defaults of every field; Logger is left nil
+// (the caller sets it).
+func DefaultConfig() Config {
+	return Config{
+		DataDir:           "/var/lib/overlay",                  // FHS state directory
+		Socket:            cnirpc.DefaultSocket,                // /run/overlay/overlayd.sock
+		Etcd:              etcd.ClientConfig{DialTimeout: 5 * time.Second}, // no endpoints: embedded
+		EtcdPrefix:        etcd.DefaultPrefix,                  // /overlay/v1/
+		EmbeddedClientURL: "http://127.0.0.1:2379",             // etcd's usual client port, loopback only
+		EmbeddedPeerURL:   "http://127.0.0.1:2380",             // etcd's usual peer port, loopback only
+		Network: overlay.Network{ // the single network of the default setup
+			Name:      "default",
+			CIDR:      netip.MustParsePrefix("10.244.0.0/16"), // 1024 blocks of 64 addresses
+			BlockBits: overlay.DefaultBlockBits,
+			VNI:       overlay.DefaultVNI,
+			Port:      overlay.DefaultPort,
+		},
+		UnderlayAddr:   netip.Addr{},                   // from the default route
+		GossipPort:     gossip.DefaultPort,             // 7946, as Serf and Docker use
+		MetricsAddr:    "127.0.0.1:9476",               // loopback only; expose deliberately
+		ResyncInterval: overlay.DefaultResyncInterval,  // 5s
+		RenewInterval:  time.Minute,                    // cheap CAS per block
+		RejoinInterval: 30 * time.Second,               // heals partitions and simultaneous starts
+	}
+}

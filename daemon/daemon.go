@@ -1,0 +1,334 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/vishvananda/netlink"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/gossip"
+	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/metrics"
+	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/vxlan"
+)
+
+// joinTimeout bounds one round of gossip joins.
+const joinTimeout = 10 * time.Second
+
+// ipForwardPath is the sysctl that lets the host route between the bridge
+// and the VXLAN device.
+const ipForwardPath = "/proc/sys/net/ipv4/ip_forward"
+
+// Run runs overlayd until ctx is done. It returns an error when it cannot
+// start (bad configuration, etcd unreachable, a network that differs from
+// etcd's) or when a component fails. On return the dataplane is left in
+// place, so that restarting overlayd does not cut established flows.
+func Run(ctx context.Context, cfg Config) error {
+	start := time.Now()
+	log := cfg.Logger
+	if err := cfg.Network.Validate(); err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	host, err := LoadIdentity(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	mac := VTEPMAC(host)
+	log = log.With("host", host)
+
+	cli, closeEtcd, err := connectEtcd(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeEtcd()
+	store := etcd.NewStore(cli, cfg.EtcdPrefix)
+	network, err := store.EnsureNetwork(ctx, cfg.Network)
+	if err != nil {
+		return err
+	}
+
+	h, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	defer h.Close()
+	ul, err := vxlan.DetectUnderlay(h, cfg.UnderlayAddr)
+	if err != nil {
+		return fmt.Errorf("underlay: %w", err)
+	}
+	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
+		return fmt.Errorf("enable IPv4 forwarding: %w", err)
+	}
+
+	pool := store.Pool(network, host)
+	blocks, err := pool.Lease(ctx)
+	if err != nil {
+		return err
+	}
+	log.Info("holding blocks", "network", network.Name, "blocks", blocks)
+
+	m := metrics.New()
+	var rec *overlay.Reconciler
+	gcfg := gossip.DefaultConfig()
+	gcfg.Host = host
+	gcfg.Underlay = ul.Addr
+	gcfg.VTEPMAC = mac
+	gcfg.BindAddr = ul.Addr
+	gcfg.BindPort = cfg.GossipPort
+	gcfg.Logger = log.With("component", "gossip")
+	gcfg.OnChange = func() {
+		if rec != nil {
+			rec.Kick()
+		}
+	}
+	g, err := gossip.New(gcfg)
+	if err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	defer g.Shutdown()
+	if err := g.SetBlocks(map[string][]netip.Prefix{network.Name: blocks}); err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
+	if err := store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()}); err != nil {
+		return err
+	}
+	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, gossip: g, network: network, metrics: m}
+	// Join before the first pass: a restarted overlayd must know its
+	// peers before it converges, or it would remove them.
+	d.rejoin(ctx)
+
+	local := overlay.Local{Host: host, Underlay: ul.Addr, UnderlayLink: ul.Link, MTU: ul.MTU - vxlan.Overhead, VTEPMAC: mac}
+	dp := vxlan.New(h, log.With("component", "dataplane"))
+	rec = overlay.NewReconciler(network, local, pool, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
+	d.rec = rec
+	d.mtu = local.MTU
+	if err := rec.Pass(ctx); err != nil {
+		return fmt.Errorf("program the dataplane: %w", err)
+	}
+	d.registerMetrics()
+
+	l, err := cnirpc.Listen(cfg.Socket)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: d.instrument(cnirpc.NewHandler(d, log.With("component", "cni"))), ReadHeaderTimeout: 5 * time.Second}
+	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac, "mtu", local.MTU,
+		"socket", cfg.Socket, "gossip", gossipAddr, "startup", time.Since(start).Round(time.Millisecond))
+
+	eg, ctx := errgroup.WithContext(ctx)
+	eg.Go(func() error { return rec.Run(ctx) })
+	eg.Go(func() error { return g.Run(ctx) })
+	eg.Go(func() error { return store.WatchNetwork(ctx, network.Name, rec.Kick) })
+	eg.Go(func() error { return d.renewLoop(ctx) })
+	eg.Go(func() error { return d.rejoinLoop(ctx) })
+	eg.Go(func() error {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return fmt.Errorf("serve CNI socket: %w", err)
+		}
+		return nil
+	})
+	eg.Go(func() error {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		err := srv.Shutdown(sctx)
+		os.Remove(cfg.Socket)
+		return err
+	})
+	if cfg.MetricsAddr != "" {
+		eg.Go(func() error { return m.Serve(ctx, cfg.MetricsAddr) })
+	}
+	err = eg.Wait()
+	log.Info("stopped; the dataplane stays in place", "err", err)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// connectEtcd returns a client of the configured etcd, starting an
+// embedded one when no endpoints are configured. The returned func closes
+// both.
+func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, func(), error) {
+	ecfg := cfg.Etcd
+	var emb *etcd.Embedded
+	if len(ecfg.Endpoints) == 0 {
+		var err error
+		emb, err = etcd.StartEmbedded(ctx, etcd.EmbedConfig{
+			Dir: cfg.DataDir, ClientURL: cfg.EmbeddedClientURL, PeerURL: cfg.EmbeddedPeerURL, Logger: cfg.Logger,
+		})
+		if err != nil {
+			return nil, nil, err
+		}
+		ecfg.Endpoints = []string{emb.ClientURL}
+	}
+	cli, err := etcd.Connect(ctx, ecfg)
+	if err != nil {
+		if emb != nil {
+			emb.Close()
+		}
+		return nil, nil, err
+	}
+	return cli, func() {
+		cli.Close()
+		if emb != nil {
+			emb.Close()
+		}
+	}, nil
+}
+
+// daemon is the running state shared by the loops and the CNI handler.
+type daemon struct {
+	cfg     Config
+	log     *slog.Logger
+	host    overlay.HostID
+	store   *etcd.Store
+	pool    *etcd.Pool
+	gossip  *gossip.Gossip
+	network overlay.Network
+	rec     *overlay.Reconciler
+	mtu     int
+	metrics *metrics.Metrics
+}
+
+// renewLoop confirms the host's blocks every RenewInterval. A lost block
+// is logged loudly; the host leases a new one if it holds none.
+func (d *daemon) renewLoop(ctx context.Context) error {
+	t := time.NewTicker(d.cfg.RenewInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		err := d.pool.Renew(ctx)
+		if err == nil {
+			continue
+		}
+		if !errors.Is(err, etcd.ErrBlockLost) {
+			d.log.Warn("renewing blocks failed; will retry", "err", err)
+			continue
+		}
+		d.log.Error("a block of this host is now owned by another host: its containers' addresses may be in use elsewhere", "err", err)
+		blocks, err := d.pool.Lease(ctx)
+		if err != nil {
+			d.log.Error("leasing a new block failed", "err", err)
+			continue
+		}
+		if err := d.gossip.SetBlocks(map[string][]netip.Prefix{d.network.Name: blocks}); err != nil {
+			d.log.Error("announcing blocks failed", "err", err)
+		}
+		d.rec.Kick()
+	}
+}
+
+// rejoinLoop joins, every RejoinInterval, the hosts registered in etcd
+// that gossip does not know: it heals partitions and hosts that started
+// at the same moment and found nobody.
+func (d *daemon) rejoinLoop(ctx context.Context) error {
+	t := time.NewTicker(d.cfg.RejoinInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+			d.rejoin(ctx)
+		}
+	}
+}
+
+func (d *daemon) rejoin(ctx context.Context) {
+	hosts, err := d.store.Hosts(ctx)
+	if err != nil {
+		d.log.Warn("listing hosts to join", "err", err)
+	}
+	known := make(map[overlay.HostID]bool)
+	for _, m := range d.gossip.Members() {
+		known[m.Host] = true
+	}
+	var addrs []string
+	for _, h := range hosts {
+		if h.Host != d.host && !known[h.Host] && h.Gossip != "" {
+			addrs = append(addrs, h.Gossip)
+		}
+	}
+	if len(addrs) == 0 {
+		return
+	}
+	jctx, cancel := context.WithTimeout(ctx, joinTimeout)
+	defer cancel()
+	n, err := d.gossip.Join(jctx, addrs)
+	if err != nil && n == 0 {
+		d.log.Warn("no registered host answered gossip; will retry", "hosts", len(addrs), "err", err)
+		return
+	}
+	d.log.Info("joined gossip", "contacted", n, "of", len(addrs))
+}
+
+// registerMetrics exports the reconcile and gossip state.
+func (d *daemon) registerMetrics() {
+	lbl := prometheus.Labels{"network": d.network.Name}
+	m := d.metrics
+	m.GaugeFunc("dataplane", "peers", "Other hosts programmed in the dataplane.", lbl, func() float64 {
+		return float64(len(d.rec.Status().Config.Peers))
+	})
+	m.GaugeFunc("ipam", "blocks", "Blocks this host holds.", lbl, func() float64 {
+		return float64(len(d.pool.Held()))
+	})
+	m.CounterFunc("reconcile", "passes_total", "Reconcile passes, failed ones included.", lbl, func() float64 {
+		return float64(d.rec.Status().Passes)
+	})
+	m.CounterFunc("reconcile", "failures_total", "Reconcile passes that failed.", lbl, func() float64 {
+		return float64(d.rec.Status().Failures)
+	})
+	m.GaugeFunc("reconcile", "rejected_claims", "Gossip block claims that etcd denies.", lbl, func() float64 {
+		return float64(len(d.rec.Status().Rejected))
+	})
+	m.GaugeFunc("gossip", "members", "Other live hosts with valid metadata.", nil, func() float64 {
+		return float64(d.gossip.Stats().Members)
+	})
+	m.CounterFunc("gossip", "rejected_metadata_total", "Gossip metadata rejected as malformed.", nil, func() float64 {
+		return float64(d.gossip.Stats().RejectedMetas)
+	})
+}
+
+// instrument counts and times CNI socket requests.
+func (d *daemon) instrument(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
+		next.ServeHTTP(rw, r)
+		op := filepath.Base(r.URL.Path)
+		d.metrics.CNIDuration.WithLabelValues(op).Observe(time.Since(start).Seconds())
+		d.metrics.CNIRequests.WithLabelValues(op, strconv.Itoa(rw.status)).Inc()
+	})
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.status = code
+	w.ResponseWriter.WriteHeader(code)
+}

@@ -1,0 +1,66 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/overlay/vxlan"
+)
+
+// Teardown removes this host from the overlay for good: it releases the
+// host's blocks and addresses in etcd, deletes its host record and
+// removes the network's devices. The other hosts then remove their routes,
+// neighbour and FDB entries for it. overlayd must be stopped first.
+func Teardown(ctx context.Context, cfg Config) error {
+	log := cfg.Logger
+	if c, err := net.DialTimeout("unix", cfg.Socket, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("overlayd is running (it answers on %s): stop it before tearing the host down", cfg.Socket)
+	}
+	if _, err := os.Stat(cfg.DataDir + "/" + hostIDFile); errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("no host identity in %s: nothing to tear down", cfg.DataDir)
+	}
+	host, err := LoadIdentity(cfg.DataDir)
+	if err != nil {
+		return err
+	}
+	cli, closeEtcd, err := connectEtcd(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeEtcd()
+	store := etcd.NewStore(cli, cfg.EtcdPrefix)
+	network, err := store.Network(ctx, cfg.Network.Name)
+	if err != nil {
+		return fmt.Errorf("teardown: %w", err)
+	}
+
+	var errs []error
+	if err := store.Pool(network, host).ReleaseBlocks(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if err := store.DeleteHost(ctx, host); err != nil {
+		errs = append(errs, err)
+	}
+	h, err := netlink.NewHandle()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("netlink: %w", err))
+	} else {
+		defer h.Close()
+		if err := vxlan.New(h, log).Delete(ctx, network); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("teardown of host %s: %w", host, err)
+	}
+	log.Info("host torn down: blocks released, devices removed", "host", host, "network", network.Name)
+	return nil
+}

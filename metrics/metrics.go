@@ -1,0 +1,88 @@
+// Package metrics defines overlayd's Prometheus metrics on a registry of
+// its own (never the global one) and serves them over HTTP.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// namespace prefixes every metric name.
+const namespace = "overlay"
+
+// Metrics are overlayd's metrics. Its fields are safe for concurrent use.
+type Metrics struct {
+	// Registry holds every metric below plus Go and process metrics.
+	Registry *prometheus.Registry
+	// CNIRequests counts CNI socket requests by operation and HTTP
+	// status of the answer (200 for success).
+	CNIRequests *prometheus.CounterVec
+	// CNIDuration observes the latency of CNI socket requests.
+	CNIDuration *prometheus.HistogramVec
+}
+
+// New returns the metrics on a fresh registry.
+func New() *Metrics {
+	m := &Metrics{
+		Registry: prometheus.NewRegistry(),
+		CNIRequests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "cni", Name: "requests_total",
+			Help: "CNI socket requests by operation and HTTP status of the answer (200 is success).",
+		}, []string{"op", "status"}),
+		CNIDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Subsystem: "cni", Name: "request_duration_seconds",
+			Help:    "Latency of CNI socket requests, as overlayd serves them.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14), // 0.5ms to 4s
+		}, []string{"op"}),
+	}
+	m.Registry.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		m.CNIRequests, m.CNIDuration,
+	)
+	return m
+}
+
+// GaugeFunc registers a gauge whose value fn reads at scrape time; fn
+// must be safe for concurrent use and must not block.
+func (m *Metrics) GaugeFunc(subsystem, name, help string, labels prometheus.Labels, fn func() float64) {
+	m.Registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Subsystem: subsystem, Name: name, Help: help, ConstLabels: labels,
+	}, fn))
+}
+
+// CounterFunc registers a counter whose value fn reads at scrape time.
+func (m *Metrics) CounterFunc(subsystem, name, help string, labels prometheus.Labels, fn func() float64) {
+	m.Registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem, Name: name, Help: help, ConstLabels: labels,
+	}, fn))
+}
+
+// Serve serves /metrics on addr until ctx is done.
+func (m *Metrics) Serve(ctx context.Context, addr string) error {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("metrics listener: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serve metrics: %w", err)
+	}
+	return ctx.Err()
+}
