@@ -1,0 +1,302 @@
+// Package e2e runs the real overlayd and overlay-cni on simulated hosts
+// (network namespaces on one machine). It needs root and skips without.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/overlaynet/overlay/internal/simnet"
+)
+
+var bins struct{ overlayd, cni string }
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Println("e2e: skipping: the end-to-end tests need root (network namespaces, veth, VXLAN); run them with sudo")
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "ovl-e2e-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bins.overlayd, bins.cni, err = simnet.Build(context.Background(), dir)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// newNet starts hosts simulated hosts with overlayd running on each, and
+// removes everything when the test ends.
+func newNet(t *testing.T, hosts int) *simnet.Net {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: network namespaces, veth and VXLAN devices")
+	}
+	ctx := context.Background()
+	n, err := simnet.New(ctx, simnet.Options{Hosts: hosts, Overlayd: bins.overlayd, CNI: bins.cni})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpLogs(t, n)
+		}
+		if err := n.Close(); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	for _, h := range n.Hosts {
+		if err := h.Start(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n
+}
+
+func dumpLogs(t *testing.T, n *simnet.Net) {
+	for _, h := range n.Hosts {
+		f, err := os.Open(h.DataDir + "/overlayd.log")
+		if err != nil {
+			continue
+		}
+		b, _ := io.ReadAll(f)
+		f.Close()
+		t.Logf("--- overlayd log of %s ---\n%s", h.Name, b)
+	}
+}
+
+// eventually polls cond until it returns nil or the deadline passes.
+func eventually(t *testing.T, within time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s: %v", what, within, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func ipOut(t *testing.T, h *simnet.Host, args ...string) string {
+	t.Helper()
+	out, err := h.Exec(context.Background(), args...)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return string(out)
+}
+
+// TestCrossHostReachability: 3 hosts with 2 containers each; every
+// container reaches every other, across hosts.
+func TestCrossHostReachability(t *testing.T) {
+	n := newNet(t, 3)
+	ctx := context.Background()
+	var cs []*simnet.Container
+	for _, h := range n.Hosts {
+		for j := 1; j <= 2; j++ {
+			c, err := n.AddContainer(ctx, h, fmt.Sprintf("h%dc%d", h.Index, j))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cs = append(cs, c)
+		}
+	}
+	seen := map[netip.Addr]string{}
+	for _, c := range cs {
+		if prev, dup := seen[c.Addr.Addr()]; dup {
+			t.Fatalf("%s and %s share %s", prev, c.ID, c.Addr)
+		}
+		seen[c.Addr.Addr()] = c.ID
+		if !simnet.OverlayCIDR.Contains(c.Addr.Addr()) {
+			t.Fatalf("%s got %s outside the overlay", c.ID, c.Addr)
+		}
+	}
+	// Gossip converges within a moment of the last start.
+	eventually(t, 20*time.Second, "first cross-host ping", func() error {
+		return cs[0].Ping(ctx, cs[len(cs)-1].Addr.Addr())
+	})
+	for _, from := range cs {
+		for _, to := range cs {
+			if from == to {
+				continue
+			}
+			if err := from.Ping(ctx, to.Addr.Addr()); err != nil {
+				t.Errorf("%v", err)
+			}
+		}
+	}
+}
+
+// TestRestartKeepsFlowsAndBlock: a TCP stream crosses host 2 while its
+// overlayd restarts; the stream survives and the host keeps its block.
+func TestRestartKeepsFlowsAndBlock(t *testing.T) {
+	n := newNet(t, 3)
+	ctx := context.Background()
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	client, err := n.AddContainer(ctx, h1, "client")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := n.AddContainer(ctx, h2, "server")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "ping across hosts", func() error { return client.Ping(ctx, server.Addr.Addr()) })
+
+	l, err := server.Listen(5001)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c) // echo
+	}()
+	conn, err := client.Dial(ctx, netip.AddrPortFrom(server.Addr.Addr(), 5001))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	// Stream echo round trips in the background until told to stop.
+	stop := make(chan struct{})
+	result := make(chan error, 1)
+	var rounds int
+	go func() {
+		msg := []byte(strings.Repeat("x", 1024))
+		buf := make([]byte, len(msg))
+		for {
+			select {
+			case <-stop:
+				result <- nil
+				return
+			default:
+			}
+			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			if _, err := conn.Write(msg); err != nil {
+				result <- fmt.Errorf("write after %d rounds: %w", rounds, err)
+				return
+			}
+			if _, err := io.ReadFull(conn, buf); err != nil {
+				result <- fmt.Errorf("read after %d rounds: %w", rounds, err)
+				return
+			}
+			rounds++
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+
+	blockBefore := ipOut(t, h2, "ip", "-4", "-o", "addr", "show", "dev", n.Network.BridgeName())
+	time.Sleep(500 * time.Millisecond)
+	if err := h2.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	// Down for a while: longer than gossip takes to suspect it.
+	time.Sleep(3 * time.Second)
+	if err := h2.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := rounds
+	time.Sleep(2 * time.Second)
+	close(stop)
+	if err := <-result; err != nil {
+		t.Fatalf("stream broke across the restart: %v", err)
+	}
+	if rounds <= before {
+		t.Fatalf("stream made no progress after the restart (%d rounds before, %d after)", before, rounds)
+	}
+	if after := ipOut(t, h2, "ip", "-4", "-o", "addr", "show", "dev", n.Network.BridgeName()); after != blockBefore {
+		t.Fatalf("host changed its block across the restart:\nbefore: %s\nafter:  %s", blockBefore, after)
+	}
+	t.Logf("%d echo round trips, %d of them after the restart", rounds, rounds-before)
+}
+
+// TestTeardownRemovesHostEverywhere: host 3 leaves for good; the others
+// remove its routes, neighbour and FDB entries.
+func TestTeardownRemovesHostEverywhere(t *testing.T) {
+	n := newNet(t, 3)
+	h3 := n.Hosts[2]
+	underlay := h3.Underlay.String()
+	vx := n.Network.VXLANName()
+	for _, h := range n.Hosts[:2] {
+		eventually(t, 20*time.Second, h.Name+" programs host 3", func() error {
+			if out := ipOut(t, h, "ip", "-4", "route", "show", "dev", vx); !strings.Contains(out, "via "+underlay) {
+				return fmt.Errorf("routes: %s", out)
+			}
+			return nil
+		})
+	}
+	if err := h3.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h3.Teardown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range n.Hosts[:2] {
+		eventually(t, 20*time.Second, h.Name+" forgets host 3", func() error {
+			routes := ipOut(t, h, "ip", "-4", "route", "show", "dev", vx)
+			neigh := ipOut(t, h, "ip", "-4", "neigh", "show", "dev", vx)
+			fdb := ipOut(t, h, "bridge", "fdb", "show", "dev", vx)
+			if strings.Contains(routes+neigh+fdb, underlay) {
+				return fmt.Errorf("still there:\nroutes: %s\nneigh: %s\nfdb: %s", routes, neigh, fdb)
+			}
+			return nil
+		})
+	}
+	if out := ipOut(t, h3, "ip", "link", "show"); strings.Contains(out, vx) || strings.Contains(out, n.Network.BridgeName()) {
+		t.Fatalf("teardown left devices on host 3:\n%s", out)
+	}
+}
+
+// TestDeletedDeviceComesBack: the VXLAN device deleted by hand is
+// recreated with all its entries, and traffic flows again.
+func TestDeletedDeviceComesBack(t *testing.T) {
+	n := newNet(t, 2)
+	ctx := context.Background()
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	a, err := n.AddContainer(ctx, h1, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n.AddContainer(ctx, h2, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "ping across hosts", func() error { return a.Ping(ctx, b.Addr.Addr()) })
+	vx := n.Network.VXLANName()
+	if _, err := h1.Exec(ctx, "ip", "link", "del", vx); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 15*time.Second, "device and entries recreated", func() error {
+		out, err := h1.Exec(ctx, "bridge", "fdb", "show", "dev", vx)
+		if err != nil {
+			return err
+		}
+		if !strings.Contains(string(out), "dst "+h2.Underlay.String()) {
+			return fmt.Errorf("fdb: %s", out)
+		}
+		return nil
+	})
+	eventually(t, 10*time.Second, "ping after recreation", func() error { return a.Ping(ctx, b.Addr.Addr()) })
+}

@@ -1,0 +1,218 @@
+package simnet
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+
+	"github.com/containernetworking/cni/libcni"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netns"
+)
+
+// Container is a network namespace attached to the overlay through the
+// overlay-cni plugin.
+type Container struct {
+	// ID is the CNI container ID.
+	ID string
+	// Name is its namespace.
+	Name string
+	// Host is the host it runs on.
+	Host *Host
+	// Addr is the address the plugin gave it.
+	Addr netip.Prefix
+	// Result is the plugin's ADD result.
+	Result *current.Result
+}
+
+// NetNSPath returns the path of the container's namespace.
+func (c *Container) NetNSPath() string { return filepath.Join("/run/netns", c.Name) }
+
+// CNIConfList returns the network configuration list the host's runtime
+// would use: overlay-cni alone, talking to this host's overlayd.
+func (h *Host) CNIConfList() []byte {
+	return fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay","plugins":[{"type":"overlay-cni","network":%q,"socket":%q}]}`,
+		h.n.Network.Name, h.Socket)
+}
+
+// CNI returns a libcni client whose plugins run in the host's namespace,
+// as a runtime on that host would run them, with a cache directory
+// private to the run.
+func (h *Host) CNI() (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
+	list, err := libcni.ConfListFromBytes(h.CNIConfList())
+	if err != nil {
+		return nil, nil, err
+	}
+	cni := libcni.NewCNIConfigWithCacheDir([]string{filepath.Dir(h.n.opts.CNI)}, filepath.Join(h.n.Dir, "cni-cache"), nil)
+	return cni, list, nil
+}
+
+// RuntimeConf returns the runtime configuration of container c.
+func (c *Container) RuntimeConf() *libcni.RuntimeConf {
+	return &libcni.RuntimeConf{ContainerID: c.ID, NetNS: c.NetNSPath(), IfName: "eth0"}
+}
+
+// AddContainer creates a namespace on host h and attaches it with the
+// plugin through libcni.
+func (n *Net) AddContainer(ctx context.Context, h *Host, id string) (*Container, error) {
+	c := &Container{ID: id, Name: n.Prefix + id, Host: h}
+	if err := n.addNS(ctx, c.Name); err != nil {
+		return nil, err
+	}
+	n.mu.Lock()
+	n.containers = append(n.containers, c)
+	n.mu.Unlock()
+	cni, list, err := h.CNI()
+	if err != nil {
+		return nil, err
+	}
+	var res *current.Result
+	err = h.InNS(func() error {
+		r, err := cni.AddNetworkList(ctx, list, c.RuntimeConf())
+		if err != nil {
+			return err
+		}
+		res, err = current.NewResultFromResult(r)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("ADD %s on %s: %w", id, h.Name, err)
+	}
+	c.Result = res
+	if len(res.IPs) == 0 {
+		return nil, fmt.Errorf("ADD %s: result has no address", id)
+	}
+	a, _ := netip.AddrFromSlice(res.IPs[0].Address.IP)
+	ones, _ := res.IPs[0].Address.Mask.Size()
+	c.Addr = netip.PrefixFrom(a.Unmap(), ones)
+	return c, nil
+}
+
+// DelContainer detaches c through libcni (the namespace stays).
+func (n *Net) DelContainer(ctx context.Context, c *Container) error {
+	cni, list, err := c.Host.CNI()
+	if err != nil {
+		return err
+	}
+	return c.Host.InNS(func() error { return cni.DelNetworkList(ctx, list, c.RuntimeConf()) })
+}
+
+// Exec runs a command in the container's namespace.
+func (c *Container) Exec(ctx context.Context, args ...string) ([]byte, error) {
+	return output(ctx, "ip", append([]string{"netns", "exec", c.Name}, args...)...)
+}
+
+// Ping sends count pings to addr from the container and fails unless
+// one is answered.
+func (c *Container) Ping(ctx context.Context, addr netip.Addr) error {
+	out, err := c.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "2", addr.String())
+	if err != nil {
+		return fmt.Errorf("ping %s from %s: %w", addr, c.ID, err)
+	}
+	if !strings.Contains(string(out), " 0% packet loss") && !strings.Contains(string(out), "received") {
+		return fmt.Errorf("ping %s from %s: %s", addr, c.ID, out)
+	}
+	return nil
+}
+
+// Listen opens a TCP listener inside the container's namespace. The
+// socket stays in that namespace whichever goroutine uses it.
+func (c *Container) Listen(port int) (net.Listener, error) {
+	var l net.Listener
+	err := inNamespace(c.NetNSPath(), func() error {
+		var err error
+		l, err = net.Listen("tcp4", netip.AddrPortFrom(c.Addr.Addr(), uint16(port)).String())
+		return err
+	})
+	return l, err
+}
+
+// Dial connects from inside the container's namespace.
+func (c *Container) Dial(ctx context.Context, addr netip.AddrPort) (net.Conn, error) {
+	var conn net.Conn
+	err := inNamespace(c.NetNSPath(), func() error {
+		var err error
+		var d net.Dialer
+		conn, err = d.DialContext(ctx, "tcp4", addr.String())
+		return err
+	})
+	return conn, err
+}
+
+// InNS runs fn on an OS thread inside the host's namespace: sockets it
+// opens and processes it starts belong to the host, as a runtime's would.
+func (h *Host) InNS(fn func() error) error {
+	return inNamespace(filepath.Join("/run/netns", h.Name), fn)
+}
+
+// inNamespace runs fn with the calling goroutine locked to a thread that
+// has entered the namespace at path. A thread whose namespace cannot be
+// restored stays locked, so the runtime discards it with the goroutine.
+func inNamespace(path string, fn func() error) error {
+	target, err := netns.GetFromPath(path)
+	if err != nil {
+		return fmt.Errorf("open namespace %s: %w", path, err)
+	}
+	defer target.Close()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		origin, err := netns.Get()
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer origin.Close()
+		if err := netns.Set(target); err != nil {
+			errc <- fmt.Errorf("enter namespace %s: %w", path, err)
+			return
+		}
+		ferr := fn()
+		if err := netns.Set(origin); err != nil {
+			errc <- fmt.Errorf("leave namespace %s: %w (after %v)", path, err, ferr)
+			return // the thread stays locked and dies with the goroutine
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// Build compiles overlayd and overlay-cni (static, CGO_ENABLED=0) into
+// dir and returns their paths. It runs from the module that holds this
+// package.
+func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	overlayd = filepath.Join(dir, "overlayd")
+	cni = filepath.Join(dir, "overlay-cni")
+	for bin, pkg := range map[string]string{overlayd: "./cmd/overlayd", cni: "./cmd/overlay-cni"} {
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return "", "", fmt.Errorf("build %s: %w: %s", pkg, err, out)
+		}
+	}
+	return overlayd, cni, nil
+}
+
+func moduleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("find module root: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", fmt.Errorf("find module root: not inside the module")
+	}
+	return filepath.Dir(gomod), nil
+}
