@@ -1,0 +1,62 @@
+# Sourced by the scripts in this directory: makes sure a fresh Debian
+# machine has what the project needs, installing it if not.
+#   ensure_packages  iproute2, iputils-ping, git (apt-get, as root)
+#   ensure_go        Go >= $GO_MIN on PATH; when the machine has none or an
+#                    older one, Debian's golang-go downloads the official
+#                    toolchain module ($GO_VERSION) from the Go module proxy.
+
+GO_MIN=1.26
+GO_VERSION=1.26.8
+
+apt_install() {
+	if [ "$(id -u)" != 0 ]; then
+		echo "missing $*: run as root (sudo) so it can be installed with apt-get" >&2
+		return 1
+	fi
+	DEBIAN_FRONTEND=noninteractive apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+ensure_packages() {
+	local need=()
+	command -v ip >/dev/null || need+=(iproute2)
+	command -v bridge >/dev/null || need+=(iproute2)
+	command -v ping >/dev/null || need+=(iputils-ping)
+	command -v git >/dev/null || need+=(git)
+	if [ ${#need[@]} -gt 0 ]; then
+		apt_install $(printf '%s\n' "${need[@]}" | sort -u) ca-certificates
+	fi
+}
+
+# go_ok BIN: BIN exists and is Go $GO_MIN or newer.
+go_ok() {
+	[ -n "$1" ] && [ -x "$1" ] || return 1
+	local v
+	v=$(GOTOOLCHAIN=local "$1" env GOVERSION 2>/dev/null) || return 1
+	v=${v#go}
+	[ "$(printf '%s\n%s\n' "$GO_MIN" "$v" | sort -V | head -n1)" = "$GO_MIN" ]
+}
+
+ensure_go() {
+	export GOTOOLCHAIN=local
+	local g
+	for g in "$(command -v go)" /usr/local/go/bin/go; do
+		if go_ok "$g"; then
+			export PATH="$(dirname "$g"):$PATH"
+			return 0
+		fi
+	done
+	local arch cache dir
+	arch=$(dpkg --print-architecture 2>/dev/null || echo amd64)
+	cache=${XDG_CACHE_HOME:-$HOME/.cache}/overlay-go
+	dir=$cache/mod/golang.org/toolchain@v0.0.1-go$GO_VERSION.linux-$arch
+	if ! go_ok "$dir/bin/go"; then
+		command -v go >/dev/null || apt_install golang-go ca-certificates
+		echo "fetching Go $GO_VERSION from the Go module proxy" >&2
+		(cd "$(mktemp -d)" && GOMODCACHE=$cache/mod GOFLAGS=-modcacherw \
+			go mod download "golang.org/toolchain@v0.0.1-go$GO_VERSION.linux-$arch")
+		chmod +x "$dir"/bin/* "$dir"/pkg/tool/*/*
+	fi
+	export PATH="$dir/bin:$PATH"
+	go_ok "$dir/bin/go"
+}
