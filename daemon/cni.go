@@ -4,12 +4,38 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net/netip"
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/overlay"
 )
 
-var _ cnirpc.Handler = (*daemon)(nil)
+// Pool is what the CNI handler needs of a network's store: the host's
+// blocks and its address allocator.
+type Pool interface {
+	overlay.Allocator
+	Held() []netip.Prefix
+}
+
+// CNIHandler serves the CNI socket for one network on this host. It is
+// safe for concurrent use.
+type CNIHandler struct {
+	network overlay.Network
+	mtu     int
+	pool    Pool
+	status  func() overlay.Status
+	log     *slog.Logger
+}
+
+var _ cnirpc.Handler = (*CNIHandler)(nil)
+
+// NewCNIHandler returns the handler of network n, whose containers get
+// the given MTU and addresses from pool; status reports the network's
+// reconciler.
+func NewCNIHandler(n overlay.Network, mtu int, pool Pool, status func() overlay.Status, log *slog.Logger) *CNIHandler {
+	return &CNIHandler{network: n, mtu: mtu, pool: pool, status: status, log: log}
+}
 
 // reservedPerBlock counts the addresses of a block no container gets:
 // the network address, the gateway and the broadcast address.
@@ -17,7 +43,7 @@ const reservedPerBlock = 3
 
 // Add allocates the container interface's address, or returns the one it
 // already holds.
-func (d *daemon) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
+func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
 	if err := d.checkNetwork(r.Network); err != nil {
 		return cnirpc.Attachment{}, err
 	}
@@ -32,7 +58,7 @@ func (d *daemon) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, 
 }
 
 // Del releases the container interface's address.
-func (d *daemon) Del(ctx context.Context, r cnirpc.Request) error {
+func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
 	if err := d.checkNetwork(r.Network); err != nil {
 		return err
 	}
@@ -45,7 +71,7 @@ func (d *daemon) Del(ctx context.Context, r cnirpc.Request) error {
 }
 
 // Check returns the container interface's attachment.
-func (d *daemon) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
+func (d *CNIHandler) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
 	if err := d.checkNetwork(r.Network); err != nil {
 		return cnirpc.Attachment{}, err
 	}
@@ -58,12 +84,12 @@ func (d *daemon) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment
 
 // Status reports whether an ADD can be served: a block is held, the
 // dataplane was programmed, and an address is free.
-func (d *daemon) Status(ctx context.Context, network string) (cnirpc.Status, error) {
+func (d *CNIHandler) Status(ctx context.Context, network string) (cnirpc.Status, error) {
 	if err := d.checkNetwork(network); err != nil {
 		return cnirpc.Status{}, err
 	}
 	st := cnirpc.Status{Network: network}
-	rs := d.rec.Status()
+	rs := d.status()
 	st.Peers = len(rs.Config.Peers)
 	held := d.pool.Held()
 	list, err := d.pool.List(ctx)
@@ -87,14 +113,14 @@ func (d *daemon) Status(ctx context.Context, network string) (cnirpc.Status, err
 	return st, nil
 }
 
-func (d *daemon) checkNetwork(name string) error {
+func (d *CNIHandler) checkNetwork(name string) error {
 	if name != d.network.Name {
 		return cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: this overlayd serves %q", name, d.network.Name)
 	}
 	return nil
 }
 
-func (d *daemon) attachment(al overlay.Allocation) cnirpc.Attachment {
+func (d *CNIHandler) attachment(al overlay.Allocation) cnirpc.Attachment {
 	block := al.Addr.Masked()
 	return cnirpc.Attachment{
 		Network: d.network.Name,

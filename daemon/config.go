@@ -55,12 +55,12 @@ type Config struct {
 // (the caller sets it).
 func DefaultConfig() Config {
 	return Config{
-		DataDir:           "/var/lib/overlay",                  // FHS state directory
-		Socket:            cnirpc.DefaultSocket,                // /run/overlay/overlayd.sock
+		DataDir:           "/var/lib/overlay",                              // FHS state directory
+		Socket:            cnirpc.DefaultSocket,                            // /run/overlay/overlayd.sock
 		Etcd:              etcd.ClientConfig{DialTimeout: 5 * time.Second}, // no endpoints: embedded
-		EtcdPrefix:        etcd.DefaultPrefix,                  // /overlay/v1/
-		EmbeddedClientURL: "http://127.0.0.1:2379",             // etcd's usual client port, loopback only
-		EmbeddedPeerURL:   "http://127.0.0.1:2380",             // etcd's usual peer port, loopback only
+		EtcdPrefix:        etcd.DefaultPrefix,                              // /overlay/v1/
+		EmbeddedClientURL: "http://127.0.0.1:2379",                         // etcd's usual client port, loopback only
+		EmbeddedPeerURL:   "http://127.0.0.1:2380",                         // etcd's usual peer port, loopback only
 		Network: overlay.Network{ // the single network of the default setup
 			Name:      "default",
 			CIDR:      netip.MustParsePrefix("10.244.0.0/16"), // 1024 blocks of 64 addresses
@@ -68,11 +68,11 @@ func DefaultConfig() Config {
 			VNI:       overlay.DefaultVNI,
 			Port:      overlay.DefaultPort,
 		},
-		UnderlayAddr:   netip.Addr{},                   // from the default route
-		GossipPort:     gossip.DefaultPort,             // 7946, as Serf and Docker use
-		MetricsAddr:    "127.0.0.1:9476",               // loopback only; expose deliberately
-		ResyncInterval: overlay.DefaultResyncInterval,  // 5s
-		RenewInterval:  time.Minute,                    // cheap CAS per block
-		RejoinInterval: 30 * time.Second,               // heals partitions and simultaneous starts
+		UnderlayAddr:   netip.Addr{},                  // from the default route
+		GossipPort:     gossip.DefaultPort,            // 7946, as Serf and Docker use
+		MetricsAddr:    "127.0.0.1:9476",              // loopback only; expose deliberately
+		ResyncInterval: overlay.DefaultResyncInterval, // 5s
+		RenewInterval:  time.Minute,                   // cheap CAS per block
+		RejoinInterval: 30 * time.Second,              // heals partitions and simultaneous starts
 	}
 }

@@ -118,7 +118,6 @@ func Run(ctx context.Context, cfg Config) error {
 	dp := vxlan.New(h, log.With("component", "dataplane"))
 	rec = overlay.NewReconciler(network, local, pool, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
 	d.rec = rec
-	d.mtu = local.MTU
 	if err := rec.Pass(ctx); err != nil {
 		return fmt.Errorf("program the dataplane: %w", err)
 	}
@@ -128,7 +127,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	srv := &http.Server{Handler: d.instrument(cnirpc.NewHandler(d, log.With("component", "cni"))), ReadHeaderTimeout: 5 * time.Second}
+	cniLog := log.With("component", "cni")
+	handler := NewCNIHandler(network, local.MTU, pool, rec.Status, cniLog)
+	srv := &http.Server{Handler: d.instrument(cnirpc.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}
 	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac, "mtu", local.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "startup", time.Since(start).Round(time.Millisecond))
 
@@ -204,7 +205,6 @@ type daemon struct {
 	gossip  *gossip.Gossip
 	network overlay.Network
 	rec     *overlay.Reconciler
-	mtu     int
 	metrics *metrics.Metrics
 }
 

@@ -42,6 +42,18 @@ func TestMain(m *testing.M) {
 // removes everything when the test ends.
 func newNet(t *testing.T, hosts int) *simnet.Net {
 	t.Helper()
+	n := newStoppedNet(t, hosts)
+	for _, h := range n.Hosts {
+		if err := h.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return n
+}
+
+// newStoppedNet creates the hosts without starting overlayd.
+func newStoppedNet(t *testing.T, hosts int) *simnet.Net {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: network namespaces, veth and VXLAN devices")
 	}
@@ -58,11 +70,6 @@ func newNet(t *testing.T, hosts int) *simnet.Net {
 			t.Errorf("cleanup: %v", err)
 		}
 	})
-	for _, h := range n.Hosts {
-		if err := h.Start(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
 	return n
 }
 
@@ -130,14 +137,14 @@ func TestCrossHostReachability(t *testing.T) {
 	}
 	// Gossip converges within a moment of the last start.
 	eventually(t, 20*time.Second, "first cross-host ping", func() error {
-		return cs[0].Ping(ctx, cs[len(cs)-1].Addr.Addr())
+		return cs[0].Ping(ctx, cs[len(cs)-1].Addr.Addr(), 1)
 	})
 	for _, from := range cs {
 		for _, to := range cs {
 			if from == to {
 				continue
 			}
-			if err := from.Ping(ctx, to.Addr.Addr()); err != nil {
+			if err := from.Ping(ctx, to.Addr.Addr(), 1); err != nil {
 				t.Errorf("%v", err)
 			}
 		}
@@ -158,7 +165,7 @@ func TestRestartKeepsFlowsAndBlock(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 20*time.Second, "ping across hosts", func() error { return client.Ping(ctx, server.Addr.Addr()) })
+	eventually(t, 20*time.Second, "ping across hosts", func() error { return client.Ping(ctx, server.Addr.Addr(), 1) })
 
 	l, err := server.Listen(5001)
 	if err != nil {
@@ -283,7 +290,7 @@ func TestDeletedDeviceComesBack(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 20*time.Second, "ping across hosts", func() error { return a.Ping(ctx, b.Addr.Addr()) })
+	eventually(t, 20*time.Second, "ping across hosts", func() error { return a.Ping(ctx, b.Addr.Addr(), 1) })
 	vx := n.Network.VXLANName()
 	if _, err := h1.Exec(ctx, "ip", "link", "del", vx); err != nil {
 		t.Fatal(err)
@@ -298,5 +305,5 @@ func TestDeletedDeviceComesBack(t *testing.T) {
 		}
 		return nil
 	})
-	eventually(t, 10*time.Second, "ping after recreation", func() error { return a.Ping(ctx, b.Addr.Addr()) })
+	eventually(t, 10*time.Second, "ping after recreation", func() error { return a.Ping(ctx, b.Addr.Addr(), 1) })
 }

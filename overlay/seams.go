@@ -79,6 +79,9 @@ type BlockLeaser interface {
 	// Lease returns the blocks this host holds, claiming a free one when
 	// it holds none. It never hands one block to two hosts.
 	Lease(ctx context.Context) ([]netip.Prefix, error)
+	// Held returns the blocks this host is known to hold, sorted,
+	// without asking the store. It does not block.
+	Held() []netip.Prefix
 	// ReleaseBlocks gives back every block this host holds and every
 	// address allocated from them.
 	ReleaseBlocks(ctx context.Context) error

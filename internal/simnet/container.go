@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
@@ -68,12 +69,20 @@ func (n *Net) AddContainer(ctx context.Context, h *Host, id string) (*Container,
 	n.mu.Lock()
 	n.containers = append(n.containers, c)
 	n.mu.Unlock()
-	cni, list, err := h.CNI()
-	if err != nil {
+	if err := n.Attach(ctx, c); err != nil {
 		return nil, err
 	}
+	return c, nil
+}
+
+// Attach runs ADD for c through libcni and records the result.
+func (n *Net) Attach(ctx context.Context, c *Container) error {
+	cni, list, err := c.Host.CNI()
+	if err != nil {
+		return err
+	}
 	var res *current.Result
-	err = h.InNS(func() error {
+	err = c.Host.InNS(func() error {
 		r, err := cni.AddNetworkList(ctx, list, c.RuntimeConf())
 		if err != nil {
 			return err
@@ -82,16 +91,31 @@ func (n *Net) AddContainer(ctx context.Context, h *Host, id string) (*Container,
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("ADD %s on %s: %w", id, h.Name, err)
+		return fmt.Errorf("ADD %s on %s: %w", c.ID, c.Host.Name, err)
 	}
-	c.Result = res
 	if len(res.IPs) == 0 {
-		return nil, fmt.Errorf("ADD %s: result has no address", id)
+		return fmt.Errorf("ADD %s: result has no address", c.ID)
 	}
 	a, _ := netip.AddrFromSlice(res.IPs[0].Address.IP)
 	ones, _ := res.IPs[0].Address.Mask.Size()
+	c.Result = res
 	c.Addr = netip.PrefixFrom(a.Unmap(), ones)
-	return c, nil
+	return nil
+}
+
+// CheckContainer runs CHECK on c through libcni.
+func (n *Net) CheckContainer(ctx context.Context, c *Container) error {
+	cni, list, err := c.Host.CNI()
+	if err != nil {
+		return err
+	}
+	return c.Host.InNS(func() error { return cni.CheckNetworkList(ctx, list, c.RuntimeConf()) })
+}
+
+// RemoveNetNS deletes the container's namespace, as a runtime does when
+// the container is gone, without telling the plugin.
+func (c *Container) RemoveNetNS(ctx context.Context) error {
+	return run(ctx, "ip", "netns", "delete", c.Name)
 }
 
 // DelContainer detaches c through libcni (the namespace stays).
@@ -108,14 +132,14 @@ func (c *Container) Exec(ctx context.Context, args ...string) ([]byte, error) {
 	return output(ctx, "ip", append([]string{"netns", "exec", c.Name}, args...)...)
 }
 
-// Ping sends count pings to addr from the container and fails unless
-// one is answered.
-func (c *Container) Ping(ctx context.Context, addr netip.Addr) error {
-	out, err := c.Exec(ctx, "ping", "-c", "3", "-i", "0.2", "-W", "2", addr.String())
+// Ping sends count pings to addr from the container, 0.2s apart, and
+// fails unless every one is answered.
+func (c *Container) Ping(ctx context.Context, addr netip.Addr, count int) error {
+	out, err := c.Exec(ctx, "ping", "-c", strconv.Itoa(count), "-i", "0.2", "-W", "2", addr.String())
 	if err != nil {
 		return fmt.Errorf("ping %s from %s: %w", addr, c.ID, err)
 	}
-	if !strings.Contains(string(out), " 0% packet loss") && !strings.Contains(string(out), "received") {
+	if !strings.Contains(string(out), " 0% packet loss") {
 		return fmt.Errorf("ping %s from %s: %s", addr, c.ID, out)
 	}
 	return nil

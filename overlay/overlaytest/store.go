@@ -102,6 +102,13 @@ func (p *Pool) Lease(context.Context) ([]netip.Prefix, error) {
 	return nil, fmt.Errorf("lease block for %s: %w", p.host, overlay.ErrPoolExhausted)
 }
 
+// Held returns the host's blocks, sorted.
+func (p *Pool) Held() []netip.Prefix {
+	p.s.mu.Lock()
+	defer p.s.mu.Unlock()
+	return p.heldLocked()
+}
+
 func (p *Pool) heldLocked() []netip.Prefix {
 	var held []netip.Prefix
 	for i := range p.s.Network.NumBlocks() {

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/overlaynet/overlay/cnirpc"
+)
+
+func TestParseConf(t *testing.T) {
+	conf, err := parseConf([]byte(`{"cniVersion":"1.1.0","name":"overlay","type":"overlay-cni","capabilities":{"portMappings":true}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if conf.Network != "overlay" || conf.Socket != cnirpc.DefaultSocket {
+		t.Errorf("defaults: network %q socket %q", conf.Network, conf.Socket)
+	}
+	conf, err = parseConf([]byte(`{"cniVersion":"1.1.0","name":"overlay","network":"blue","socket":"/tmp/s"}`))
+	if err != nil || conf.Network != "blue" || conf.Socket != "/tmp/s" {
+		t.Errorf("explicit: %+v, %v", conf, err)
+	}
+	for in, code := range map[string]uint{
+		`{`:                      types.ErrDecodingFailure,
+		`[]`:                     types.ErrDecodingFailure,
+		`{"cniVersion":"1.1.0"}`: types.ErrInvalidNetworkConfig,
+		`{"name":7}`:             types.ErrDecodingFailure,
+	} {
+		_, err := parseConf([]byte(in))
+		var e *types.Error
+		if !errors.As(err, &e) || e.Code != code {
+			t.Errorf("parseConf(%s) = %v, want code %d", in, err, code)
+		}
+	}
+}
+
+func TestHostVethName(t *testing.T) {
+	a := hostVethName("default", "abc", "eth0")
+	if len(a) > 15 {
+		t.Fatalf("%q is longer than the kernel's 15 bytes", a)
+	}
+	if a != hostVethName("default", "abc", "eth0") {
+		t.Fatal("name is not deterministic: DEL could not find it")
+	}
+	seen := map[string]bool{a: true}
+	for i := range 1000 {
+		n := hostVethName("default", fmt.Sprintf("c%d", i), "eth0")
+		if seen[n] {
+			t.Fatalf("collision at %d", i)
+		}
+		seen[n] = true
+	}
+	if hostVethName("default", "abc", "eth1") == a || hostVethName("blue", "abc", "eth0") == a {
+		t.Fatal("interface or network does not change the name")
+	}
+}
+
+func TestRPCError(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		code uint
+	}{
+		{fmt.Errorf("dial: %w", cnirpc.ErrUnavailable), types.ErrTryAgainLater},
+		{&cnirpc.Error{Code: cnirpc.CodeNoAddress, Msg: "full"}, cnirpc.CodeNoAddress},
+		{errors.New("strange"), types.ErrInternal},
+	} {
+		var e *types.Error
+		if err := rpcError("add", tc.err); !errors.As(err, &e) || e.Code != tc.code {
+			t.Errorf("rpcError(%v) = %v, want code %d", tc.err, err, tc.code)
+		}
+	}
+}

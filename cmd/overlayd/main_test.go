@@ -1,0 +1,64 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+func TestParseFlags(t *testing.T) {
+	var stderr bytes.Buffer
+	cfg, _, err := parseFlags("run", []string{
+		"--etcd-endpoints", "https://a:2379, https://b:2379,",
+		"--network-cidr", "198.19.0.0/16", "--vni", "42", "--underlay-addr", "198.18.0.7",
+	}, &stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Join(cfg.Etcd.Endpoints, " "); got != "https://a:2379 https://b:2379" {
+		t.Errorf("endpoints = %q", got)
+	}
+	if cfg.Network.VNI != 42 || cfg.Network.CIDR.String() != "198.19.0.0/16" || cfg.UnderlayAddr.String() != "198.18.0.7" {
+		t.Errorf("config = %+v", cfg)
+	}
+}
+
+func TestParseFlagsRejectsBadInput(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--network-cidr", "nonsense"}, "--network-cidr"},
+		{[]string{"--network-cidr", "198.19.0.0/28"}, "too small"},
+		{[]string{"--vni", "16777216"}, "--vni"},
+		{[]string{"--vni", "0"}, "vni"},
+		{[]string{"--vxlan-port", "70000"}, "--vxlan-port"},
+		{[]string{"--underlay-addr", "2001:db8::1"}, "--underlay-addr"},
+		{[]string{"--network", "Bad_Name"}, "name"},
+		{[]string{"--log-level", "loud"}, "--log-level"},
+		{[]string{"--log-format", "xml"}, "--log-format"},
+		{[]string{"--no-such-flag"}, "no-such-flag"},
+		{[]string{"extra"}, "unexpected"},
+	} {
+		var stderr bytes.Buffer
+		_, _, err := parseFlags("run", tc.args, &stderr)
+		if err == nil {
+			t.Errorf("%v: accepted", tc.args)
+			continue
+		}
+		if msg := err.Error() + stderr.String(); !strings.Contains(msg, tc.want) {
+			t.Errorf("%v: error %q does not mention %q", tc.args, msg, tc.want)
+		}
+	}
+}
+
+func TestRunUsageErrors(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := run([]string{"frobnicate"}, &stderr); code != 2 || !strings.Contains(stderr.String(), "unknown command") {
+		t.Errorf("unknown command: exit %d, %q", code, stderr.String())
+	}
+	stderr.Reset()
+	if code := run([]string{"--vni", "x"}, &stderr); code != 2 {
+		t.Errorf("bad flag: exit %d, want 2", code)
+	}
+}

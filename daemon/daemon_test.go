@@ -1,0 +1,168 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/overlaytest"
+)
+
+func TestLoadIdentityIsStable(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "data")
+	id, err := LoadIdentity(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(id) != 2*hostIDBytes {
+		t.Fatalf("host ID %q: want %d hex digits", id, 2*hostIDBytes)
+	}
+	again, err := LoadIdentity(dir)
+	if err != nil || again != id {
+		t.Fatalf("second load = %q, %v; want %q", again, err, id)
+	}
+	fi, err := os.Stat(dir)
+	if err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("data dir mode = %v, %v; want 0700", fi.Mode().Perm(), err)
+	}
+}
+
+func TestLoadIdentityConcurrentFirstStart(t *testing.T) {
+	dir := t.TempDir()
+	ids := make([]overlay.HostID, 8)
+	var wg sync.WaitGroup
+	for i := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var err error
+			if ids[i], err = LoadIdentity(dir); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, id := range ids[1:] {
+		if id != ids[0] {
+			t.Fatalf("concurrent first starts kept different IDs: %v", ids)
+		}
+	}
+}
+
+func TestLoadIdentityRejectsMalformed(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, hostIDFile), []byte("not/an id\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadIdentity(dir); err == nil || !strings.Contains(err.Error(), "malformed") {
+		t.Fatalf("malformed host ID: %v", err)
+	}
+}
+
+func TestVTEPMAC(t *testing.T) {
+	a, b := VTEPMAC("host-a"), VTEPMAC("host-b")
+	if a.String() != VTEPMAC("host-a").String() {
+		t.Fatal("VTEP MAC is not stable")
+	}
+	if a.String() == b.String() {
+		t.Fatal("two hosts share a VTEP MAC")
+	}
+	if a[0]&0x02 == 0 || a[0]&0x01 != 0 {
+		t.Fatalf("%s is not a locally administered unicast MAC", a)
+	}
+}
+
+var testNet = overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("198.19.0.0/28"), BlockBits: 29, VNI: 1, Port: 4789}
+
+func newHandler(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.Status) {
+	t.Helper()
+	store := overlaytest.NewStore(testNet)
+	pool := store.Pool("a")
+	if _, err := pool.Lease(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	st := &overlay.Status{Passes: 1}
+	h := NewCNIHandler(testNet, 1450, pool, func() overlay.Status { return *st }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	return h, store, st
+}
+
+func code(err error) uint {
+	var e *cnirpc.Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return 0
+}
+
+func TestCNIHandler(t *testing.T) {
+	ctx := context.Background()
+	h, store, st := newHandler(t)
+	req := cnirpc.Request{Network: "default", ContainerID: "c1", IfName: "eth0"}
+
+	att, err := h.Add(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := cnirpc.Attachment{Network: "default", Addr: netip.MustParsePrefix("198.19.0.2/29"), Gateway: netip.MustParseAddr("198.19.0.1"),
+		CIDR: testNet.CIDR, MTU: 1450, Bridge: "ovbr-default", New: true}
+	if att != want {
+		t.Fatalf("Add = %+v\nwant %+v", att, want)
+	}
+	if again, _ := h.Add(ctx, req); again.Addr != att.Addr || again.New {
+		t.Fatalf("second Add = %+v; want the same address, not new", again)
+	}
+	if got, err := h.Check(ctx, req); err != nil || got.Addr != att.Addr {
+		t.Fatalf("Check = %+v, %v", got, err)
+	}
+
+	s, err := h.Status(ctx, "default")
+	if err != nil || !s.Ready || s.FreeAddresses != 4 {
+		t.Fatalf("Status = %+v, %v; want ready with 4 free (8 - 3 reserved - 1 used)", s, err)
+	}
+
+	if _, err := h.Add(ctx, cnirpc.Request{Network: "other", ContainerID: "c1", IfName: "eth0"}); code(err) != cnirpc.CodeInvalidNetwork {
+		t.Fatalf("unknown network: %v", err)
+	}
+	for i := range 4 {
+		if _, err := h.Add(ctx, cnirpc.Request{Network: "default", ContainerID: "f" + string(rune('0'+i)), IfName: "eth0"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := h.Add(ctx, cnirpc.Request{Network: "default", ContainerID: "full", IfName: "eth0"}); code(err) != cnirpc.CodeNoAddress {
+		t.Fatalf("exhausted: %v, want code %d", err, cnirpc.CodeNoAddress)
+	}
+	if s, _ := h.Status(ctx, "default"); s.Ready || s.FreeAddresses != 0 {
+		t.Fatalf("Status when full = %+v", s)
+	}
+
+	if err := h.Del(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Del(ctx, req); err != nil {
+		t.Fatalf("second Del: %v", err)
+	}
+	if _, err := h.Check(ctx, req); code(err) != cnirpc.CodeUnknownContainer {
+		t.Fatalf("Check after Del: %v", err)
+	}
+
+	store.SetErr(errors.New("etcdserver: request timed out"))
+	if _, err := h.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
+		t.Fatalf("store down: %v, want code 11", err)
+	}
+	store.SetErr(nil)
+
+	st.Failures = st.Passes
+	st.LastErr = errors.New("netlink: operation not permitted")
+	if s, _ := h.Status(ctx, "default"); s.Ready || !strings.Contains(s.Reason, "never programmed") {
+		t.Fatalf("Status before the dataplane = %+v", s)
+	}
+}

@@ -1,0 +1,172 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/internal/simnet"
+)
+
+func cniCode(err error) uint {
+	var e *types.Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return 0
+}
+
+// allocated reports whether overlayd still holds an address for c.
+func allocated(t *testing.T, n *simnet.Net, c *simnet.Container) bool {
+	t.Helper()
+	_, err := cnirpc.NewClient(c.Host.Socket).Check(context.Background(), cnirpc.Request{Network: n.Network.Name, ContainerID: c.ID, IfName: "eth0"})
+	var e *cnirpc.Error
+	if errors.As(err, &e) && e.Code == cnirpc.CodeUnknownContainer {
+		return false
+	}
+	if err != nil {
+		t.Fatalf("check allocation of %s: %v", c.ID, err)
+	}
+	return true
+}
+
+func TestCNIDelIsIdempotent(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	c, err := n.AddContainer(ctx, h, "del")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.CheckContainer(ctx, c); err != nil {
+		t.Fatalf("CHECK right after ADD: %v", err)
+	}
+	hostVeth := c.Result.Interfaces[0].Name
+	for i := range 2 {
+		if err := n.DelContainer(ctx, c); err != nil {
+			t.Fatalf("DEL #%d: %v", i+1, err)
+		}
+	}
+	if allocated(t, n, c) {
+		t.Fatal("address still allocated after DEL")
+	}
+	if out := ipOut(t, h, "ip", "link", "show"); strings.Contains(out, hostVeth) {
+		t.Fatalf("host veth %s left after DEL", hostVeth)
+	}
+
+	// A container never added.
+	never := &simnet.Container{ID: "never", Name: n.Prefix + "never", Host: h}
+	if err := n.DelContainer(ctx, never); err != nil {
+		t.Fatalf("DEL of a container never added: %v", err)
+	}
+
+	// The namespace is gone before DEL: still success, and the address
+	// is released.
+	gone, err := n.AddContainer(ctx, h, "gone")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := gone.RemoveNetNS(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.DelContainer(ctx, gone); err != nil {
+		t.Fatalf("DEL with the namespace gone: %v", err)
+	}
+	if allocated(t, n, gone) {
+		t.Fatal("address still allocated after DEL of a container whose namespace is gone")
+	}
+}
+
+func TestCNIAddTwiceKeepsFirstAttachment(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	c, err := n.AddContainer(ctx, n.Hosts[0], "twice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := c.Addr
+	if err := n.Attach(ctx, c); err == nil {
+		t.Fatal("second ADD of an existing interface succeeded")
+	}
+	if !allocated(t, n, c) {
+		t.Fatal("failed second ADD released the first attachment's address")
+	}
+	c.Addr = first
+	if err := n.CheckContainer(ctx, c); err != nil {
+		t.Fatalf("first attachment broken by the failed second ADD: %v", err)
+	}
+}
+
+func TestCNICheckFailsWhenAddressRemoved(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	c, err := n.AddContainer(ctx, n.Hosts[0], "chk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "ip", "addr", "del", c.Addr.String(), "dev", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.CheckContainer(ctx, c); err == nil || !strings.Contains(err.Error(), "missing") {
+		t.Fatalf("CHECK with the address removed = %v, want a failure naming it", err)
+	}
+}
+
+func TestCNIOverlaydDown(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	if err := h.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	_, err := n.AddContainer(ctx, h, "down")
+	if cniCode(err) != types.ErrTryAgainLater {
+		t.Fatalf("ADD with overlayd down = %v, want code 11", err)
+	}
+	// The failed ADD left no veth behind.
+	if out := ipOut(t, h, "ip", "-o", "link", "show", "type", "veth"); strings.Contains(out, "ovl") {
+		t.Fatalf("failed ADD left a veth: %s", out)
+	}
+}
+
+// TestRefusedStarts: a configuration that disagrees with etcd, or an etcd
+// that cannot be reached, stops overlayd at start with an error that says
+// what is wrong, before it changes anything in the kernel.
+func TestRefusedStarts(t *testing.T) {
+	n := newStoppedNet(t, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	if err := h1.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		extra []string
+		want  string
+	}{
+		{"differing vni", []string{"--vni", "9999"}, "field vni"},
+		{"differing cidr", []string{"--network-cidr", "198.19.0.0/17"}, "field cidr"},
+		{"etcd unreachable", []string{"--etcd-endpoints", "unix://" + n.Dir + "/nothing.sock", "--etcd-dial-timeout", "1s"}, "does not answer"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append(append([]string{bins.overlayd}, h2.Args()...), tc.extra...)
+			out, err := h2.Exec(ctx, args...)
+			if err == nil {
+				t.Fatalf("overlayd started:\n%s", out)
+			}
+			if !strings.Contains(string(out), tc.want) {
+				t.Fatalf("error does not say %q:\n%s", tc.want, out)
+			}
+			links := ipOut(t, h2, "ip", "-o", "link", "show")
+			if strings.Contains(links, n.Network.BridgeName()) || strings.Contains(links, n.Network.VXLANName()) {
+				t.Fatalf("refused start changed the kernel:\n%s", links)
+			}
+		})
+	}
+}
