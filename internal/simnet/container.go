@@ -62,14 +62,21 @@ func (c *Container) RuntimeConf() *libcni.RuntimeConf {
 // AddContainer creates a namespace on host h and attaches it with the
 // plugin through libcni.
 func (n *Net) AddContainer(ctx context.Context, h *Host, id string) (*Container, error) {
-	c := &Container{ID: id, Name: n.Prefix + id, Host: h}
-	if err := n.addNS(ctx, c.Name); err != nil {
+	c, err := n.NewContainer(ctx, h, id)
+	if err != nil {
 		return nil, err
 	}
-	n.mu.Lock()
-	n.containers = append(n.containers, c)
-	n.mu.Unlock()
 	if err := n.Attach(ctx, c); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// NewContainer creates the namespace of a container on host h without
+// attaching it.
+func (n *Net) NewContainer(ctx context.Context, h *Host, id string) (*Container, error) {
+	c := &Container{ID: id, Name: n.Prefix + id, Host: h}
+	if err := n.addNS(ctx, c.Name); err != nil {
 		return nil, err
 	}
 	return c, nil

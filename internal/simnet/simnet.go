@@ -34,6 +34,10 @@ import (
 // namePrefix starts every namespace a Net creates.
 const namePrefix = "ovs"
 
+// readyPoll is how often WaitReady asks overlayd for its status; short,
+// so that start-up time is measured to a few milliseconds.
+const readyPoll = 5 * time.Millisecond
+
 // Underlay and overlay ranges: benchmarking ranges (RFC 2544), never
 // routed anywhere.
 var (
@@ -76,7 +80,6 @@ type Net struct {
 
 	mu         sync.Mutex // guards the fields below
 	namespaces []string
-	containers []*Container
 	closed     bool
 
 	stopSignals func()
@@ -278,7 +281,7 @@ func (h *Host) WaitReady(ctx context.Context) error {
 			return fmt.Errorf("%s: overlayd exited before it was ready (%v); its log is in %s", h.Name, werr, h.DataDir)
 		case <-ctx.Done():
 			return fmt.Errorf("%s: overlayd not ready (last: %+v, %v): %w", h.Name, st, err, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(readyPoll):
 		}
 	}
 }

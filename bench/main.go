@@ -1,0 +1,185 @@
+// Command bench measures the overlay on simulated hosts and prints the
+// figures next to baselines measured in the same run, since this machine
+// is too noisy for absolute numbers:
+//
+//   - overlayd start to ready, against a bare process start in a host's
+//     namespace;
+//   - container ADD and DEL through libcni, overlay-cni against the
+//     reference bridge + host-local plugins on the same host;
+//   - a bare exec of the plugin (VERSION), the floor of any CNI call.
+//
+// Usage: sudo go run ./bench [-n 20]
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+
+	"github.com/overlaynet/overlay/internal/simnet"
+)
+
+func main() {
+	n := flag.Int("n", 20, "samples per figure")
+	flag.Parse()
+	if err := run(*n); err != nil {
+		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// refConf is the reference network: the bridge plugin with host-local
+// IPAM, on a benchmarking range apart from the overlay's.
+const refConf = `{"cniVersion":"1.1.0","name":"ref","plugins":[{"type":"bridge","bridge":"refbr0","isGateway":true,
+"ipam":{"type":"host-local","subnet":"198.18.100.0/24","dataDir":%q}}]}`
+
+func run(samples int) error {
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("needs root: sudo go run ./bench")
+	}
+	ctx := context.Background()
+	bin, err := os.MkdirTemp("", "ovl-bench-bin-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(bin)
+	overlayd, cni, err := simnet.Build(ctx, bin)
+	if err != nil {
+		return err
+	}
+	ref := filepath.Join(bin, "ref")
+	build := exec.CommandContext(ctx, "go", "-C", "tools", "build", "-o", ref+"/",
+		"github.com/containernetworking/plugins/plugins/main/bridge",
+		"github.com/containernetworking/plugins/plugins/ipam/host-local")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("build reference plugins: %w: %s", err, out)
+	}
+
+	net, err := simnet.New(ctx, simnet.Options{Hosts: 2, Overlayd: overlayd, CNI: cni})
+	if err != nil {
+		return err
+	}
+	defer net.Close()
+	h1, h2 := net.Hosts[0], net.Hosts[1]
+
+	fmt.Printf("bench: %d samples per figure, %s\n\n", samples, time.Now().Format(time.RFC3339))
+
+	// Start to ready.
+	t := time.Now()
+	if err := h1.Start(ctx); err != nil {
+		return err
+	}
+	firstEmbedded := time.Since(t)
+	var starts, floor []time.Duration
+	for i := range samples {
+		t := time.Now()
+		if _, err := h2.Exec(ctx, "true"); err != nil {
+			return err
+		}
+		floor = append(floor, time.Since(t))
+		t = time.Now()
+		if err := h2.Start(ctx); err != nil {
+			return err
+		}
+		starts = append(starts, time.Since(t))
+		if i < samples-1 {
+			if err := h2.Stop(); err != nil {
+				return err
+			}
+		}
+	}
+	fmt.Println("overlayd start to ready (socket answers STATUS ready)")
+	fmt.Printf("  host 1, first start, embedded etcd:  %s\n", firstEmbedded.Round(time.Millisecond))
+	report("host 2, etcd over a Unix socket", starts, floor, "bare `ip netns exec true`")
+
+	// CNI ADD and DEL: interleave the two plugins so they share the noise.
+	_, ovList, err := h2.CNI()
+	if err != nil {
+		return err
+	}
+	refList, err := libcni.ConfListFromBytes(fmt.Appendf(nil, refConf, filepath.Join(net.Dir, "host-local")))
+	if err != nil {
+		return err
+	}
+	cfg := libcni.NewCNIConfigWithCacheDir([]string{filepath.Dir(cni), ref}, filepath.Join(net.Dir, "cni-cache"), nil)
+	var ovAdd, ovDel, refAdd, refDel, bare []time.Duration
+	for i := range samples {
+		for _, p := range []struct {
+			list     *libcni.NetworkConfigList
+			add, del *[]time.Duration
+			name     string
+		}{{ovList, &ovAdd, &ovDel, "ov"}, {refList, &refAdd, &refDel, "ref"}} {
+			c, err := net.NewContainer(ctx, h2, fmt.Sprintf("%s%d", p.name, i))
+			if err != nil {
+				return err
+			}
+			rt := c.RuntimeConf()
+			err = h2.InNS(func() error {
+				t := time.Now()
+				if _, err := cfg.AddNetworkList(ctx, p.list, rt); err != nil {
+					return fmt.Errorf("ADD %s: %w", p.name, err)
+				}
+				*p.add = append(*p.add, time.Since(t))
+				t = time.Now()
+				if err := cfg.DelNetworkList(ctx, p.list, rt); err != nil {
+					return fmt.Errorf("DEL %s: %w", p.name, err)
+				}
+				*p.del = append(*p.del, time.Since(t))
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+		t := time.Now()
+		v := exec.Command(cni)
+		v.Env = []string{"CNI_COMMAND=VERSION"}
+		if out, err := v.Output(); err != nil {
+			return fmt.Errorf("VERSION: %w: %s", err, out)
+		}
+		bare = append(bare, time.Since(t))
+	}
+	fmt.Println("\nCNI through libcni, one host (ADD then DEL of a fresh namespace)")
+	report("overlay-cni ADD", ovAdd, refAdd, "bridge+host-local ADD")
+	report("overlay-cni DEL", ovDel, refDel, "bridge+host-local DEL")
+	report("overlay-cni VERSION (bare exec)", bare, nil, "")
+	return nil
+}
+
+// report prints the median, p90 and max of d, and when base is given the
+// same for it and the ratio of the medians.
+func report(name string, d, base []time.Duration, baseName string) {
+	fmt.Printf("  %-34s %s\n", name+":", stats(d))
+	if base != nil {
+		fmt.Printf("  %-34s %s\n", baseName+":", stats(base))
+		fmt.Printf("  %-34s %.2f\n", "ratio of medians:", float64(median(d))/float64(median(base)))
+	}
+}
+
+func stats(d []time.Duration) string {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	p90 := s[min(len(s)-1, len(s)*9/10)]
+	return fmt.Sprintf("median %-9s p90 %-9s max %-9s (n=%d)", round(median(s)), round(p90), round(s[len(s)-1]), len(s))
+}
+
+func median(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func round(d time.Duration) time.Duration {
+	if d > 100*time.Millisecond {
+		return d.Round(time.Millisecond)
+	}
+	return d.Round(10 * time.Microsecond)
+}
