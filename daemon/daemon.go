@@ -137,8 +137,8 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return rec.Run(ctx) })
 	eg.Go(func() error { return g.Run(ctx) })
 	eg.Go(func() error { return store.WatchNetwork(ctx, network.Name, rec.Kick) })
-	eg.Go(func() error { return d.renewLoop(ctx) })
-	eg.Go(func() error { return d.rejoinLoop(ctx) })
+	eg.Go(func() error { return every(ctx, cfg.RenewInterval, d.renew) })
+	eg.Go(func() error { return every(ctx, cfg.RejoinInterval, d.rejoin) })
 	eg.Go(func() error {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			return fmt.Errorf("serve CNI socket: %w", err)
@@ -208,54 +208,47 @@ type daemon struct {
 	metrics *metrics.Metrics
 }
 
-// renewLoop confirms the host's blocks every RenewInterval. A lost block
-// is logged loudly; the host leases a new one if it holds none.
-func (d *daemon) renewLoop(ctx context.Context) error {
-	t := time.NewTicker(d.cfg.RenewInterval)
+// every calls fn every interval until ctx is done, and returns ctx's
+// error.
+func every(ctx context.Context, interval time.Duration, fn func(context.Context)) error {
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-t.C:
-		}
-		err := d.pool.Renew(ctx)
-		if err == nil {
-			continue
-		}
-		if !errors.Is(err, etcd.ErrBlockLost) {
-			d.log.Warn("renewing blocks failed; will retry", "err", err)
-			continue
-		}
-		d.log.Error("a block of this host is now owned by another host: its containers' addresses may be in use elsewhere", "err", err)
-		blocks, err := d.pool.Lease(ctx)
-		if err != nil {
-			d.log.Error("leasing a new block failed", "err", err)
-			continue
-		}
-		if err := d.gossip.SetBlocks(map[string][]netip.Prefix{d.network.Name: blocks}); err != nil {
-			d.log.Error("announcing blocks failed", "err", err)
-		}
-		d.rec.Kick()
-	}
-}
-
-// rejoinLoop joins, every RejoinInterval, the hosts registered in etcd
-// that gossip does not know: it heals partitions and hosts that started
-// at the same moment and found nobody.
-func (d *daemon) rejoinLoop(ctx context.Context) error {
-	t := time.NewTicker(d.cfg.RejoinInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-t.C:
-			d.rejoin(ctx)
+			fn(ctx)
 		}
 	}
 }
 
+// renew confirms the host's blocks in etcd. A lost block is logged
+// loudly; the host leases a new one if it holds none.
+func (d *daemon) renew(ctx context.Context) {
+	err := d.pool.Renew(ctx)
+	if err == nil {
+		return
+	}
+	if !errors.Is(err, etcd.ErrBlockLost) {
+		d.log.Warn("renewing blocks failed; will retry", "err", err)
+		return
+	}
+	d.log.Error("a block of this host is now owned by another host: its containers' addresses may be in use elsewhere", "err", err)
+	blocks, err := d.pool.Lease(ctx)
+	if err != nil {
+		d.log.Error("leasing a new block failed", "err", err)
+		return
+	}
+	if err := d.gossip.SetBlocks(map[string][]netip.Prefix{d.network.Name: blocks}); err != nil {
+		d.log.Error("announcing blocks failed", "err", err)
+	}
+	d.rec.Kick()
+}
+
+// rejoin joins the hosts registered in etcd that gossip does not know: run
+// periodically, it heals partitions and hosts that started at the same
+// moment and found nobody.
 func (d *daemon) rejoin(ctx context.Context) {
 	hosts, err := d.store.Hosts(ctx)
 	if err != nil {
