@@ -32,9 +32,10 @@ const (
 	// CodeNoAddress is plugin-specific: the network has no free address
 	// on this host.
 	CodeNoAddress = 100
-	// CodeInternal is plugin-specific: overlayd failed in a way that
-	// retrying will not fix.
-	CodeInternal = 101
+	// CodeInternal is a failure that retrying will not fix; the same code
+	// as the CNI library's ErrInternal, which the plugin uses for its own
+	// failures.
+	CodeInternal = 999
 )
 
 // Error is a failure with a CNI error code. It is the body of every
@@ -104,8 +105,6 @@ type Attachment struct {
 	Addr netip.Prefix `json:"addr"`
 	// Gateway is the block's gateway on the host's bridge.
 	Gateway netip.Addr `json:"gateway"`
-	// CIDR is the whole overlay network, routed through the gateway.
-	CIDR netip.Prefix `json:"cidr"`
 	// MTU is the MTU for the veth pair.
 	MTU int `json:"mtu"`
 	// Bridge is the host bridge the veth's host end joins.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/overlay"
@@ -37,6 +38,12 @@ func NewCNIHandler(n overlay.Network, mtu int, pool Pool, status func() overlay.
 	return &CNIHandler{network: n, mtu: mtu, pool: pool, status: status, log: log}
 }
 
+// storeTimeout bounds the etcd work of one CNI request. The etcd client
+// waits for a connection rather than failing, so without a bound an etcd
+// outage would hang every ADD until the plugin gave up; with it, the
+// plugin answers "try again later" (code 11) well within its own limit.
+const storeTimeout = 10 * time.Second
+
 // reservedPerBlock counts the addresses of a block no container gets:
 // the network address, the gateway and the broadcast address.
 const reservedPerBlock = 3
@@ -47,6 +54,8 @@ func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachme
 	if err := d.checkNetwork(r.Network); err != nil {
 		return cnirpc.Attachment{}, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
 	al, err := d.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
 	if err != nil {
 		return cnirpc.Attachment{}, storeError("add", err)
@@ -62,6 +71,8 @@ func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
 	if err := d.checkNetwork(r.Network); err != nil {
 		return err
 	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
 	key := overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}
 	if err := d.pool.Release(ctx, key); err != nil {
 		return storeError("del", err)
@@ -75,6 +86,8 @@ func (d *CNIHandler) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attach
 	if err := d.checkNetwork(r.Network); err != nil {
 		return cnirpc.Attachment{}, err
 	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
 	al, err := d.pool.Lookup(ctx, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
 	if err != nil {
 		return cnirpc.Attachment{}, storeError("check", err)
@@ -92,6 +105,8 @@ func (d *CNIHandler) Status(ctx context.Context, network string) (cnirpc.Status,
 	rs := d.status()
 	st.Peers = len(rs.Config.Peers)
 	held := d.pool.Held()
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
 	list, err := d.pool.List(ctx)
 	if err != nil {
 		return cnirpc.Status{}, storeError("status", err)
@@ -126,7 +141,6 @@ func (d *CNIHandler) attachment(al overlay.Allocation) cnirpc.Attachment {
 		Network: d.network.Name,
 		Addr:    al.Addr,
 		Gateway: overlay.Gateway(block),
-		CIDR:    d.network.CIDR,
 		MTU:     d.mtu,
 		Bridge:  d.network.BridgeName(),
 		New:     al.New,

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -70,7 +71,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer h.Close()
 	ul, err := vxlan.DetectUnderlay(h, cfg.UnderlayAddr)
 	if err != nil {
-		return fmt.Errorf("underlay: %w", err)
+		return err
 	}
 	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
@@ -99,11 +100,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	g, err := gossip.New(gcfg)
 	if err != nil {
-		return fmt.Errorf("gossip: %w", err)
+		return err
 	}
 	defer g.Shutdown()
 	if err := g.SetBlocks(map[string][]netip.Prefix{network.Name: blocks}); err != nil {
-		return fmt.Errorf("gossip: %w", err)
+		return fmt.Errorf("announce blocks: %w", err)
 	}
 	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
 	if err := store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()}); err != nil {
@@ -123,6 +124,13 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	d.registerMetrics()
 
+	var metricsListener net.Listener
+	if cfg.MetricsAddr != "" {
+		if metricsListener, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			return fmt.Errorf("metrics listener (--metrics-addr): %w", err)
+		}
+		defer metricsListener.Close()
+	}
 	l, err := cnirpc.Listen(cfg.Socket)
 	if err != nil {
 		return err
@@ -153,8 +161,8 @@ func Run(ctx context.Context, cfg Config) error {
 		os.Remove(cfg.Socket)
 		return err
 	})
-	if cfg.MetricsAddr != "" {
-		eg.Go(func() error { return m.Serve(ctx, cfg.MetricsAddr) })
+	if metricsListener != nil {
+		eg.Go(func() error { return m.Serve(ctx, metricsListener) })
 	}
 	err = eg.Wait()
 	log.Info("stopped; the dataplane stays in place", "err", err)
@@ -226,6 +234,8 @@ func every(ctx context.Context, interval time.Duration, fn func(context.Context)
 // renew confirms the host's blocks in etcd. A lost block is logged
 // loudly; the host leases a new one if it holds none.
 func (d *daemon) renew(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
 	err := d.pool.Renew(ctx)
 	if err == nil {
 		return
@@ -234,7 +244,7 @@ func (d *daemon) renew(ctx context.Context) {
 		d.log.Warn("renewing blocks failed; will retry", "err", err)
 		return
 	}
-	d.log.Error("a block of this host is now owned by another host: its containers' addresses may be in use elsewhere", "err", err)
+	d.log.Error("a block of this host was deleted or taken by another host in etcd: its containers' addresses may be in use elsewhere", "err", err)
 	blocks, err := d.pool.Lease(ctx)
 	if err != nil {
 		d.log.Error("leasing a new block failed", "err", err)
@@ -250,7 +260,9 @@ func (d *daemon) renew(ctx context.Context) {
 // periodically, it heals partitions and hosts that started at the same
 // moment and found nobody.
 func (d *daemon) rejoin(ctx context.Context) {
-	hosts, err := d.store.Hosts(ctx)
+	lctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	hosts, err := d.store.Hosts(lctx)
+	cancel()
 	if err != nil {
 		d.log.Warn("listing hosts to join", "err", err)
 	}

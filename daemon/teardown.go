@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -24,7 +25,7 @@ func Teardown(ctx context.Context, cfg Config) error {
 		c.Close()
 		return fmt.Errorf("overlayd is running (it answers on %s): stop it before tearing the host down", cfg.Socket)
 	}
-	if _, err := os.Stat(cfg.DataDir + "/" + hostIDFile); errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Stat(filepath.Join(cfg.DataDir, hostIDFile)); errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("no host identity in %s: nothing to tear down", cfg.DataDir)
 	}
 	host, err := LoadIdentity(cfg.DataDir)

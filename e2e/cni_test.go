@@ -121,8 +121,14 @@ func TestCNIOverlaydDown(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
+	if err := h.Status(ctx); err != nil {
+		t.Fatalf("STATUS with overlayd running = %v, want success", err)
+	}
 	if err := h.Stop(); err != nil {
 		t.Fatal(err)
+	}
+	if err := h.Status(ctx); cniCode(err) != types.ErrPluginNotAvailable {
+		t.Fatalf("STATUS with overlayd down = %v, want code 50", err)
 	}
 	_, err := n.AddContainer(ctx, h, "down")
 	if cniCode(err) != types.ErrTryAgainLater {
@@ -169,4 +175,51 @@ func TestRefusedStarts(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestEtcdOutage: with etcd gone, traffic between existing containers
+// keeps flowing and the dataplane keeps its peers; ADD answers "try again
+// later" instead of hanging; when etcd is back, ADD works again.
+func TestEtcdOutage(t *testing.T) {
+	n := newNet(t, 3)
+	ctx := context.Background()
+	h1, h2, h3 := n.Hosts[0], n.Hosts[1], n.Hosts[2]
+	a, err := n.AddContainer(ctx, h2, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n.AddContainer(ctx, h3, "b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "ping across hosts", func() error { return a.Ping(ctx, b.Addr.Addr(), 1) })
+	routesBefore := ipOut(t, h2, "ip", "-4", "route", "show", "dev", n.Network.VXLANName())
+
+	// Host 1 runs the embedded etcd: stopping it takes etcd away.
+	if err := h1.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(5 * time.Second) // more than two resync passes
+	if err := a.Ping(ctx, b.Addr.Addr(), 3); err != nil {
+		t.Fatalf("traffic stopped during the etcd outage: %v", err)
+	}
+	if got := ipOut(t, h2, "ip", "-4", "route", "show", "dev", n.Network.VXLANName()); got != routesBefore {
+		t.Fatalf("routes changed during the etcd outage:\nbefore:\n%s\nafter:\n%s", routesBefore, got)
+	}
+	start := time.Now()
+	_, err = n.AddContainer(ctx, h2, "during")
+	if cniCode(err) != types.ErrTryAgainLater {
+		t.Fatalf("ADD during the outage = %v, want code 11", err)
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Fatalf("ADD during the outage took %s", d)
+	}
+
+	if err := h1.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "ADD after etcd is back", func() error {
+		c := &simnet.Container{ID: "after", Name: n.Prefix + "during", Host: h2}
+		return n.Attach(ctx, c)
+	})
 }

@@ -66,12 +66,10 @@ func (m *Metrics) CounterFunc(subsystem, name, help string, labels prometheus.La
 	}, fn))
 }
 
-// Serve serves /metrics on addr until ctx is done.
-func (m *Metrics) Serve(ctx context.Context, addr string) error {
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("metrics listener: %w", err)
-	}
+// Serve serves /metrics on l until ctx is done. The caller opens l, so
+// that an address already in use is found before the daemon reports
+// ready.
+func (m *Metrics) Serve(ctx context.Context, l net.Listener) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}

@@ -22,7 +22,9 @@ const (
 	// CIDR is cut into: a /26 holds 64 addresses.
 	DefaultBlockBits = 26
 	// DefaultVNI is the VXLAN network identifier of the default network.
-	DefaultVNI = 4096
+	// It differs from flannel's (1) and Calico's (4096) defaults, so the
+	// overlay can share a host with either on the same UDP port.
+	DefaultVNI = 7100
 	// DefaultPort is the IANA-assigned VXLAN UDP port.
 	DefaultPort = 4789
 	// MaxNameLen bounds a network name so that the device names derived

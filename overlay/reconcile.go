@@ -19,6 +19,13 @@ const DefaultResyncInterval = 5 * time.Second
 // retryInterval is how soon a reconciler tries again after a failed pass.
 const retryInterval = time.Second
 
+// ownersTimeout bounds the read of block ownership in a pass (or the
+// resync interval, when that is shorter). The etcd
+// client waits for a connection rather than failing; without a bound, an
+// etcd outage would stall the loop instead of falling back to the last
+// ownership it read.
+const ownersTimeout = 3 * time.Second
+
 // Local is what a reconciler knows about its own host.
 type Local struct {
 	// Host is this host's ID.
@@ -206,7 +213,9 @@ func (r *Reconciler) Run(ctx context.Context) error {
 
 // Pass makes one reconcile pass and returns its error.
 func (r *Reconciler) Pass(ctx context.Context) error {
-	owners, ownersErr := r.owners.Owners(ctx)
+	octx, cancel := context.WithTimeout(ctx, min(ownersTimeout, r.interval))
+	owners, ownersErr := r.owners.Owners(octx)
+	cancel()
 	alive := r.members.Members()
 
 	r.mu.Lock()
@@ -239,10 +248,10 @@ func (r *Reconciler) Pass(ctx context.Context) error {
 			delete(r.known, h)
 		}
 	}
-	prevRejected := len(r.status.Rejected)
+	prevRejected := r.status.Rejected
 	r.mu.Unlock()
 
-	if len(rejected) > 0 && len(rejected) != prevRejected {
+	if !slices.Equal(rejected, prevRejected) {
 		for _, rj := range rejected {
 			r.log.Warn("peer claims a block etcd does not give it; not routing it", "peer", rj.Host, "block", rj.Block, "owner", rj.Owner)
 		}

@@ -180,3 +180,43 @@ func TestReconcilerRunRetriesFailedPass(t *testing.T) {
 		t.Errorf("Run = %v", err)
 	}
 }
+
+// hangingOwners blocks like an etcd client whose cluster is unreachable:
+// until the context ends.
+type hangingOwners struct{ overlay.BlockOwners }
+
+func (hangingOwners) Owners(ctx context.Context) (map[netip.Prefix]overlay.HostID, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+func TestReconcilerDoesNotHangOnUnreachableStore(t *testing.T) {
+	ctx := context.Background()
+	store := overlaytest.NewStore(testNet)
+	store.SetOwner(blockA, "a")
+	store.SetOwner(blockB, "b")
+	members := &overlaytest.Membership{}
+	members.Set(member("b", "198.18.0.2", blockB))
+	dp := &overlaytest.Dataplane{}
+	owners := &switchOwners{BlockOwners: store}
+	r := overlay.NewReconciler(testNet, localA(), owners, members, dp, 200*time.Millisecond, discard())
+	if err := r.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := dp.Text("default")
+
+	owners.BlockOwners = hangingOwners{}
+	start := time.Now()
+	err := r.Pass(ctx)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Pass with a hanging store = %v, want a deadline", err)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("Pass took %s with a hanging store", d)
+	}
+	if got := dp.Text("default"); got != before {
+		t.Fatalf("hanging store changed the dataplane:\n%s", got)
+	}
+}
+
+type switchOwners struct{ overlay.BlockOwners }

@@ -16,8 +16,9 @@ var supportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 func main() {
 	p := &plugin{}
 	skel.PluginMainFuncs(skel.CNIFuncs{
-		Add:   p.cmdAdd,
-		Del:   p.cmdDel,
-		Check: p.cmdCheck,
+		Add:    p.cmdAdd,
+		Del:    p.cmdDel,
+		Check:  p.cmdCheck,
+		Status: p.cmdStatus,
 	}, version.PluginSupports(supportedVersions...), "overlay-cni: multi-host VXLAN overlay with IPAM over etcd")
 }

@@ -303,3 +303,26 @@ func checkContainer(cont *netlink.Handle, ifName string, att cnirpc.Attachment) 
 	}
 	return types.NewError(types.ErrInternal, fmt.Sprintf("no route via the gateway %s on %s", att.Gateway, ifName), "")
 }
+
+// cmdStatus answers whether an ADD can be served now: code 50 when
+// overlayd cannot be reached or cannot allocate.
+func (p *plugin) cmdStatus(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	st, err := cnirpc.NewClient(conf.Socket).Status(ctx, conf.Network)
+	if err != nil {
+		var e *cnirpc.Error
+		if errors.As(err, &e) && e.Code != cnirpc.CodeInternal {
+			return types.NewError(e.Code, e.Msg, e.Details)
+		}
+		return types.NewError(types.ErrPluginNotAvailable, "overlayd is not reachable: is it running?", err.Error())
+	}
+	if !st.Ready {
+		return types.NewError(types.ErrPluginNotAvailable, "overlayd cannot serve ADD: "+st.Reason, "")
+	}
+	return nil
+}

@@ -54,6 +54,15 @@ func (h *Host) CNI() (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
 	return cni, list, nil
 }
 
+// Status runs the CNI STATUS verb for the host's network through libcni.
+func (h *Host) Status(ctx context.Context) error {
+	cni, list, err := h.CNI()
+	if err != nil {
+		return err
+	}
+	return h.InNS(func() error { return cni.GetStatusNetworkList(ctx, list) })
+}
+
 // RuntimeConf returns the runtime configuration of container c.
 func (c *Container) RuntimeConf() *libcni.RuntimeConf {
 	return &libcni.RuntimeConf{ContainerID: c.ID, NetNS: c.NetNSPath(), IfName: "eth0"}

@@ -63,13 +63,20 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", cfg.Endpoints, err)
 	}
+	// Ask for the status of the members rather than read a key: it needs
+	// no permission on any key, only a valid client.
 	cctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
 	defer cancel()
-	if _, err := cli.Get(cctx, "health-check-key", clientv3.WithCountOnly()); err != nil {
-		cli.Close()
-		return nil, fmt.Errorf("etcd at %v does not answer within %s (check --etcd-endpoints and TLS flags): %w", cfg.Endpoints, cfg.DialTimeout, err)
+	var errs []error
+	for _, ep := range cfg.Endpoints {
+		if _, err := cli.Status(cctx, ep); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", ep, err))
+			continue
+		}
+		return cli, nil
 	}
-	return cli, nil
+	cli.Close()
+	return nil, fmt.Errorf("etcd at %v does not answer within %s (check --etcd-endpoints and TLS flags): %w", cfg.Endpoints, cfg.DialTimeout, errors.Join(errs...))
 }
 
 // EmbedConfig configures an embedded single-member etcd.
@@ -94,12 +101,12 @@ type Embedded struct {
 }
 
 // StartEmbedded starts a single-member etcd in cfg.Dir and waits until it
-// serves clients. Its logs go nowhere but errors; Close stops it.
+// serves clients. Its own logs are discarded: its failures reach the
+// caller as errors (here and on Err). Close stops it.
 func StartEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
 	ecfg := embed.NewConfig()
 	ecfg.Dir = filepath.Join(cfg.Dir, "etcd")
 	ecfg.Name = "overlayd"
-	ecfg.LogLevel = "error"
 	ecfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	cu, err := url.Parse(cfg.ClientURL)
 	if err != nil {
