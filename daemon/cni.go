@@ -124,6 +124,10 @@ func (d *CNIHandler) Status(ctx context.Context, network string) (cnirpc.Status,
 		st.Reason = "no free address in this host's blocks"
 	default:
 		st.Ready = true
+		if rs.LastErr != nil {
+			st.Degraded = true
+			st.Reason = fmt.Sprintf("the dataplane's last pass failed: %v", rs.LastErr)
+		}
 	}
 	return st, nil
 }

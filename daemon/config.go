@@ -51,6 +51,37 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// withDefaults returns c with every zero field that must not be zero
+// (logger, intervals, URLs) set to its default.
+func (c Config) withDefaults() Config {
+	def := DefaultConfig()
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	for _, f := range []struct{ v, d *time.Duration }{
+		{&c.ResyncInterval, &def.ResyncInterval},
+		{&c.RenewInterval, &def.RenewInterval},
+		{&c.RejoinInterval, &def.RejoinInterval},
+		{&c.Etcd.DialTimeout, &def.Etcd.DialTimeout},
+	} {
+		if *f.v <= 0 {
+			*f.v = *f.d
+		}
+	}
+	for _, f := range []struct{ v, d *string }{
+		{&c.DataDir, &def.DataDir},
+		{&c.Socket, &def.Socket},
+		{&c.EtcdPrefix, &def.EtcdPrefix},
+		{&c.EmbeddedClientURL, &def.EmbeddedClientURL},
+		{&c.EmbeddedPeerURL, &def.EmbeddedPeerURL},
+	} {
+		if *f.v == "" {
+			*f.v = *f.d
+		}
+	}
+	return c
+}
+
 // DefaultConfig returns the defaults of every field; Logger is left nil
 // (the caller sets it).
 func DefaultConfig() Config {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,6 +40,7 @@ const ipForwardPath = "/proc/sys/net/ipv4/ip_forward"
 // place, so that restarting overlayd does not cut established flows.
 func Run(ctx context.Context, cfg Config) error {
 	start := time.Now()
+	cfg = cfg.withDefaults()
 	log := cfg.Logger
 	if err := cfg.Network.Validate(); err != nil {
 		return fmt.Errorf("configuration: %w", err)
@@ -53,7 +55,7 @@ func Run(ctx context.Context, cfg Config) error {
 	mac := VTEPMAC(host)
 	log = log.With("host", host)
 
-	cli, closeEtcd, err := connectEtcd(ctx, cfg)
+	cli, emb, closeEtcd, err := connectEtcd(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -85,7 +87,9 @@ func Run(ctx context.Context, cfg Config) error {
 	log.Info("holding blocks", "network", network.Name, "blocks", blocks)
 
 	m := metrics.New()
-	var rec *overlay.Reconciler
+	// Gossip starts before the reconciler exists (the reconciler reads
+	// its members); its callbacks find the reconciler here once it does.
+	var recPtr atomic.Pointer[overlay.Reconciler]
 	gcfg := gossip.DefaultConfig()
 	gcfg.Host = host
 	gcfg.Underlay = ul.Addr
@@ -94,8 +98,8 @@ func Run(ctx context.Context, cfg Config) error {
 	gcfg.BindPort = cfg.GossipPort
 	gcfg.Logger = log.With("component", "gossip")
 	gcfg.OnChange = func() {
-		if rec != nil {
-			rec.Kick()
+		if r := recPtr.Load(); r != nil {
+			r.Kick()
 		}
 	}
 	g, err := gossip.New(gcfg)
@@ -115,12 +119,20 @@ func Run(ctx context.Context, cfg Config) error {
 	// peers before it converges, or it would remove them.
 	d.rejoin(ctx)
 
+	// Remember every host etcd knows, so that the first pass keeps the
+	// entries of hosts whose overlayd is down right now.
+	remembered := d.remembered(ctx)
+
 	local := overlay.Local{Host: host, Underlay: ul.Addr, UnderlayLink: ul.Link, MTU: ul.MTU - vxlan.Overhead, VTEPMAC: mac}
 	dp := vxlan.New(h, log.With("component", "dataplane"))
-	rec = overlay.NewReconciler(network, local, pool, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
+	rec := overlay.NewReconciler(network, local, pool, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
 	d.rec = rec
+	rec.Remember(remembered)
+	recPtr.Store(rec)
 	if err := rec.Pass(ctx); err != nil {
-		return fmt.Errorf("program the dataplane: %w", err)
+		// Not fatal: one failing entry must not crash-loop overlayd. The
+		// loop retries; STATUS says "not ready" until a pass succeeds.
+		log.Error("programming the dataplane failed; retrying", "err", err)
 	}
 	d.registerMetrics()
 
@@ -164,6 +176,16 @@ func Run(ctx context.Context, cfg Config) error {
 	if metricsListener != nil {
 		eg.Go(func() error { return m.Serve(ctx, metricsListener) })
 	}
+	if emb != nil {
+		eg.Go(func() error {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case err := <-emb.Err():
+				return fmt.Errorf("embedded etcd failed: %w", err)
+			}
+		})
+	}
 	err = eg.Wait()
 	log.Info("stopped; the dataplane stays in place", "err", err)
 	if errors.Is(err, context.Canceled) {
@@ -173,9 +195,9 @@ func Run(ctx context.Context, cfg Config) error {
 }
 
 // connectEtcd returns a client of the configured etcd, starting an
-// embedded one when no endpoints are configured. The returned func closes
-// both.
-func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, func(), error) {
+// embedded one (returned too) when no endpoints are configured. The
+// returned func closes both.
+func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, *etcd.Embedded, func(), error) {
 	ecfg := cfg.Etcd
 	var emb *etcd.Embedded
 	if len(ecfg.Endpoints) == 0 {
@@ -184,7 +206,7 @@ func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, func(), err
 			Dir: cfg.DataDir, ClientURL: cfg.EmbeddedClientURL, PeerURL: cfg.EmbeddedPeerURL, Logger: cfg.Logger,
 		})
 		if err != nil {
-			return nil, nil, err
+			return nil, nil, nil, err
 		}
 		ecfg.Endpoints = []string{emb.ClientURL}
 	}
@@ -193,9 +215,9 @@ func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, func(), err
 		if emb != nil {
 			emb.Close()
 		}
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return cli, func() {
+	return cli, emb, func() {
 		cli.Close()
 		if emb != nil {
 			emb.Close()
@@ -254,6 +276,36 @@ func (d *daemon) renew(ctx context.Context) {
 		d.log.Error("announcing blocks failed", "err", err)
 	}
 	d.rec.Kick()
+}
+
+// remembered returns what etcd says of every other host that owns blocks
+// of the network, in the form gossip would have said it.
+func (d *daemon) remembered(ctx context.Context) []overlay.Member {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	hosts, err := d.store.Hosts(ctx)
+	if err != nil {
+		d.log.Warn("reading host records", "err", err)
+	}
+	owners, err := d.pool.Owners(ctx)
+	if err != nil {
+		d.log.Warn("reading block owners", "err", err)
+		return nil
+	}
+	blocks := make(map[overlay.HostID][]netip.Prefix)
+	for b, h := range owners {
+		blocks[h] = append(blocks[h], b)
+	}
+	var out []overlay.Member
+	for _, h := range hosts {
+		mac, err := h.MAC()
+		if h.Host == d.host || len(blocks[h.Host]) == 0 || err != nil {
+			continue
+		}
+		out = append(out, overlay.Member{Host: h.Host, Underlay: h.Underlay, VTEPMAC: mac,
+			Blocks: map[string][]netip.Prefix{d.network.Name: blocks[h.Host]}})
+	}
+	return out
 }
 
 // rejoin joins the hosts registered in etcd that gossip does not know: run

@@ -165,4 +165,9 @@ func TestCNIHandler(t *testing.T) {
 	if s, _ := h.Status(ctx, "default"); s.Ready || !strings.Contains(s.Reason, "never programmed") {
 		t.Fatalf("Status before the dataplane = %+v", s)
 	}
+	st.Passes, st.Failures = 5, 1
+	st.LastErr = errors.New("route add failed")
+	if s, _ := h.Status(ctx, "default"); !s.Ready || !s.Degraded || !strings.Contains(s.Reason, "route add failed") {
+		t.Fatalf("Status after a failed pass = %+v, want ready and degraded", s)
+	}
 }

@@ -32,7 +32,8 @@ func Teardown(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	cli, closeEtcd, err := connectEtcd(ctx, cfg)
+	cfg = cfg.withDefaults()
+	cli, _, closeEtcd, err := connectEtcd(ctx, cfg)
 	if err != nil {
 		return err
 	}

@@ -102,7 +102,7 @@ func decodeMeta(b []byte) (overlay.Member, error) {
 	if err := dec.Decode(&w); err != nil {
 		return overlay.Member{}, fmt.Errorf("%w: %w", errBadMeta, err)
 	}
-	if _, err := dec.Token(); err != io.EOF {
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return overlay.Member{}, fmt.Errorf("%w: trailing data after the object", errBadMeta)
 	}
 
@@ -114,8 +114,10 @@ func decodeMeta(b []byte) (overlay.Member, error) {
 	if err != nil {
 		return overlay.Member{}, fmt.Errorf("%w: underlay address: %w", errBadMeta, err)
 	}
-	if u.Zone() != "" {
-		return overlay.Member{}, fmt.Errorf("%w: underlay address %q has a zone", errBadMeta, w.U)
+	if !u.Is4() {
+		// The VXLAN underlay is IPv4 (an IPv4-mapped IPv6 form is not
+		// accepted either: one address, one spelling).
+		return overlay.Member{}, fmt.Errorf("%w: underlay address %q is not IPv4", errBadMeta, w.U)
 	}
 	m.Underlay = u
 	mac, err := net.ParseMAC(w.M)

@@ -73,17 +73,22 @@ func Desired(n Network, local Local, owners map[netip.Prefix]HostID, alive []Mem
 	slices.SortFunc(cfg.Blocks, comparePrefix)
 
 	members := make(map[HostID]Member, len(alive)+len(known))
+	liveUnderlay := make(map[netip.Addr]bool, len(alive))
+	for _, m := range alive {
+		members[m.Host] = m
+		liveUnderlay[m.Underlay] = true
+	}
 	for h, m := range known {
-		if owned[h] {
+		// A live host always wins: a remembered host whose underlay
+		// address now belongs to a live one (a machine reinstalled with
+		// a new host ID) is left out.
+		if _, live := members[h]; !live && owned[h] && !liveUnderlay[m.Underlay] {
 			members[h] = m
 		}
 	}
-	for _, m := range alive {
-		members[m.Host] = m
-	}
 	var rejected []Rejection
 	for h, m := range members {
-		if h == local.Host || !m.Underlay.IsValid() || len(m.VTEPMAC) != 6 {
+		if h == local.Host || !m.Underlay.Is4() || len(m.VTEPMAC) != 6 {
 			continue
 		}
 		p := Peer{Host: h, Underlay: m.Underlay, VTEPMAC: m.VTEPMAC}
@@ -177,6 +182,22 @@ func (r *Reconciler) Kick() {
 	select {
 	case r.kick <- struct{}{}:
 	default:
+	}
+}
+
+// Remember records what the hosts in members last said, as if they had
+// gossiped it, unless gossip has told more already. A daemon calls it
+// before its first pass with what etcd knows of every host, so that a
+// restarted overlayd keeps the entries of hosts whose own overlayd is down
+// at that moment: their kernels still forward. Their claims are still
+// checked against block ownership in etcd.
+func (r *Reconciler) Remember(members []Member) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, m := range members {
+		if _, ok := r.known[m.Host]; !ok {
+			r.known[m.Host] = m
+		}
 	}
 }
 

@@ -110,6 +110,39 @@ func TestReconcilerConvergesAndRemovesPeers(t *testing.T) {
 	}
 }
 
+// TestRestartedReconcilerKeepsHostsThatAreDown: a reconciler that starts
+// while another host's overlayd is down keeps that host's entries from
+// what it remembers, and a live host on the same underlay address wins
+// over a remembered one.
+func TestRestartedReconcilerKeepsHostsThatAreDown(t *testing.T) {
+	ctx := context.Background()
+	store := overlaytest.NewStore(testNet)
+	store.SetOwner(blockA, "a")
+	store.SetOwner(blockB, "b")
+	store.SetOwner(blockC, "old")
+	dp := &overlaytest.Dataplane{}
+	members := &overlaytest.Membership{} // nobody alive on gossip
+	r := overlay.NewReconciler(testNet, localA(), store, members, dp, time.Hour, discard())
+	r.Remember([]overlay.Member{member("b", "198.18.0.2", blockB), member("old", "198.18.0.3", blockC)})
+	if err := r.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := dp.Text("default"); !strings.Contains(got, "route 198.19.0.64/26 via 198.18.0.2") || !strings.Contains(got, "via 198.18.0.3") {
+		t.Fatalf("remembered hosts not programmed:\n%s", got)
+	}
+
+	// A new host takes 198.18.0.3 and gossips: it wins over "old".
+	store.SetOwner(netip.MustParsePrefix("198.19.0.192/26"), "new")
+	members.Set(member("new", "198.18.0.3", netip.MustParsePrefix("198.19.0.192/26")))
+	if err := r.Pass(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := dp.Text("default")
+	if strings.Contains(got, "route 198.19.0.128/26") || !strings.Contains(got, "route 198.19.0.192/26 via 198.18.0.3") {
+		t.Fatalf("live host did not win its underlay address:\n%s", got)
+	}
+}
+
 func TestReconcilerKeepsStateWhileEtcdIsDown(t *testing.T) {
 	ctx := context.Background()
 	store := overlaytest.NewStore(testNet)
