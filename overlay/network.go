@@ -33,8 +33,11 @@ const (
 	// minBlockBits is the smallest useful block: network address,
 	// gateway, one container, broadcast.
 	minBlockBits = 30
-	// maxVNI is the largest 24-bit VXLAN network identifier.
-	maxVNI = 1<<24 - 1
+	// MaxVNI is the largest 24-bit VXLAN network identifier.
+	MaxVNI = 1<<24 - 1
+	// maxBlocks bounds the blocks of one network: enough for 65536 hosts,
+	// and few enough that listing the free ones stays cheap.
+	maxBlocks = 1 << 16
 )
 
 // ErrInvalidNetwork is wrapped by every validation error of a Network.
@@ -77,8 +80,11 @@ func (n Network) Validate() error {
 	if n.BlockBits < n.CIDR.Bits() {
 		return fmt.Errorf("%w: cidr %s is too small for blocks of /%d: use a larger cidr or a smaller block (larger blockBits)", ErrInvalidNetwork, n.CIDR, n.BlockBits)
 	}
-	if n.VNI == 0 || n.VNI > maxVNI {
-		return fmt.Errorf("%w: vni %d: want 1 to %d", ErrInvalidNetwork, n.VNI, maxVNI)
+	if n.BlockBits-n.CIDR.Bits() > 16 {
+		return fmt.Errorf("%w: cidr %s holds more than %d blocks of /%d: use larger blocks (smaller blockBits)", ErrInvalidNetwork, n.CIDR, maxBlocks, n.BlockBits)
+	}
+	if n.VNI == 0 || n.VNI > MaxVNI {
+		return fmt.Errorf("%w: vni %d: want 1 to %d", ErrInvalidNetwork, n.VNI, MaxVNI)
 	}
 	if n.Port == 0 {
 		return fmt.Errorf("%w: port must not be 0", ErrInvalidNetwork)

@@ -28,6 +28,7 @@ func TestNetworkValidate(t *testing.T) {
 		{"host bits", func(n *Network) { n.CIDR = netip.MustParsePrefix("198.19.0.1/16") }, "host bits"},
 		{"cidr smaller than block", func(n *Network) { n.CIDR = netip.MustParsePrefix("198.19.0.0/28") }, "too small"},
 		{"block too small", func(n *Network) { n.BlockBits = 31 }, "blockBits"},
+		{"too many blocks", func(n *Network) { n.CIDR = netip.MustParsePrefix("10.0.0.0/8"); n.BlockBits = 30 }, "more than 65536 blocks"},
 		{"vni zero", func(n *Network) { n.VNI = 0 }, "vni"},
 		{"vni too large", func(n *Network) { n.VNI = 1 << 24 }, "vni"},
 		{"port zero", func(n *Network) { n.Port = 0 }, "port"},

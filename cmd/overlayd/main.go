@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -24,6 +25,7 @@ import (
 	"syscall"
 
 	"github.com/overlaynet/overlay/daemon"
+	"github.com/overlaynet/overlay/overlay"
 )
 
 func main() {
@@ -118,11 +120,11 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	if cfg.Network.CIDR, err = netip.ParsePrefix(*cidr); err != nil {
 		return cfg, nil, fmt.Errorf("--network-cidr: %w", err)
 	}
-	if *vni > 1<<24-1 {
-		return cfg, nil, fmt.Errorf("--vni %d: want 1 to %d", *vni, 1<<24-1)
+	if *vni > overlay.MaxVNI {
+		return cfg, nil, fmt.Errorf("--vni %d: want 1 to %d", *vni, overlay.MaxVNI)
 	}
 	cfg.Network.VNI = uint32(*vni)
-	if *port == 0 || *port > 65535 {
+	if *port == 0 || *port > math.MaxUint16 {
 		return cfg, nil, fmt.Errorf("--vxlan-port %d: want 1 to 65535", *port)
 	}
 	cfg.Network.Port = uint16(*port)

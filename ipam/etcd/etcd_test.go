@@ -341,3 +341,22 @@ func TestHostsAndWatch(t *testing.T) {
 		t.Fatalf("host still registered: %+v", hosts)
 	}
 }
+
+// TestConnectSkipsDeadEndpoints: a cluster whose first listed member is
+// down is still reachable.
+func TestConnectSkipsDeadEndpoints(t *testing.T) {
+	live := startEtcd(t).Endpoints()
+	dead := "unix://" + filepath.Join(t.TempDir(), "nobody.sock")
+	start := time.Now()
+	cli, err := etcd.Connect(context.Background(), etcd.ClientConfig{Endpoints: append([]string{dead}, live...), DialTimeout: 3 * time.Second})
+	if err != nil {
+		t.Fatalf("Connect with the first endpoint dead: %v", err)
+	}
+	cli.Close()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("Connect took %s: it waited on the dead endpoint", d)
+	}
+	if _, err := etcd.Connect(context.Background(), etcd.ClientConfig{Endpoints: []string{dead}, DialTimeout: time.Second}); err == nil || !strings.Contains(err.Error(), "does not answer") {
+		t.Fatalf("Connect to nothing = %v", err)
+	}
+}

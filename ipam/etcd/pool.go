@@ -221,7 +221,11 @@ func (p *Pool) Renew(ctx context.Context) error {
 			}
 			kv := resp.Kvs[0]
 			rec.Renewed = time.Now().UTC()
-			val, _ := json.Marshal(rec)
+			val, err := json.Marshal(rec)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("renew block %s: encode: %w", b, err))
+				break
+			}
 			tr, err := p.s.cli.Txn(ctx).
 				If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)).
 				Then(clientv3.OpPut(key, string(val))).
@@ -246,35 +250,38 @@ func (p *Pool) Renew(ctx context.Context) error {
 }
 
 // ReleaseBlocks gives back every block the host owns, with every address
-// allocated from them and the host's attachment index.
+// allocated from them and the host's attachment index, in one
+// transaction: it happens whole or not at all.
 func (p *Pool) ReleaseBlocks(ctx context.Context) error {
-	recs, err := p.blocks(ctx)
-	if err != nil {
-		return fmt.Errorf("release blocks of %s: %w", p.host, err)
-	}
-	var errs []error
-	for b, r := range recs {
-		if r.rec.Host != p.host {
-			continue
-		}
-		key := p.s.blockKey(p.net.Name, b)
-		_, err := p.s.cli.Txn(ctx).
-			If(clientv3.Compare(clientv3.CreateRevision(key), "=", r.createRev)).
-			Then(
-				clientv3.OpDelete(p.s.addrsPrefix(p.net.Name, b), clientv3.WithPrefix()),
-				clientv3.OpDelete(key),
-			).Commit()
+	for attempt := 0; attempt <= maxTxnRetries; attempt++ {
+		recs, err := p.blocks(ctx)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("release block %s: %w", b, err))
+			return fmt.Errorf("release blocks of %s: %w", p.host, err)
+		}
+		var cmps []clientv3.Cmp
+		ops := []clientv3.Op{clientv3.OpDelete(p.s.attachPrefix(p.net.Name, p.host), clientv3.WithPrefix())}
+		for b, r := range recs {
+			if r.rec.Host != p.host {
+				continue
+			}
+			key := p.s.blockKey(p.net.Name, b)
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(key), "=", r.createRev))
+			ops = append(ops,
+				clientv3.OpDelete(p.s.addrsPrefix(p.net.Name, b), clientv3.WithPrefix()),
+				clientv3.OpDelete(key))
+		}
+		resp, err := p.s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+		if err != nil {
+			return fmt.Errorf("release blocks of %s: %w", p.host, err)
+		}
+		if resp.Succeeded {
+			p.mu.Lock()
+			clear(p.held)
+			p.mu.Unlock()
+			return nil
 		}
 	}
-	if _, err := p.s.cli.Delete(ctx, p.s.attachPrefix(p.net.Name, p.host), clientv3.WithPrefix()); err != nil {
-		errs = append(errs, fmt.Errorf("release attachments of %s: %w", p.host, err))
-	}
-	p.mu.Lock()
-	clear(p.held)
-	p.mu.Unlock()
-	return errors.Join(errs...)
+	return fmt.Errorf("release blocks of %s: blocks keep changing: %w", p.host, overlay.ErrConflict)
 }
 
 // Allocate returns the address of key, allocating the lowest free address
@@ -349,9 +356,15 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 	return overlay.Allocation{}, fmt.Errorf("allocate %s: every address of %s's blocks %v is in use: %w", key, p.host, p.Held(), overlay.ErrPoolExhausted)
 }
 
+// stillHeld reports whether block b is still this host's, dropping it from
+// the pool when etcd shows it gone or re-claimed. A failed read proves
+// nothing: the block is kept.
 func (p *Pool) stillHeld(ctx context.Context, b netip.Prefix, h held) bool {
 	resp, err := p.s.cli.Get(ctx, p.s.blockKey(p.net.Name, b))
-	if err != nil || len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != h.createRev {
+	if err != nil {
+		return true
+	}
+	if len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != h.createRev {
 		p.mu.Lock()
 		delete(p.held, b)
 		p.mu.Unlock()
@@ -389,6 +402,12 @@ func (p *Pool) Lookup(ctx context.Context, key overlay.AttachmentKey) (overlay.A
 	if err != nil {
 		return overlay.Allocation{}, fmt.Errorf("look up %s: bad address %q: %w", key, resp.Kvs[0].Value, err)
 	}
+	p.mu.Lock()
+	_, held := p.held[addr.Masked()]
+	p.mu.Unlock()
+	if !held {
+		return overlay.Allocation{}, fmt.Errorf("look up %s: its address %s is in a block %s no longer holds: %w", key, addr, p.host, overlay.ErrConflict)
+	}
 	return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
 }
 
@@ -404,15 +423,25 @@ func (p *Pool) Release(ctx context.Context, key overlay.AttachmentKey) error {
 			return nil
 		}
 		kv := resp.Kvs[0]
+		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(akey), "=", kv.ModRevision)}
 		ops := []clientv3.Op{clientv3.OpDelete(akey)}
+		// The address record goes too, but only if it names this
+		// container interface: never free another holder's address.
 		if addr, err := netip.ParsePrefix(string(kv.Value)); err == nil {
 			b := netip.PrefixFrom(addr.Addr(), p.net.BlockBits).Masked()
-			ops = append(ops, clientv3.OpDelete(p.s.addrsPrefix(p.net.Name, b)+addr.Addr().String()))
+			addrKey := p.s.addrsPrefix(p.net.Name, b) + addr.Addr().String()
+			ar, err := p.s.cli.Get(ctx, addrKey)
+			if err != nil {
+				return fmt.Errorf("release %s: %w", key, err)
+			}
+			var rec AddrRecord
+			if len(ar.Kvs) == 1 && json.Unmarshal(ar.Kvs[0].Value, &rec) == nil &&
+				rec.Host == p.host && rec.ContainerID == key.ContainerID && rec.IfName == key.IfName {
+				cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(addrKey), "=", ar.Kvs[0].ModRevision))
+				ops = append(ops, clientv3.OpDelete(addrKey))
+			}
 		}
-		tr, err := p.s.cli.Txn(ctx).
-			If(clientv3.Compare(clientv3.ModRevision(akey), "=", kv.ModRevision)).
-			Then(ops...).
-			Commit()
+		tr, err := p.s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
 		if err != nil {
 			return fmt.Errorf("release %s: %w", key, err)
 		}

@@ -63,17 +63,28 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", cfg.Endpoints, err)
 	}
-	// Ask for the status of the members rather than read a key: it needs
-	// no permission on any key, only a valid client.
+	// Ask every endpoint for its status at once, rather than read a key:
+	// it needs no permission on any key, and a member that is down does
+	// not use up the time the others need.
 	cctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
 	defer cancel()
-	var errs []error
+	results := make(chan error, len(cfg.Endpoints))
 	for _, ep := range cfg.Endpoints {
-		if _, err := cli.Status(cctx, ep); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", ep, err))
-			continue
+		go func() {
+			_, err := cli.Status(cctx, ep)
+			if err != nil {
+				err = fmt.Errorf("%s: %w", ep, err)
+			}
+			results <- err
+		}()
+	}
+	var errs []error
+	for range cfg.Endpoints {
+		err := <-results
+		if err == nil {
+			return cli, nil
 		}
-		return cli, nil
+		errs = append(errs, err)
 	}
 	cli.Close()
 	return nil, fmt.Errorf("etcd at %v does not answer within %s (check --etcd-endpoints and TLS flags): %w", cfg.Endpoints, cfg.DialTimeout, errors.Join(errs...))
