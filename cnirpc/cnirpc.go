@@ -120,7 +120,10 @@ type Status struct {
 	Network string `json:"network"`
 	// Ready is true when an ADD can be served.
 	Ready bool `json:"ready"`
-	// Reason says why not, when Ready is false.
+	// Degraded is true when ADD can be served but existing containers
+	// may have lost connectivity: the dataplane's last pass failed.
+	Degraded bool `json:"degraded,omitempty"`
+	// Reason says why not ready, or why degraded.
 	Reason string `json:"reason,omitempty"`
 	// FreeAddresses counts the addresses still free in this host's blocks.
 	FreeAddresses int `json:"freeAddresses"`

@@ -112,6 +112,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // owner only (root, for overlayd), in a directory of mode 0700. A stale
 // socket left by a crashed overlayd is replaced; a live one is an error.
 func Listen(path string) (net.Listener, error) {
+	// A directory that already exists is left as it is: --socket may
+	// point into a shared one. Between the socket's creation and the
+	// chmod below it has the umask's mode, and connecting needs write
+	// permission, which the usual umask (022) gives only to root.
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("socket directory: %w", err)
 	}

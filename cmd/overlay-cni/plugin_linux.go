@@ -1,0 +1,182 @@
+//go:build linux
+
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+
+	"github.com/overlaynet/overlay/cnirpc"
+)
+
+// attach creates the veth pair with its container end born in the
+// container's namespace, then sets address, MTU and routes there.
+func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
+	target, err := netns.GetFromPath(args.Netns)
+	if err != nil {
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
+	}
+	defer target.Close()
+	host, err := netlink.NewHandle()
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "netlink", err.Error())
+	}
+	defer host.Close()
+	cont, err := netlink.NewHandleAt(target)
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
+	}
+	defer cont.Close()
+
+	if _, err := cont.LinkByName(args.IfName); err == nil {
+		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("interface %q already exists in the container", args.IfName), "")
+	}
+	br, err := host.LinkByName(att.Bridge)
+	if err != nil {
+		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
+	}
+	hostName := hostVethName(conf.Network, args.ContainerID, args.IfName)
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: hostName, MTU: att.MTU, MasterIndex: br.Attrs().Index},
+		PeerName:      args.IfName,
+		PeerNamespace: netlink.NsFd(target),
+	}
+	if err := host.LinkAdd(veth); err != nil {
+		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("create veth %s/%s", hostName, args.IfName), err.Error())
+	}
+	result, err := configure(host, cont, hostName, args, att)
+	if err != nil {
+		if derr := deleteHostVeth(hostName); derr != nil {
+			// The veth may still hold the address: keep it allocated.
+			return nil, &keepAddress{types.NewError(types.ErrInternal, err.Error()+"; and removing the veth failed", derr.Error())}
+		}
+		return nil, err
+	}
+	result.DNS = conf.DNS
+	return result, nil
+}
+
+func configure(host, cont *netlink.Handle, hostName string, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
+	fail := func(what string, err error) (*current.Result, error) {
+		return nil, types.NewError(types.ErrInternal, what, err.Error())
+	}
+	hostLink, err := host.LinkByName(hostName)
+	if err != nil {
+		return fail("find host veth", err)
+	}
+	if err := host.LinkSetUp(hostLink); err != nil {
+		return fail("set host veth up", err)
+	}
+	link, err := cont.LinkByName(args.IfName)
+	if err != nil {
+		return fail("find container interface", err)
+	}
+	if err := cont.LinkSetMTU(link, att.MTU); err != nil {
+		return fail("set container MTU", err)
+	}
+	ipnet := prefixIPNet(att.Addr)
+	if err := cont.AddrAdd(link, &netlink.Addr{IPNet: ipnet}); err != nil {
+		return fail("add container address", err)
+	}
+	if err := cont.LinkSetUp(link); err != nil {
+		return fail("set container interface up", err)
+	}
+	gw := net.IP(att.Gateway.AsSlice())
+	defaultDst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	if err := cont.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: defaultDst, Gw: gw}); err != nil {
+		return fail("add default route", err)
+	}
+	return &current.Result{
+		CNIVersion: current.ImplementedSpecVersion,
+		Interfaces: []*current.Interface{
+			{Name: hostName, Mac: hostLink.Attrs().HardwareAddr.String(), Mtu: att.MTU},
+			{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Mtu: att.MTU, Sandbox: args.Netns},
+		},
+		IPs:    []*current.IPConfig{{Address: *ipnet, Gateway: gw, Interface: current.Int(1)}},
+		Routes: []*types.Route{{Dst: *defaultDst, GW: gw}},
+	}, nil
+}
+
+func prefixIPNet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+// checkNamespace opens the container's namespace and checks its
+// interface against overlayd's attachment.
+func checkNamespace(args *skel.CmdArgs, att cnirpc.Attachment) error {
+	target, err := netns.GetFromPath(args.Netns)
+	if err != nil {
+		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
+	}
+	defer target.Close()
+	cont, err := netlink.NewHandleAt(target)
+	if err != nil {
+		return types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
+	}
+	defer cont.Close()
+	return checkContainer(cont, args.IfName, att)
+}
+
+// checkContainer verifies that the container interface holds overlayd's
+// address and a route through the gateway. Extra addresses and routes,
+// such as those of chained plugins, are tolerated.
+func checkContainer(cont *netlink.Handle, ifName string, att cnirpc.Attachment) error {
+	link, err := cont.LinkByName(ifName)
+	if err != nil {
+		return types.NewError(types.ErrInternal, fmt.Sprintf("interface %q is missing from the container", ifName), err.Error())
+	}
+	addrs, err := cont.AddrList(link, netlink.FAMILY_V4)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return types.NewError(types.ErrInternal, "list container addresses", err.Error())
+	}
+	found := false
+	for _, a := range addrs {
+		if p, ok := netip.AddrFromSlice(a.IP); ok && p.Unmap() == att.Addr.Addr() {
+			ones, _ := a.Mask.Size()
+			found = ones == att.Addr.Bits()
+		}
+	}
+	if !found {
+		return types.NewError(types.ErrInternal, fmt.Sprintf("address %s is missing from %s", att.Addr, ifName), "")
+	}
+	routes, err := cont.RouteList(link, netlink.FAMILY_V4)
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return types.NewError(types.ErrInternal, "list container routes", err.Error())
+	}
+	for _, r := range routes {
+		if gw, ok := netip.AddrFromSlice(r.Gw); ok && gw.Unmap() == att.Gateway {
+			return nil
+		}
+	}
+	return types.NewError(types.ErrInternal, fmt.Sprintf("no route via the gateway %s on %s", att.Gateway, ifName), "")
+}
+
+// deleteHostVeth deletes the host end of a veth pair; one that does not
+// exist is not an error.
+func deleteHostVeth(name string) error {
+	host, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	defer host.Close()
+	link, err := host.LinkByName(name)
+	var nf netlink.LinkNotFoundError
+	if errors.As(err, &nf) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("find %s: %w", name, err)
+	}
+	if err := host.LinkDel(link); err != nil && !errors.As(err, &nf) {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	return nil
+}

@@ -1,0 +1,27 @@
+//go:build !linux
+
+package main
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+
+	"github.com/overlaynet/overlay/cnirpc"
+)
+
+// errNotLinux is the answer of every verb that touches the kernel.
+var errNotLinux = fmt.Errorf("overlay-cni runs only on Linux: %w", errors.ErrUnsupported)
+
+func attach(*NetConf, *skel.CmdArgs, cnirpc.Attachment) (*current.Result, error) {
+	return nil, types.NewError(types.ErrInternal, errNotLinux.Error(), "")
+}
+
+func checkNamespace(*skel.CmdArgs, cnirpc.Attachment) error {
+	return types.NewError(types.ErrInternal, errNotLinux.Error(), "")
+}
+
+func deleteHostVeth(string) error { return errNotLinux }
