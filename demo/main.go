@@ -129,6 +129,7 @@ func waitPing(ctx context.Context, c *simnet.Container, to netip.Addr) error {
 		if time.Now().After(deadline) || ctx.Err() != nil {
 			return fmt.Errorf("no traffic across hosts after 30s: %w", err)
 		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
 
@@ -166,6 +167,7 @@ func tcpTransfer(ctx context.Context, from, to *simnet.Container) error {
 		return err
 	}
 	start := time.Now()
+	conn.SetDeadline(start.Add(time.Minute))
 	buf := make([]byte, 256<<10)
 	for sent := 0; sent < size; sent += len(buf) {
 		if _, err := conn.Write(buf); err != nil {

@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -186,10 +187,13 @@ func TestRestartKeepsFlowsAndBlock(t *testing.T) {
 	}
 	defer conn.Close()
 
-	// Stream echo round trips in the background until told to stop.
+	// Stream echo round trips in the background until told to stop. A
+	// round trip slower than maxRTT means the restart cut the flow for a
+	// while, even if TCP's retransmissions then hid it.
+	const maxRTT = time.Second
 	stop := make(chan struct{})
 	result := make(chan error, 1)
-	var rounds int
+	var rounds atomic.Int64
 	go func() {
 		msg := []byte(strings.Repeat("x", 1024))
 		buf := make([]byte, len(msg))
@@ -200,16 +204,21 @@ func TestRestartKeepsFlowsAndBlock(t *testing.T) {
 				return
 			default:
 			}
-			conn.SetDeadline(time.Now().Add(20 * time.Second))
+			start := time.Now()
+			conn.SetDeadline(start.Add(20 * time.Second))
 			if _, err := conn.Write(msg); err != nil {
-				result <- fmt.Errorf("write after %d rounds: %w", rounds, err)
+				result <- fmt.Errorf("write after %d rounds: %w", rounds.Load(), err)
 				return
 			}
 			if _, err := io.ReadFull(conn, buf); err != nil {
-				result <- fmt.Errorf("read after %d rounds: %w", rounds, err)
+				result <- fmt.Errorf("read after %d rounds: %w", rounds.Load(), err)
 				return
 			}
-			rounds++
+			if rtt := time.Since(start); rtt > maxRTT {
+				result <- fmt.Errorf("round trip %d took %s: the flow was cut", rounds.Load(), rtt)
+				return
+			}
+			rounds.Add(1)
 			time.Sleep(5 * time.Millisecond)
 		}
 	}()
@@ -224,19 +233,19 @@ func TestRestartKeepsFlowsAndBlock(t *testing.T) {
 	if err := h2.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	before := rounds
+	before := rounds.Load()
 	time.Sleep(2 * time.Second)
 	close(stop)
 	if err := <-result; err != nil {
 		t.Fatalf("stream broke across the restart: %v", err)
 	}
-	if rounds <= before {
-		t.Fatalf("stream made no progress after the restart (%d rounds before, %d after)", before, rounds)
+	if rounds.Load() <= before {
+		t.Fatalf("stream made no progress after the restart (%d rounds before, %d after)", before, rounds.Load())
 	}
 	if after := ipOut(t, h2, "ip", "-4", "-o", "addr", "show", "dev", n.Network.BridgeName()); after != blockBefore {
 		t.Fatalf("host changed its block across the restart:\nbefore: %s\nafter:  %s", blockBefore, after)
 	}
-	t.Logf("%d echo round trips, %d of them after the restart", rounds, rounds-before)
+	t.Logf("%d echo round trips, %d of them after the restart", rounds.Load(), rounds.Load()-before)
 }
 
 // TestTeardownRemovesHostEverywhere: host 3 leaves for good; the others

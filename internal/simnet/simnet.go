@@ -431,6 +431,16 @@ func SweepStale() {
 		}
 		_ = deleteNS(name)
 	}
+	// And the directories of runs that are gone.
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), namePrefix+"*-*"))
+	for _, d := range dirs {
+		pidText, _, _ := strings.Cut(strings.TrimPrefix(filepath.Base(d), namePrefix), "-")
+		pid, err := strconv.Atoi(pidText)
+		if err != nil || pid == os.Getpid() || syscall.Kill(pid, 0) == nil {
+			continue
+		}
+		_ = os.RemoveAll(d)
+	}
 }
 
 func run(ctx context.Context, name string, args ...string) error {
