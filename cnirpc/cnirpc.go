@@ -41,8 +41,11 @@ const (
 // Error is a failure with a CNI error code. It is the body of every
 // non-2xx answer.
 type Error struct {
-	Code    uint   `json:"code"`
-	Msg     string `json:"msg"`
+	// Code is the CNI error code.
+	Code uint `json:"code"`
+	// Msg says what failed, for a person.
+	Msg string `json:"msg"`
+	// Details carries the underlying error, if any.
 	Details string `json:"details,omitempty"`
 }
 

@@ -43,7 +43,9 @@ type Local struct {
 // Rejection is a block a member claims over gossip that etcd says it does
 // not own. The block gets no route to that member.
 type Rejection struct {
-	Host  HostID
+	// Host is the member that claims the block.
+	Host HostID
+	// Block is the block it claims.
 	Block netip.Prefix
 	// Owner is the block's owner in etcd, "" when unowned.
 	Owner HostID

@@ -41,9 +41,10 @@ type BlockRecord struct {
 type AddrRecord struct {
 	// Host is the host whose block the address belongs to.
 	Host overlay.HostID `json:"host"`
-	// ContainerID and IfName identify the container interface.
+	// ContainerID is the runtime's ID of the container.
 	ContainerID string `json:"containerID"`
-	IfName      string `json:"ifName"`
+	// IfName is the interface name inside the container.
+	IfName string `json:"ifName"`
 }
 
 // held is a block this host owns, with the revisions that prove it.

@@ -12,6 +12,7 @@ import (
 // Store is an in-memory block and address store for one network, shared
 // by the Pools of several simulated hosts. It is safe for concurrent use.
 type Store struct {
+	// Network is the network whose blocks the store holds.
 	Network overlay.Network
 
 	mu     sync.Mutex // guards the fields below
