@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -315,26 +316,14 @@ func (l *Linux) listGatewaysLocked(br netlink.Link, cidr netip.Prefix) ([]netip.
 // removes its other static ones.
 func (l *Linux) syncFDBLocked(vx netlink.Link, want []fdbEntry) []error {
 	have, err := l.listFDBLocked(vx)
-	errs := []error{err}
 	add, del := diff(want, have, identity)
-	name, idx := vx.Attrs().Name, vx.Attrs().Index
-	for _, e := range add {
-		if err := l.h.NeighSet(fdbNeigh(idx, e)); err != nil {
-			errs = append(errs, fmt.Errorf("vxlan: add FDB entry %s dst %s to %s: %w", e.MAC, e.Dst, name, err))
-			continue
-		}
-		l.log.Info("added FDB entry", "device", name, "mac", e.MAC, "dst", e.Dst)
-	}
-	for _, e := range del {
-		if err := l.h.NeighDel(fdbNeigh(idx, e)); err != nil {
-			if !isGone(err) {
-				errs = append(errs, fmt.Errorf("vxlan: delete stale FDB entry %s dst %s from %s: %w", e.MAC, e.Dst, name, err))
-			}
-			continue
-		}
-		l.log.Info("deleted stale FDB entry", "device", name, "mac", e.MAC, "dst", e.Dst)
-	}
-	return errs
+	idx := vx.Attrs().Index
+	return append([]error{err}, apply(l, vx.Attrs().Name, add, del, verbs[fdbEntry]{
+		kind:     "FDB entry",
+		add:      func(e fdbEntry) error { return l.h.NeighSet(fdbNeigh(idx, e)) },
+		del:      func(e fdbEntry) error { return l.h.NeighDel(fdbNeigh(idx, e)) },
+		describe: func(e fdbEntry) string { return fmt.Sprintf("%s dst %s", e.MAC, e.Dst) },
+	})...)
 }
 
 // listFDBLocked returns the static unicast FDB entries of the VXLAN device
@@ -377,26 +366,14 @@ func fdbNeigh(idx int, e fdbEntry) *netlink.Neigh {
 // and removes its other permanent ones.
 func (l *Linux) syncNeighsLocked(vx netlink.Link, want []neighEntry) []error {
 	have, err := l.listNeighsLocked(vx)
-	errs := []error{err}
 	add, del := diff(want, have, func(e neighEntry) netip.Addr { return e.IP })
-	name, idx := vx.Attrs().Name, vx.Attrs().Index
-	for _, e := range add {
-		if err := l.h.NeighSet(neigh(idx, e)); err != nil {
-			errs = append(errs, fmt.Errorf("vxlan: add neighbour %s lladdr %s to %s: %w", e.IP, e.MAC, name, err))
-			continue
-		}
-		l.log.Info("added neighbour", "device", name, "ip", e.IP, "mac", e.MAC)
-	}
-	for _, e := range del {
-		if err := l.h.NeighDel(neigh(idx, e)); err != nil {
-			if !isGone(err) {
-				errs = append(errs, fmt.Errorf("vxlan: delete stale neighbour %s from %s: %w", e.IP, name, err))
-			}
-			continue
-		}
-		l.log.Info("deleted stale neighbour", "device", name, "ip", e.IP, "mac", e.MAC)
-	}
-	return errs
+	idx := vx.Attrs().Index
+	return append([]error{err}, apply(l, vx.Attrs().Name, add, del, verbs[neighEntry]{
+		kind:     "neighbour",
+		add:      func(e neighEntry) error { return l.h.NeighSet(neigh(idx, e)) },
+		del:      func(e neighEntry) error { return l.h.NeighDel(neigh(idx, e)) },
+		describe: func(e neighEntry) string { return fmt.Sprintf("%s lladdr %s", e.IP, e.MAC) },
+	})...)
 }
 
 // listNeighsLocked returns the permanent IPv4 neighbour entries of the
@@ -436,27 +413,45 @@ func neigh(idx int, e neighEntry) *netlink.Neigh {
 // and removes its other routes that carry RouteProtocol.
 func (l *Linux) syncRoutesLocked(vx netlink.Link, want []routeEntry) []error {
 	have, err := l.listRoutesLocked(vx)
-	errs := []error{err}
 	add, del := diff(want, have, routeEntry.key)
-	name, idx := vx.Attrs().Name, vx.Attrs().Index
-	for _, r := range add {
-		if err := l.h.RouteReplace(route(idx, r)); err != nil {
-			errs = append(errs, fmt.Errorf("vxlan: add route %s via %s dev %s: %w", r.Dst, r.Gw, name, err))
+	// Routes of other protocols on the device are someone else's.
+	del = slices.DeleteFunc(del, func(r routeEntry) bool { return r.Proto != RouteProtocol })
+	idx := vx.Attrs().Index
+	return append([]error{err}, apply(l, vx.Attrs().Name, add, del, verbs[routeEntry]{
+		kind:     "route",
+		add:      func(r routeEntry) error { return l.h.RouteReplace(route(idx, r)) },
+		del:      func(r routeEntry) error { return l.h.RouteDel(route(idx, r)) },
+		describe: func(r routeEntry) string { return fmt.Sprintf("%s via %s", r.Dst, r.Gw) },
+	})...)
+}
+
+// verbs are how apply changes one kind of entry.
+type verbs[E any] struct {
+	kind     string // "route", "neighbour", "FDB entry": for logs and errors
+	add, del func(E) error
+	describe func(E) string
+}
+
+// apply adds the entries of add and deletes those of del on device, logs
+// every change and returns every failure; a failure does not stop the rest,
+// and deleting an entry that is already gone is success.
+func apply[E any](l *Linux, device string, add, del []E, v verbs[E]) []error {
+	var errs []error
+	for _, e := range add {
+		if err := v.add(e); err != nil {
+			errs = append(errs, fmt.Errorf("vxlan: add %s %s to %s: %w", v.kind, v.describe(e), device, err))
 			continue
 		}
-		l.log.Info("added route", "device", name, "dst", r.Dst, "via", r.Gw)
+		l.log.Info("added "+v.kind, "device", device, "entry", v.describe(e))
 	}
-	for _, r := range del {
-		if r.Proto != RouteProtocol {
-			continue // not ours
-		}
-		if err := l.h.RouteDel(route(idx, r)); err != nil {
+	for _, e := range del {
+		if err := v.del(e); err != nil {
 			if !isGone(err) {
-				errs = append(errs, fmt.Errorf("vxlan: delete stale route %s via %s dev %s: %w", r.Dst, r.Gw, name, err))
+				errs = append(errs, fmt.Errorf("vxlan: delete stale %s %s from %s: %w", v.kind, v.describe(e), device, err))
 			}
 			continue
 		}
-		l.log.Info("deleted stale route", "device", name, "dst", r.Dst, "via", r.Gw)
+		l.log.Info("deleted stale "+v.kind, "device", device, "entry", v.describe(e))
 	}
 	return errs
 }
