@@ -58,6 +58,14 @@ func (c *Client) Del(ctx context.Context, r Request) error {
 	return c.do(ctx, http.MethodPost, "del", r, nil)
 }
 
+// GC releases the addresses of network on this host that no attachment
+// in valid holds.
+func (c *Client) GC(ctx context.Context, r GCRequest) (GCResponse, error) {
+	var out GCResponse
+	err := c.do(ctx, http.MethodPost, "gc", r, &out)
+	return out, err
+}
+
 // Status returns the health of network on this host.
 func (c *Client) Status(ctx context.Context, network string) (Status, error) {
 	var st Status

@@ -8,9 +8,13 @@
 package cnirpc
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"regexp"
+
+	"github.com/overlaynet/overlay/overlay"
 )
 
 // Version is the protocol version this package speaks.
@@ -115,6 +119,32 @@ type Attachment struct {
 	// New is true when this request allocated the address, false when the
 	// container interface already held it.
 	New bool `json:"new"`
+}
+
+// GCRequest asks overlayd to release every address of a network on this
+// host that is not held by one of the valid attachments.
+type GCRequest struct {
+	// Network is the overlay network's name.
+	Network string `json:"network"`
+	// Valid are the attachments the runtime still uses.
+	Valid []overlay.AttachmentKey `json:"valid"`
+}
+
+// GCResponse lists what a GC released.
+type GCResponse struct {
+	// Released are the attachments whose addresses were released.
+	Released []overlay.AttachmentKey `json:"released"`
+}
+
+// HostVethPrefix starts the name of every host-side veth of the plugin.
+const HostVethPrefix = "ovl"
+
+// HostVethName derives the name of the host end of an attachment's veth
+// from what identifies it, so that DEL, GC and overlayd find it without
+// any stored state. It fits the kernel's 15-byte limit.
+func HostVethName(network string, key overlay.AttachmentKey) string {
+	sum := sha256.Sum256([]byte(network + "/" + key.ContainerID + "/" + key.IfName))
+	return HostVethPrefix + hex.EncodeToString(sum[:])[:maxIfNameLen-len(HostVethPrefix)]
 }
 
 // Status is the health of one network on this host, as STATUS needs it.

@@ -3,6 +3,7 @@ package cnirpc_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"testing"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/overlay"
 )
 
 type fakeHandler struct {
@@ -42,6 +44,21 @@ func (f *fakeHandler) Check(_ context.Context, r cnirpc.Request) (cnirpc.Attachm
 		return cnirpc.Attachment{}, cnirpc.Errorf(cnirpc.CodeUnknownContainer, "no address for %s", r.ContainerID)
 	}
 	return cnirpc.Attachment{Network: r.Network, Addr: f.addrs[r.ContainerID]}, nil
+}
+
+func (f *fakeHandler) GC(_ context.Context, r cnirpc.GCRequest) (cnirpc.GCResponse, error) {
+	valid := map[string]bool{}
+	for _, k := range r.Valid {
+		valid[k.ContainerID] = true
+	}
+	var out cnirpc.GCResponse
+	for id := range f.addrs {
+		if !valid[id] {
+			delete(f.addrs, id)
+			out.Released = append(out.Released, overlay.AttachmentKey{ContainerID: id, IfName: "eth0"})
+		}
+	}
+	return out, nil
 }
 
 func (f *fakeHandler) Status(_ context.Context, network string) (cnirpc.Status, error) {
@@ -101,6 +118,17 @@ func TestRoundTrip(t *testing.T) {
 	var e *cnirpc.Error
 	if _, err := c.Check(ctx, req); !errors.As(err, &e) || e.Code != cnirpc.CodeUnknownContainer {
 		t.Fatalf("Check after Del = %v, want code 3", err)
+	}
+	other := cnirpc.Request{Network: "default", ContainerID: "keep", IfName: "eth0"}
+	if _, err := c.Add(ctx, other); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Add(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	gc, err := c.GC(ctx, cnirpc.GCRequest{Network: "default", Valid: []overlay.AttachmentKey{{ContainerID: "keep", IfName: "eth0"}}})
+	if err != nil || len(gc.Released) != 1 || gc.Released[0].ContainerID != req.ContainerID {
+		t.Fatalf("GC = %+v, %v; want %s released", gc, err, req.ContainerID)
 	}
 	st, err := c.Status(ctx, "default")
 	if err != nil || !st.Ready || st.FreeAddresses != 61 {
@@ -177,4 +205,28 @@ func FuzzRequestValidate(f *testing.F) {
 			t.Fatalf("accepted %q %q", cid, ifname)
 		}
 	})
+}
+
+func TestHostVethName(t *testing.T) {
+	key := func(id, ifname string) overlay.AttachmentKey {
+		return overlay.AttachmentKey{ContainerID: id, IfName: ifname}
+	}
+	a := cnirpc.HostVethName("default", key("abc", "eth0"))
+	if len(a) > 15 || !strings.HasPrefix(a, cnirpc.HostVethPrefix) {
+		t.Fatalf("%q: want at most 15 bytes starting with %q", a, cnirpc.HostVethPrefix)
+	}
+	if a != cnirpc.HostVethName("default", key("abc", "eth0")) {
+		t.Fatal("name is not deterministic: DEL could not find it")
+	}
+	seen := map[string]bool{a: true}
+	for i := range 1000 {
+		n := cnirpc.HostVethName("default", key(fmt.Sprintf("c%d", i), "eth0"))
+		if seen[n] {
+			t.Fatalf("collision at %d", i)
+		}
+		seen[n] = true
+	}
+	if cnirpc.HostVethName("default", key("abc", "eth1")) == a || cnirpc.HostVethName("blue", key("abc", "eth0")) == a {
+		t.Fatal("interface or network does not change the name")
+	}
 }

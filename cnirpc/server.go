@@ -17,6 +17,10 @@ import (
 // maxRequestBytes bounds a request body; a real one is about 100 bytes.
 const maxRequestBytes = 64 << 10
 
+// maxGCRequestBytes bounds a GC request: it lists every attachment of
+// the network on the host, about 100 bytes each.
+const maxGCRequestBytes = 16 << 20
+
 // Handler serves the protocol's operations. Its methods may be called
 // concurrently and block while they talk to the store. An error that is
 // an *Error is passed to the plugin as it is; any other becomes
@@ -33,6 +37,9 @@ type Handler interface {
 	Check(ctx context.Context, r Request) (Attachment, error)
 	// Status reports whether the network can serve an ADD.
 	Status(ctx context.Context, network string) (Status, error)
+	// GC releases the addresses on this host that no valid attachment
+	// holds, and returns the attachments it released.
+	GC(ctx context.Context, r GCRequest) (GCResponse, error)
 }
 
 // NewHandler returns the HTTP handler of the protocol over h.
@@ -48,6 +55,23 @@ func NewHandler(h Handler, log *slog.Logger) http.Handler {
 		serveRequest(w, r, log, "del", func(ctx context.Context, req Request) (struct{}, error) {
 			return struct{}{}, h.Del(ctx, req)
 		})
+	})
+	mux.HandleFunc("POST /"+Version+"/gc", func(w http.ResponseWriter, r *http.Request) {
+		var req GCRequest
+		if err := json.NewDecoder(io.LimitReader(r.Body, maxGCRequestBytes)).Decode(&req); err != nil {
+			writeError(w, log, "gc", Errorf(CodeDecodingFailure, "gc: decode request: %v", err))
+			return
+		}
+		if req.Network == "" {
+			writeError(w, log, "gc", Errorf(CodeInvalidNetwork, "gc: no network given"))
+			return
+		}
+		out, err := h.GC(r.Context(), req)
+		if err != nil {
+			writeError(w, log, "gc", err)
+			return
+		}
+		writeJSON(w, http.StatusOK, out)
 	})
 	mux.HandleFunc("GET /"+Version+"/status", func(w http.ResponseWriter, r *http.Request) {
 		network := r.URL.Query().Get("network")

@@ -132,6 +132,70 @@ func (d *CNIHandler) Status(ctx context.Context, network string) (cnirpc.Status,
 	return st, nil
 }
 
+// GC releases every address of this host's blocks that none of r.Valid
+// holds. The runtime must not run ADD for the network while it runs GC
+// (CNI spec): an ADD in flight is not in its list.
+func (d *CNIHandler) GC(ctx context.Context, r cnirpc.GCRequest) (cnirpc.GCResponse, error) {
+	if err := d.checkNetwork(r.Network); err != nil {
+		return cnirpc.GCResponse{}, err
+	}
+	valid := make(map[overlay.AttachmentKey]bool, len(r.Valid))
+	for _, k := range r.Valid {
+		valid[k] = true
+	}
+	lctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	list, err := d.pool.List(lctx)
+	cancel()
+	if err != nil {
+		return cnirpc.GCResponse{}, storeError("gc", err)
+	}
+	out := cnirpc.GCResponse{Released: []overlay.AttachmentKey{}}
+	for _, al := range list {
+		if valid[al.Key] {
+			continue
+		}
+		rctx, cancel := context.WithTimeout(ctx, storeTimeout)
+		err := d.pool.Release(rctx, al.Key)
+		cancel()
+		if err != nil {
+			return out, storeError("gc", err)
+		}
+		d.log.Info("gc released", "container", al.Key.ContainerID, "ifname", al.Key.IfName, "addr", al.Addr)
+		out.Released = append(out.Released, al.Key)
+	}
+	return out, nil
+}
+
+// ReleaseOrphans releases every address of this host whose container
+// interface has no host veth any more (exists reports whether a link
+// does). overlayd runs it at start, before it serves the socket: it is how
+// an address whose DEL came while overlayd was down, or whose host was
+// rebooted, is given back. It returns the attachments it released.
+func (d *CNIHandler) ReleaseOrphans(ctx context.Context, exists func(name string) (bool, error)) ([]overlay.AttachmentKey, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	list, err := d.pool.List(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list allocations: %w", err)
+	}
+	var released []overlay.AttachmentKey
+	var errs []error
+	for _, al := range list {
+		ok, err := exists(cnirpc.HostVethName(d.network.Name, al.Key))
+		if err != nil || ok {
+			errs = append(errs, err)
+			continue
+		}
+		if err := d.pool.Release(ctx, al.Key); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		d.log.Info("released the address of a container whose veth is gone", "container", al.Key.ContainerID, "ifname", al.Key.IfName, "addr", al.Addr)
+		released = append(released, al.Key)
+	}
+	return released, errors.Join(errs...)
+}
+
 func (d *CNIHandler) checkNetwork(name string) error {
 	if name != d.network.Name {
 		return cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: this overlayd serves %q", name, d.network.Name)

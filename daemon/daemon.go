@@ -149,6 +149,16 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	cniLog := log.With("component", "cni")
 	handler := NewCNIHandler(network, local.MTU, pool, rec.Status, cniLog)
+	if _, err := handler.ReleaseOrphans(ctx, func(name string) (bool, error) {
+		_, err := h.LinkByName(name)
+		var nf netlink.LinkNotFoundError
+		if errors.As(err, &nf) {
+			return false, nil
+		}
+		return err == nil, err
+	}); err != nil {
+		log.Warn("releasing addresses of vanished containers", "err", err)
+	}
 	srv := &http.Server{Handler: d.instrument(cnirpc.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}
 	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac, "mtu", local.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "startup", time.Since(start).Round(time.Millisecond))

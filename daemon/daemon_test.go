@@ -171,3 +171,54 @@ func TestCNIHandler(t *testing.T) {
 		t.Fatalf("Status after a failed pass = %+v, want ready and degraded", s)
 	}
 }
+
+func TestCNIHandlerGC(t *testing.T) {
+	ctx := context.Background()
+	h, _, _ := newHandler(t)
+	for _, id := range []string{"keep", "stale1", "stale2"} {
+		if _, err := h.Add(ctx, cnirpc.Request{Network: "default", ContainerID: id, IfName: "eth0"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := h.GC(ctx, cnirpc.GCRequest{Network: "default", Valid: []overlay.AttachmentKey{{ContainerID: "keep", IfName: "eth0"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out.Released) != 2 {
+		t.Fatalf("released %v, want stale1 and stale2", out.Released)
+	}
+	if _, err := h.Check(ctx, cnirpc.Request{Network: "default", ContainerID: "keep", IfName: "eth0"}); err != nil {
+		t.Fatalf("GC released a valid attachment: %v", err)
+	}
+	// An empty list means nothing is valid.
+	if out, err := h.GC(ctx, cnirpc.GCRequest{Network: "default"}); err != nil || len(out.Released) != 1 {
+		t.Fatalf("GC with no valid attachments = %+v, %v", out, err)
+	}
+	if _, err := h.GC(ctx, cnirpc.GCRequest{Network: "other"}); code(err) != cnirpc.CodeInvalidNetwork {
+		t.Fatalf("GC of an unknown network = %v", err)
+	}
+}
+
+func TestReleaseOrphans(t *testing.T) {
+	ctx := context.Background()
+	h, _, _ := newHandler(t)
+	live := overlay.AttachmentKey{ContainerID: "live", IfName: "eth0"}
+	gone := overlay.AttachmentKey{ContainerID: "gone", IfName: "eth0"}
+	for _, k := range []overlay.AttachmentKey{live, gone} {
+		if _, err := h.Add(ctx, cnirpc.Request{Network: "default", ContainerID: k.ContainerID, IfName: k.IfName}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	links := map[string]bool{cnirpc.HostVethName("default", live): true}
+	released, err := h.ReleaseOrphans(ctx, func(name string) (bool, error) { return links[name], nil })
+	if err != nil || len(released) != 1 || released[0] != gone {
+		t.Fatalf("ReleaseOrphans = %v, %v; want only %v", released, err, gone)
+	}
+	if _, err := h.Check(ctx, cnirpc.Request{Network: "default", ContainerID: "live", IfName: "eth0"}); err != nil {
+		t.Fatalf("live attachment released: %v", err)
+	}
+	// A link lookup that fails proves nothing: keep the address.
+	if released, _ := h.ReleaseOrphans(ctx, func(string) (bool, error) { return false, errors.New("netlink busy") }); len(released) != 0 {
+		t.Fatalf("released %v on a failed lookup", released)
+	}
+}

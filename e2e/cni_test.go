@@ -219,3 +219,70 @@ func TestEtcdOutage(t *testing.T) {
 		return n.Attach(ctx, c)
 	})
 }
+
+// TestCNIGC: GC releases what the runtime no longer lists, removes leaked
+// veths, and leaves what it lists intact.
+func TestCNIGC(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	var cs []*simnet.Container
+	for _, id := range []string{"keep", "stale1", "stale2"} {
+		c, err := n.AddContainer(ctx, h, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cs = append(cs, c)
+	}
+	// A veth of ours that no allocation explains (a DEL that half failed).
+	if _, err := h.Exec(ctx, "ip", "link", "add", "ovlleaked00000", "master", n.Network.BridgeName(), "type", "veth", "peer", "name", "leakpeer"); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.GC(ctx, cs[0]); err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	for _, c := range cs[1:] {
+		if allocated(t, n, c) {
+			t.Errorf("GC kept the address of %s", c.ID)
+		}
+	}
+	links := ipOut(t, h, "ip", "-o", "link", "show", "type", "veth")
+	for _, c := range cs[1:] {
+		if strings.Contains(links, c.Result.Interfaces[0].Name) {
+			t.Errorf("GC kept the veth of %s", c.ID)
+		}
+	}
+	if strings.Contains(links, "ovlleaked00000") {
+		t.Error("GC kept a leaked veth")
+	}
+	if err := n.CheckContainer(ctx, cs[0]); err != nil {
+		t.Fatalf("GC broke a valid attachment: %v", err)
+	}
+}
+
+// TestCNIDelWhileOverlaydDown: DEL succeeds with overlayd down after
+// removing the veth, and overlayd releases the address when it is back.
+func TestCNIDelWhileOverlaydDown(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	c, err := n.AddContainer(ctx, h, "orphan")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.DelContainer(ctx, c); err != nil {
+		t.Fatalf("DEL with overlayd down: %v", err)
+	}
+	if out := ipOut(t, h, "ip", "-o", "link", "show", "type", "veth"); strings.Contains(out, c.Result.Interfaces[0].Name) {
+		t.Fatalf("DEL with overlayd down left the veth: %s", out)
+	}
+	if err := h.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if allocated(t, n, c) {
+		t.Fatal("overlayd did not release the address of the container deleted while it was down")
+	}
+}

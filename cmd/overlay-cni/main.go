@@ -20,5 +20,6 @@ func main() {
 		Del:    p.cmdDel,
 		Check:  p.cmdCheck,
 		Status: p.cmdStatus,
+		GC:     p.cmdGC,
 	}, version.PluginSupports(supportedVersions...), "overlay-cni: multi-host VXLAN overlay with IPAM over etcd")
 }

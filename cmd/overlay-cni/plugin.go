@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,13 +15,11 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/overlay"
 )
 
 // requestTimeout bounds one exchange with overlayd.
 const requestTimeout = 30 * time.Second
-
-// hostVethPrefix starts the name of every host-side veth this plugin makes.
-const hostVethPrefix = "ovl"
 
 // NetConf is the plugin's configuration, the network's JSON on stdin.
 type NetConf struct {
@@ -55,11 +51,9 @@ func parseConf(data []byte) (*NetConf, error) {
 // plugin holds the verbs; it has no state.
 type plugin struct{}
 
-// hostVethName derives the host end's name from what identifies the
-// attachment, so DEL finds it without any stored state.
-func hostVethName(network, containerID, ifName string) string {
-	sum := sha256.Sum256([]byte(network + "/" + containerID + "/" + ifName))
-	return hostVethPrefix + hex.EncodeToString(sum[:])[:15-len(hostVethPrefix)]
+// hostVethName is the name of the host end of this attachment's veth.
+func hostVethName(conf *NetConf, args *skel.CmdArgs) string {
+	return cnirpc.HostVethName(conf.Network, overlay.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName})
 }
 
 func request(conf *NetConf, args *skel.CmdArgs) cnirpc.Request {
@@ -115,13 +109,64 @@ func (p *plugin) cmdDel(args *skel.CmdArgs) error {
 	// the container end with it, and works when the namespace is gone.
 	// The address is released only once the veth is gone, so that it is
 	// never given to another container while still configured here.
-	if err := deleteHostVeth(hostVethName(conf.Network, args.ContainerID, args.IfName)); err != nil {
+	if err := deleteHostVeth(hostVethName(conf, args)); err != nil {
 		return types.NewError(types.ErrInternal, "delete host veth", err.Error())
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
-	if err := cnirpc.NewClient(conf.Socket).Del(ctx, request(conf, args)); err != nil {
+	err = cnirpc.NewClient(conf.Socket).Del(ctx, request(conf, args))
+	if errors.Is(err, cnirpc.ErrUnavailable) {
+		// Nothing leaks: with the veth gone, overlayd releases the
+		// address when it starts again (it releases every address whose
+		// veth is missing before it serves the socket).
+		fmt.Fprintf(os.Stderr, "overlay-cni: DEL %s/%s: overlayd unreachable; the veth is removed and overlayd releases the address when it is back: %v\n", args.ContainerID, args.IfName, err)
+		return nil
+	}
+	if err != nil {
 		return rpcError("del", err)
+	}
+	return nil
+}
+
+// gcConf is what GC reads besides NetConf: the attachments still in use.
+// The spec names the key cni.dev/valid-attachments; the 1.1.0 tag of the
+// spec named it cni.dev/attachments, and libcni sends both.
+type gcConf struct {
+	Valid  []types.GCAttachment `json:"cni.dev/valid-attachments"`
+	Legacy []types.GCAttachment `json:"cni.dev/attachments"`
+}
+
+// cmdGC releases the addresses and removes the host veths of every
+// attachment of the network on this host that the runtime no longer
+// lists. A missing list means nothing is valid. It prints nothing.
+func (p *plugin) cmdGC(args *skel.CmdArgs) error {
+	conf, err := parseConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	var gc gcConf
+	if err := json.Unmarshal(args.StdinData, &gc); err != nil {
+		return types.NewError(types.ErrDecodingFailure, "decode valid attachments", err.Error())
+	}
+	req := cnirpc.GCRequest{Network: conf.Network, Valid: []overlay.AttachmentKey{}}
+	keep := make(map[string]bool)
+	for _, a := range append(gc.Valid, gc.Legacy...) {
+		k := overlay.AttachmentKey{ContainerID: a.ContainerID, IfName: a.IfName}
+		if keep[cnirpc.HostVethName(conf.Network, k)] {
+			continue
+		}
+		keep[cnirpc.HostVethName(conf.Network, k)] = true
+		req.Valid = append(req.Valid, k)
+	}
+	// Veths first: an address is released only once no veth holds it.
+	bridge := overlay.Network{Name: conf.Network}.BridgeName()
+	if err := deleteStaleVeths(bridge, keep); err != nil {
+		return types.NewError(types.ErrInternal, "gc: remove stale veths", err.Error())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
+	defer cancel()
+	if _, err := cnirpc.NewClient(conf.Socket).GC(ctx, req); err != nil {
+		return rpcError("gc", err)
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -43,7 +44,7 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
 	}
-	hostName := hostVethName(conf.Network, args.ContainerID, args.IfName)
+	hostName := hostVethName(conf, args)
 	veth := &netlink.Veth{
 		LinkAttrs:     netlink.LinkAttrs{Name: hostName, MTU: att.MTU, MasterIndex: br.Attrs().Index},
 		PeerName:      args.IfName,
@@ -179,4 +180,37 @@ func deleteHostVeth(name string) error {
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	return nil
+}
+
+// deleteStaleVeths deletes every veth of this plugin on bridge whose name
+// is not in keep.
+func deleteStaleVeths(bridge string, keep map[string]bool) error {
+	host, err := netlink.NewHandle()
+	if err != nil {
+		return fmt.Errorf("netlink: %w", err)
+	}
+	defer host.Close()
+	br, err := host.LinkByName(bridge)
+	var nf netlink.LinkNotFoundError
+	if errors.As(err, &nf) {
+		return nil // no bridge: nothing attached to it
+	}
+	if err != nil {
+		return fmt.Errorf("find bridge %s: %w", bridge, err)
+	}
+	links, err := host.LinkList()
+	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
+		return fmt.Errorf("list links: %w", err)
+	}
+	var errs []error
+	for _, l := range links {
+		a := l.Attrs()
+		if l.Type() != "veth" || a.MasterIndex != br.Attrs().Index || !strings.HasPrefix(a.Name, cnirpc.HostVethPrefix) || keep[a.Name] {
+			continue
+		}
+		if err := host.LinkDel(l); err != nil && !errors.As(err, &nf) {
+			errs = append(errs, fmt.Errorf("delete %s: %w", a.Name, err))
+		}
+	}
+	return errors.Join(errs...)
 }

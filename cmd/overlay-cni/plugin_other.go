@@ -25,3 +25,5 @@ func checkNamespace(*skel.CmdArgs, cnirpc.Attachment) error {
 }
 
 func deleteHostVeth(string) error { return errNotLinux }
+
+func deleteStaleVeths(string, map[string]bool) error { return errNotLinux }

@@ -36,27 +36,6 @@ func TestParseConf(t *testing.T) {
 	}
 }
 
-func TestHostVethName(t *testing.T) {
-	a := hostVethName("default", "abc", "eth0")
-	if len(a) > 15 {
-		t.Fatalf("%q is longer than the kernel's 15 bytes", a)
-	}
-	if a != hostVethName("default", "abc", "eth0") {
-		t.Fatal("name is not deterministic: DEL could not find it")
-	}
-	seen := map[string]bool{a: true}
-	for i := range 1000 {
-		n := hostVethName("default", fmt.Sprintf("c%d", i), "eth0")
-		if seen[n] {
-			t.Fatalf("collision at %d", i)
-		}
-		seen[n] = true
-	}
-	if hostVethName("default", "abc", "eth1") == a || hostVethName("blue", "abc", "eth0") == a {
-		t.Fatal("interface or network does not change the name")
-	}
-}
-
 func TestRPCError(t *testing.T) {
 	for _, tc := range []struct {
 		err  error

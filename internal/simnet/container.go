@@ -13,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netns"
 )
@@ -61,6 +62,20 @@ func (h *Host) Status(ctx context.Context) error {
 		return err
 	}
 	return h.InNS(func() error { return cni.GetStatusNetworkList(ctx, list) })
+}
+
+// GC runs the CNI GC verb on host h through libcni, with valid as the
+// attachments still in use.
+func (h *Host) GC(ctx context.Context, valid ...*Container) error {
+	cni, list, err := h.CNI()
+	if err != nil {
+		return err
+	}
+	args := &libcni.GCArgs{ValidAttachments: []types.GCAttachment{}}
+	for _, c := range valid {
+		args.ValidAttachments = append(args.ValidAttachments, types.GCAttachment{ContainerID: c.ID, IfName: "eth0"})
+	}
+	return h.InNS(func() error { return cni.GCNetworkList(ctx, list, args) })
 }
 
 // RuntimeConf returns the runtime configuration of container c.
