@@ -75,6 +75,9 @@ type Request struct {
 	ContainerID string `json:"containerID"`
 	// IfName is CNI_IFNAME.
 	IfName string `json:"ifName"`
+	// IP, when valid, is the address the runtime asked for (the CNI
+	// "ips" capability); ADD allocates exactly it or fails.
+	IP netip.Addr `json:"ip,omitzero"`
 }
 
 var (

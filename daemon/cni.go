@@ -56,7 +56,14 @@ func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachme
 	}
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
-	al, err := d.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
+	key := overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}
+	var al overlay.Allocation
+	var err error
+	if r.IP.IsValid() {
+		al, err = d.pool.AllocateAddr(ctx, key, r.IP)
+	} else {
+		al, err = d.pool.Allocate(ctx, key)
+	}
 	if err != nil {
 		return cnirpc.Attachment{}, storeError("add", err)
 	}

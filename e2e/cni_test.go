@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -284,5 +285,58 @@ func TestCNIDelWhileOverlaydDown(t *testing.T) {
 	}
 	if allocated(t, n, c) {
 		t.Fatal("overlayd did not release the address of the container deleted while it was down")
+	}
+}
+
+// TestCNICapabilitiesAndArgs: runtimeConfig.ips and .mac are honoured;
+// unknown CNI_ARGS are tolerated with IgnoreUnknown and refused without.
+func TestCNICapabilitiesAndArgs(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	first, err := n.AddContainer(ctx, h, "first")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := first.Addr.Masked().Addr().Next().Next().Next().Next().Next() // block + 5
+	c, err := n.NewContainer(ctx, h, "static")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.CapabilityArgs = map[string]any{"ips": []string{netip.PrefixFrom(want, first.Addr.Bits()).String()}, "mac": "02:aa:bb:cc:dd:ee"}
+	c.Args = [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAME", "web"}}
+	if err := n.Attach(ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	if c.Addr.Addr() != want {
+		t.Fatalf("got %s, asked for %s", c.Addr, want)
+	}
+	if out, _ := c.Exec(ctx, "ip", "link", "show", "eth0"); !strings.Contains(string(out), "02:aa:bb:cc:dd:ee") {
+		t.Fatalf("MAC not honoured:\n%s", out)
+	}
+	if err := n.CheckContainer(ctx, c); err != nil {
+		t.Fatalf("CHECK: %v", err)
+	}
+
+	// The same address for another container: refused, nothing left.
+	dup, err := n.NewContainer(ctx, h, "dup")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dup.CapabilityArgs = c.CapabilityArgs
+	if err := n.Attach(ctx, dup); err == nil {
+		t.Fatal("ADD with an address in use succeeded")
+	}
+	if allocated(t, n, dup) {
+		t.Fatal("refused ADD left an allocation")
+	}
+
+	bad, err := n.NewContainer(ctx, h, "badargs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad.Args = [][2]string{{"K8S_POD_NAME", "web"}}
+	if err := n.Attach(ctx, bad); cniCode(err) != types.ErrInvalidEnvironmentVariables {
+		t.Fatalf("unknown CNI_ARGS without IgnoreUnknown = %v, want code 4", err)
 	}
 }

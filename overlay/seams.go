@@ -118,6 +118,10 @@ type Allocator interface {
 	// Allocate returns the address of key, allocating a free one when key
 	// holds none. It fails with ErrPoolExhausted when none is free.
 	Allocate(ctx context.Context, key AttachmentKey) (Allocation, error)
+	// AllocateAddr gives key the address a, which must be a free container
+	// address of this host's blocks; a key that holds a already gets it
+	// again. Anything else is an error wrapping ErrConflict.
+	AllocateAddr(ctx context.Context, key AttachmentKey, a netip.Addr) (Allocation, error)
 	// Release frees the address of key. Releasing a key that holds no
 	// address is not an error.
 	Release(ctx context.Context, key AttachmentKey) error

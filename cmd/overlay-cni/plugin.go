@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"time"
@@ -29,12 +30,63 @@ type NetConf struct {
 	Network string `json:"network,omitempty"`
 	// Socket is overlayd's socket; empty means cnirpc.DefaultSocket.
 	Socket string `json:"socket,omitempty"`
+	// RuntimeConfig carries what the runtime passes for the capabilities
+	// the configuration declares ("ips", "mac").
+	RuntimeConfig struct {
+		IPs []string `json:"ips,omitempty"`
+		MAC string   `json:"mac,omitempty"`
+	} `json:"runtimeConfig,omitempty"`
+
+	// Parsed from RuntimeConfig by parseConf.
+	ip  netip.Addr
+	mac net.HardwareAddr
+}
+
+// pluginArgs are the CNI_ARGS the plugin knows: none but IgnoreUnknown,
+// so any other key is an error unless IgnoreUnknown=1 is present
+// (CNI conventions).
+type pluginArgs struct {
+	types.CommonArgs
+}
+
+// parseArgs checks CNI_ARGS.
+func parseArgs(s string) error {
+	if err := types.LoadArgs(s, &pluginArgs{}); err != nil {
+		return types.NewError(types.ErrInvalidEnvironmentVariables, "CNI_ARGS: "+err.Error()+" (add IgnoreUnknown=1 to pass keys this plugin does not use)", s)
+	}
+	return nil
 }
 
 func parseConf(data []byte) (*NetConf, error) {
 	conf := &NetConf{}
 	if err := json.Unmarshal(data, conf); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "decode network configuration", err.Error())
+	}
+	if conf.IPAM.Type != "" {
+		return nil, types.NewError(types.ErrUnsupportedField, "ipam", "overlay-cni allocates addresses itself, through overlayd: remove the ipam key")
+	}
+	switch ips := conf.RuntimeConfig.IPs; len(ips) {
+	case 0:
+	case 1:
+		a, err := netip.ParsePrefix(ips[0])
+		if err != nil {
+			if a2, err2 := netip.ParseAddr(ips[0]); err2 == nil {
+				a, err = netip.PrefixFrom(a2, a2.BitLen()), nil
+			}
+		}
+		if err != nil || !a.Addr().Is4() {
+			return nil, types.NewError(types.ErrUnsupportedField, "runtimeConfig.ips", fmt.Sprintf("%q is not an IPv4 address", ips[0]))
+		}
+		conf.ip = a.Addr()
+	default:
+		return nil, types.NewError(types.ErrUnsupportedField, "runtimeConfig.ips", fmt.Sprintf("one IPv4 address per interface, got %d", len(ips)))
+	}
+	if m := conf.RuntimeConfig.MAC; m != "" {
+		mac, err := net.ParseMAC(m)
+		if err != nil || len(mac) != 6 || mac[0]&1 != 0 {
+			return nil, types.NewError(types.ErrUnsupportedField, "runtimeConfig.mac", fmt.Sprintf("%q is not a unicast Ethernet address", m))
+		}
+		conf.mac = mac
 	}
 	if conf.Network == "" {
 		conf.Network = conf.Name
@@ -57,7 +109,7 @@ func hostVethName(conf *NetConf, args *skel.CmdArgs) string {
 }
 
 func request(conf *NetConf, args *skel.CmdArgs) cnirpc.Request {
-	return cnirpc.Request{Network: conf.Network, ContainerID: args.ContainerID, IfName: args.IfName}
+	return cnirpc.Request{Network: conf.Network, ContainerID: args.ContainerID, IfName: args.IfName, IP: conf.ip}
 }
 
 // rpcError turns a failure to talk to overlayd into the CNI error JSON.
@@ -75,6 +127,9 @@ func rpcError(op string, err error) error {
 func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 	conf, err := parseConf(args.StdinData)
 	if err != nil {
+		return err
+	}
+	if err := parseArgs(args.Args); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)

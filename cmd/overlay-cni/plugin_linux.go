@@ -45,11 +45,14 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
 	}
 	hostName := hostVethName(conf, args)
-	veth := &netlink.Veth{
-		LinkAttrs:     netlink.LinkAttrs{Name: hostName, MTU: att.MTU, MasterIndex: br.Attrs().Index},
-		PeerName:      args.IfName,
-		PeerNamespace: netlink.NsFd(target),
-	}
+	// Both ends get their MTU, the container end its MAC when the runtime
+	// asked for one, and the host end comes up on the bridge, all in the
+	// one request that creates them.
+	veth := netlink.NewVeth(netlink.LinkAttrs{Name: hostName, MTU: att.MTU, MasterIndex: br.Attrs().Index, Flags: net.FlagUp})
+	veth.PeerName = args.IfName
+	veth.PeerNamespace = netlink.NsFd(target)
+	veth.PeerMTU = uint32(att.MTU)
+	veth.PeerHardwareAddr = conf.mac
 	if err := host.LinkAdd(veth); err != nil {
 		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("create veth %s/%s", hostName, args.IfName), err.Error())
 	}
@@ -73,15 +76,9 @@ func configure(host, cont *netlink.Handle, hostName string, args *skel.CmdArgs, 
 	if err != nil {
 		return fail("find host veth", err)
 	}
-	if err := host.LinkSetUp(hostLink); err != nil {
-		return fail("set host veth up", err)
-	}
 	link, err := cont.LinkByName(args.IfName)
 	if err != nil {
 		return fail("find container interface", err)
-	}
-	if err := cont.LinkSetMTU(link, att.MTU); err != nil {
-		return fail("set container MTU", err)
 	}
 	ipnet := prefixIPNet(att.Addr)
 	if err := cont.AddrAdd(link, &netlink.Addr{IPNet: ipnet}); err != nil {

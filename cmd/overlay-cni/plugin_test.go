@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
@@ -32,6 +33,47 @@ func TestParseConf(t *testing.T) {
 		var e *types.Error
 		if !errors.As(err, &e) || e.Code != code {
 			t.Errorf("parseConf(%s) = %v, want code %d", in, err, code)
+		}
+	}
+}
+
+func TestParseConfRuntimeConfig(t *testing.T) {
+	conf, err := parseConf([]byte(`{"cniVersion":"1.1.0","name":"overlay","runtimeConfig":{"ips":["198.19.0.9/26"],"mac":"02:00:00:00:00:09"}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if conf.ip.String() != "198.19.0.9" || conf.mac.String() != "02:00:00:00:00:09" {
+		t.Fatalf("ip %s mac %s", conf.ip, conf.mac)
+	}
+	if conf, err := parseConf([]byte(`{"name":"overlay","runtimeConfig":{"ips":["198.19.0.9"]}}`)); err != nil || conf.ip.String() != "198.19.0.9" {
+		t.Fatalf("bare address: %v", err)
+	}
+	for in, key := range map[string]string{
+		`{"name":"o","ipam":{"type":"host-local"}}`:                               "ipam",
+		`{"name":"o","runtimeConfig":{"ips":["198.19.0.9/26","198.19.0.10/26"]}}`: "runtimeConfig.ips",
+		`{"name":"o","runtimeConfig":{"ips":["2001:db8::1/64"]}}`:                 "runtimeConfig.ips",
+		`{"name":"o","runtimeConfig":{"ips":["nonsense"]}}`:                       "runtimeConfig.ips",
+		`{"name":"o","runtimeConfig":{"mac":"01:00:5e:00:00:01"}}`:                "runtimeConfig.mac",
+		`{"name":"o","runtimeConfig":{"mac":"zz"}}`:                               "runtimeConfig.mac",
+	} {
+		_, err := parseConf([]byte(in))
+		var e *types.Error
+		if !errors.As(err, &e) || e.Code != types.ErrUnsupportedField || e.Msg != key {
+			t.Errorf("parseConf(%s) = %v, want code 2 naming %s", in, err, key)
+		}
+	}
+}
+
+func TestParseArgs(t *testing.T) {
+	for _, ok := range []string{"", "IgnoreUnknown=1;K8S_POD_NAME=web;K8S_POD_NAMESPACE=default", "IgnoreUnknown=true"} {
+		if err := parseArgs(ok); err != nil {
+			t.Errorf("parseArgs(%q) = %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"K8S_POD_NAME=web", "IgnoreUnknown=1;novalue", "IgnoreUnknown=maybe"} {
+		var e *types.Error
+		if err := parseArgs(bad); !errors.As(err, &e) || e.Code != types.ErrInvalidEnvironmentVariables || !strings.Contains(e.Msg, "CNI_ARGS") {
+			t.Errorf("parseArgs(%q) = %v, want code 4 naming CNI_ARGS", bad, err)
 		}
 	}
 }

@@ -31,6 +31,11 @@ type Container struct {
 	Addr netip.Prefix
 	// Result is the plugin's ADD result.
 	Result *current.Result
+	// CapabilityArgs are passed to the plugins as runtimeConfig, for the
+	// capabilities their configuration declares ("ips", "mac").
+	CapabilityArgs map[string]any
+	// Args are the CNI_ARGS pairs.
+	Args [][2]string
 }
 
 // NetNSPath returns the path of the container's namespace.
@@ -39,7 +44,7 @@ func (c *Container) NetNSPath() string { return filepath.Join("/run/netns", c.Na
 // CNIConfList returns the network configuration list the host's runtime
 // would use: overlay-cni alone, talking to this host's overlayd.
 func (h *Host) CNIConfList() []byte {
-	return fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay","plugins":[{"type":"overlay-cni","network":%q,"socket":%q}]}`,
+	return fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay","plugins":[{"type":"overlay-cni","network":%q,"socket":%q,"capabilities":{"ips":true,"mac":true}}]}`,
 		h.n.Network.Name, h.Socket)
 }
 
@@ -80,7 +85,7 @@ func (h *Host) GC(ctx context.Context, valid ...*Container) error {
 
 // RuntimeConf returns the runtime configuration of container c.
 func (c *Container) RuntimeConf() *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{ContainerID: c.ID, NetNS: c.NetNSPath(), IfName: "eth0"}
+	return &libcni.RuntimeConf{ContainerID: c.ID, NetNS: c.NetNSPath(), IfName: "eth0", CapabilityArgs: c.CapabilityArgs, Args: c.Args}
 }
 
 // AddContainer creates a namespace on host h and attaches it with the

@@ -360,3 +360,48 @@ func TestConnectSkipsDeadEndpoints(t *testing.T) {
 		t.Fatalf("Connect to nothing = %v", err)
 	}
 }
+
+func TestAllocateAddr(t *testing.T) {
+	ctx := context.Background()
+	s := etcd.NewStore(startEtcd(t), "")
+	n := testNetwork()
+	n.CIDR = netip.MustParsePrefix("198.19.0.0/26")
+	p := s.Pool(n, "a")
+	if _, err := p.Lease(ctx); err != nil {
+		t.Fatal(err)
+	}
+	k1 := overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"}
+	want := netip.MustParseAddr("198.19.0.40")
+	al, err := p.AllocateAddr(ctx, k1, want)
+	if err != nil || al.Addr.String() != "198.19.0.40/26" || !al.New {
+		t.Fatalf("AllocateAddr = %+v, %v", al, err)
+	}
+	if again, err := p.AllocateAddr(ctx, k1, want); err != nil || again.New {
+		t.Fatalf("same key, same address = %+v, %v; want it back, not new", again, err)
+	}
+	for _, tc := range []struct {
+		key  string
+		addr string
+	}{
+		{"c1", "198.19.0.41"}, // c1 already holds another address
+		{"c2", "198.19.0.40"}, // taken by c1
+		{"c2", "198.19.0.1"},  // the gateway
+		{"c2", "198.19.0.63"}, // broadcast
+		{"c2", "198.19.1.5"},  // not this host's block
+	} {
+		k := overlay.AttachmentKey{ContainerID: tc.key, IfName: "eth0"}
+		if _, err := p.AllocateAddr(ctx, k, netip.MustParseAddr(tc.addr)); !errors.Is(err, overlay.ErrConflict) {
+			t.Errorf("AllocateAddr(%s, %s) = %v, want ErrConflict", tc.key, tc.addr, err)
+		}
+	}
+	// The lowest free address skips the one taken by request.
+	for range 38 { // .2 to .39
+		if _, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: fmt.Sprint(time.Now().UnixNano()), IfName: "eth0"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	next, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "after", IfName: "eth0"})
+	if err != nil || next.Addr.Addr().String() != "198.19.0.41" {
+		t.Fatalf("next free after filling .2-.39 = %+v, %v; want .41 (.40 is taken)", next, err)
+	}
+}

@@ -195,15 +195,8 @@ func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
 // now owned by another host, or deleted, is dropped from the pool and
 // reported with ErrBlockLost.
 func (p *Pool) Renew(ctx context.Context) error {
-	p.mu.Lock()
-	blocks := make(map[netip.Prefix]held, len(p.held))
-	for b, h := range p.held {
-		blocks[b] = h
-	}
-	p.mu.Unlock()
-
 	var errs []error
-	for b, h := range blocks {
+	for b, h := range p.heldCopy() {
 		key := p.s.blockKey(p.net.Name, b)
 		for attempt := 0; ; attempt++ {
 			resp, err := p.s.cli.Get(ctx, key)
@@ -292,28 +285,13 @@ func (p *Pool) ReleaseBlocks(ctx context.Context) error {
 func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
 	p.allocMu.Lock()
 	defer p.allocMu.Unlock()
-
-	if al, err := p.Lookup(ctx, key); err == nil {
-		return al, nil
-	} else if !errors.Is(err, overlay.ErrNotFound) {
-		return overlay.Allocation{}, err
+	if al, err := p.Lookup(ctx, key); !errors.Is(err, overlay.ErrNotFound) {
+		return al, err
 	}
-
-	p.mu.Lock()
-	blocks := make(map[netip.Prefix]held, len(p.held))
-	for b, h := range p.held {
-		blocks[b] = h
-	}
-	p.mu.Unlock()
+	blocks := p.heldCopy()
 	if len(blocks) == 0 {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, p.host, p.net.Name, overlay.ErrPoolExhausted)
 	}
-
-	rec, err := json.Marshal(AddrRecord{Host: p.host, ContainerID: key.ContainerID, IfName: key.IfName})
-	if err != nil {
-		return overlay.Allocation{}, fmt.Errorf("encode address record: %w", err)
-	}
-	akey := p.s.attachKey(p.net.Name, p.host, key)
 	for _, b := range p.Held() {
 		h, ok := blocks[b]
 		if !ok {
@@ -327,22 +305,9 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 			if used[a] {
 				continue
 			}
-			addr := netip.PrefixFrom(a, b.Bits())
-			addrKey := p.s.addrsPrefix(p.net.Name, b) + a.String()
-			blockKey := p.s.blockKey(p.net.Name, b)
-			resp, err := p.s.cli.Txn(ctx).
-				If(
-					clientv3.Compare(clientv3.CreateRevision(blockKey), "=", h.createRev),
-					clientv3.Compare(clientv3.CreateRevision(addrKey), "=", 0),
-					clientv3.Compare(clientv3.CreateRevision(akey), "=", 0),
-				).
-				Then(clientv3.OpPut(addrKey, string(rec)), clientv3.OpPut(akey, addr.String())).
-				Commit()
-			if err != nil {
-				return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
-			}
-			if resp.Succeeded {
-				return overlay.Allocation{Key: key, Addr: addr, Host: p.host, New: true}, nil
+			al, won, err := p.claim(ctx, key, b, h, a)
+			if err != nil || won {
+				return al, err
 			}
 			// Lost a race: the key got an address elsewhere, the
 			// address was taken, or the block is no longer ours.
@@ -355,6 +320,73 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 		}
 	}
 	return overlay.Allocation{}, fmt.Errorf("allocate %s: every address of %s's blocks %v is in use: %w", key, p.host, p.Held(), overlay.ErrPoolExhausted)
+}
+
+// AllocateAddr gives key the address a, which must be a free address of
+// one of the host's blocks (the CNI "ips" capability). A key that already
+// holds a gets it again; one that holds another address, or an address
+// that is taken or outside the host's blocks, is an error wrapping
+// overlay.ErrConflict.
+func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a netip.Addr) (overlay.Allocation, error) {
+	p.allocMu.Lock()
+	defer p.allocMu.Unlock()
+	al, err := p.Lookup(ctx, key)
+	switch {
+	case err == nil && al.Addr.Addr() == a:
+		return al, nil
+	case err == nil:
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: it already holds %s: %w", a, key, al.Addr, overlay.ErrConflict)
+	case !errors.Is(err, overlay.ErrNotFound):
+		return overlay.Allocation{}, err
+	}
+	b := netip.PrefixFrom(a, p.net.BlockBits).Masked()
+	h, ok := p.heldCopy()[b]
+	if !ok || a == b.Addr() || a == overlay.Gateway(b) || a == overlay.Broadcast(b) {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: not a container address of this host's blocks %v: %w", a, key, p.Held(), overlay.ErrConflict)
+	}
+	al, won, err := p.claim(ctx, key, b, h, a)
+	if err != nil || won {
+		return al, err
+	}
+	return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is in use: %w", a, key, overlay.ErrConflict)
+}
+
+// claim tries to give key address a of block b in one transaction, which
+// fails (won is false) when the address or the key is taken or the block
+// was re-claimed.
+func (p *Pool) claim(ctx context.Context, key overlay.AttachmentKey, b netip.Prefix, h held, a netip.Addr) (al overlay.Allocation, won bool, err error) {
+	rec, err := json.Marshal(AddrRecord{Host: p.host, ContainerID: key.ContainerID, IfName: key.IfName})
+	if err != nil {
+		return al, false, fmt.Errorf("encode address record: %w", err)
+	}
+	addr := netip.PrefixFrom(a, b.Bits())
+	addrKey := p.s.addrsPrefix(p.net.Name, b) + a.String()
+	akey := p.s.attachKey(p.net.Name, p.host, key)
+	resp, err := p.s.cli.Txn(ctx).
+		If(
+			clientv3.Compare(clientv3.CreateRevision(p.s.blockKey(p.net.Name, b)), "=", h.createRev),
+			clientv3.Compare(clientv3.CreateRevision(addrKey), "=", 0),
+			clientv3.Compare(clientv3.CreateRevision(akey), "=", 0),
+		).
+		Then(clientv3.OpPut(addrKey, string(rec)), clientv3.OpPut(akey, addr.String())).
+		Commit()
+	if err != nil {
+		return al, false, fmt.Errorf("allocate %s for %s: %w", a, key, err)
+	}
+	if !resp.Succeeded {
+		return al, false, nil
+	}
+	return overlay.Allocation{Key: key, Addr: addr, Host: p.host, New: true}, true, nil
+}
+
+func (p *Pool) heldCopy() map[netip.Prefix]held {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[netip.Prefix]held, len(p.held))
+	for b, h := range p.held {
+		out[b] = h
+	}
+	return out
 }
 
 // stillHeld reports whether block b is still this host's, dropping it from

@@ -164,6 +164,35 @@ func (p *Pool) Allocate(_ context.Context, key overlay.AttachmentKey) (overlay.A
 	return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, overlay.ErrPoolExhausted)
 }
 
+// AllocateAddr gives key the address a if it is a free container address
+// of the host's blocks.
+func (p *Pool) AllocateAddr(_ context.Context, key overlay.AttachmentKey, a netip.Addr) (overlay.Allocation, error) {
+	p.s.mu.Lock()
+	defer p.s.mu.Unlock()
+	if p.s.err != nil {
+		return overlay.Allocation{}, p.s.err
+	}
+	if al, ok := p.lookupLocked(key); ok {
+		if al.Addr.Addr() == a {
+			return al, nil
+		}
+		return overlay.Allocation{}, fmt.Errorf("allocate %s: %s holds %s: %w", a, key, al.Addr, overlay.ErrConflict)
+	}
+	for _, b := range p.heldLocked() {
+		if !b.Contains(a) || a == b.Addr() || a == overlay.Gateway(b) || a == overlay.Broadcast(b) {
+			continue
+		}
+		if _, used := p.s.addrs[a]; used {
+			break
+		}
+		al := overlay.Allocation{Key: key, Addr: netip.PrefixFrom(a, b.Bits()), Host: p.host}
+		p.s.addrs[a] = al
+		al.New = true
+		return al, nil
+	}
+	return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", a, key, overlay.ErrConflict)
+}
+
 func (p *Pool) lookupLocked(key overlay.AttachmentKey) (overlay.Allocation, bool) {
 	for _, al := range p.s.addrs {
 		if al.Host == p.host && al.Key == key {
