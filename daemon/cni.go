@@ -26,6 +26,7 @@ type CNIHandler struct {
 	mtu     int
 	pool    Pool
 	status  func() overlay.Status
+	alive   func() int
 	log     *slog.Logger
 }
 
@@ -33,9 +34,9 @@ var _ cnirpc.Handler = (*CNIHandler)(nil)
 
 // NewCNIHandler returns the handler of network n, whose containers get
 // the given MTU and addresses from pool; status reports the network's
-// reconciler.
-func NewCNIHandler(n overlay.Network, mtu int, pool Pool, status func() overlay.Status, log *slog.Logger) *CNIHandler {
-	return &CNIHandler{network: n, mtu: mtu, pool: pool, status: status, log: log}
+// reconciler, and alive how many other hosts answer gossip.
+func NewCNIHandler(n overlay.Network, mtu int, pool Pool, status func() overlay.Status, alive func() int, log *slog.Logger) *CNIHandler {
+	return &CNIHandler{network: n, mtu: mtu, pool: pool, status: status, alive: alive, log: log}
 }
 
 // storeTimeout bounds the etcd work of one CNI request. The etcd client
@@ -131,9 +132,13 @@ func (d *CNIHandler) Status(ctx context.Context, network string) (cnirpc.Status,
 		st.Reason = "no free address in this host's blocks"
 	default:
 		st.Ready = true
-		if rs.LastErr != nil {
+		switch {
+		case rs.LastErr != nil:
 			st.Degraded = true
 			st.Reason = fmt.Sprintf("the dataplane's last pass failed: %v", rs.LastErr)
+		case st.Peers > 0 && d.alive() == 0:
+			st.Degraded = true
+			st.Reason = fmt.Sprintf("none of the %d other hosts answers gossip: check the underlay between hosts", st.Peers)
 		}
 	}
 	return st, nil

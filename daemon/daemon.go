@@ -148,7 +148,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cniLog := log.With("component", "cni")
-	handler := NewCNIHandler(network, local.MTU, pool, rec.Status, cniLog)
+	handler := NewCNIHandler(network, local.MTU, pool, rec.Status, func() int { return g.Stats().Members }, cniLog)
 	if _, err := handler.ReleaseOrphans(ctx, func(name string) (bool, error) {
 		_, err := h.LinkByName(name)
 		var nf netlink.LinkNotFoundError

@@ -91,7 +91,7 @@ func newHandler(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.Status)
 		t.Fatal(err)
 	}
 	st := &overlay.Status{Passes: 1}
-	h := NewCNIHandler(testNet, 1450, pool, func() overlay.Status { return *st }, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	h := NewCNIHandler(testNet, 1450, pool, func() overlay.Status { return *st }, func() int { return len(st.Config.Peers) }, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	return h, store, st
 }
 
@@ -169,6 +169,15 @@ func TestCNIHandler(t *testing.T) {
 	st.LastErr = errors.New("route add failed")
 	if s, _ := h.Status(ctx, "default"); !s.Ready || !s.Degraded || !strings.Contains(s.Reason, "route add failed") {
 		t.Fatalf("Status after a failed pass = %+v, want ready and degraded", s)
+	}
+	st.LastErr = nil
+	st.Config.Peers = []overlay.Peer{{Host: "b"}}
+	if s, _ := h.Status(ctx, "default"); !s.Ready || s.Degraded {
+		t.Fatalf("Status with a live peer = %+v, want ready, not degraded", s)
+	}
+	h.alive = func() int { return 0 }
+	if s, _ := h.Status(ctx, "default"); !s.Degraded || !strings.Contains(s.Reason, "answers gossip") {
+		t.Fatalf("Status with no peer answering = %+v, want degraded", s)
 	}
 }
 
