@@ -1,16 +1,20 @@
 package cnirpc_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -229,4 +233,28 @@ func TestHostVethName(t *testing.T) {
 	if cnirpc.HostVethName("default", key("abc", "eth1")) == a || cnirpc.HostVethName("blue", key("abc", "eth0")) == a {
 		t.Fatal("interface or network does not change the name")
 	}
+}
+
+// FuzzHandler: any request body on any operation gets an answer with a
+// CNI error code or a success, never a panic or a 500 without a code.
+func FuzzHandler(f *testing.F) {
+	f.Add("add", []byte(`{"network":"default","containerID":"abc","ifName":"eth0"}`))
+	f.Add("gc", []byte(`{"network":"default","valid":[{"containerID":"a","ifName":"eth0"}]}`))
+	f.Add("del", []byte(`{"network":"default","containerID":"abc","ifName":"eth0","ip":"198.19.0.9"}`))
+	f.Add("check", []byte(`{"network":`))
+	h := cnirpc.NewHandler(&fakeHandler{addrs: map[string]netip.Prefix{}}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	f.Fuzz(func(t *testing.T, op string, body []byte) {
+		if !slices.Contains([]string{"add", "del", "check", "gc"}, op) {
+			op = "add"
+		}
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(http.MethodPost, "/v1/"+op, bytes.NewReader(body)))
+		if w.Code == http.StatusOK {
+			return
+		}
+		var e cnirpc.Error
+		if err := json.Unmarshal(w.Body.Bytes(), &e); err != nil || e.Code == 0 {
+			t.Fatalf("%s %q: %d %q: not a CNI error", op, body, w.Code, w.Body.String())
+		}
+	})
 }
