@@ -55,12 +55,8 @@ func run(samples int) error {
 		return err
 	}
 	ref := filepath.Join(bin, "ref")
-	build := exec.CommandContext(ctx, "go", "-C", "tools", "build", "-o", ref+"/",
-		"github.com/containernetworking/plugins/plugins/main/bridge",
-		"github.com/containernetworking/plugins/plugins/ipam/host-local")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("build reference plugins: %w: %s", err, out)
+	if err := simnet.BuildTools(ctx, ref); err != nil {
+		return err
 	}
 
 	net, err := simnet.New(ctx, simnet.Options{Hosts: 2, Overlayd: overlayd, CNI: cni})

@@ -160,7 +160,7 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("releasing addresses of vanished containers", "err", err)
 	}
 	srv := &http.Server{Handler: d.instrument(cnirpc.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}
-	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac, "mtu", local.MTU,
+	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac.String(), "mtu", local.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "startup", time.Since(start).Round(time.Millisecond))
 
 	eg, ctx := errgroup.WithContext(ctx)

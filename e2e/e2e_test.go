@@ -29,6 +29,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bins.overlayd, bins.cni, err = simnet.Build(context.Background(), dir)
+	if err == nil {
+		// The reference plugins and cnitool, beside overlay-cni on the
+		// CNI path, for the chaining and client tests.
+		err = simnet.BuildTools(context.Background(), dir)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.RemoveAll(dir)

@@ -250,7 +250,7 @@ func New(cfg Config) (*Gossip, error) {
 	self := ml.LocalNode()
 	addr, _ := netip.AddrFromSlice(self.Addr)
 	g.localAddr = netip.AddrPortFrom(addr.Unmap(), self.Port)
-	g.log.Info("gossip started", "host", g.host, "addr", g.localAddr)
+	g.log.Info("gossip started", "addr", g.localAddr)
 	return g, nil
 }
 
@@ -537,7 +537,7 @@ func (g *Gossip) shutdownLocked() error {
 	if err != nil {
 		return fmt.Errorf("gossip: shutdown: %w", err)
 	}
-	g.log.Info("gossip stopped", "host", g.host)
+	g.log.Info("gossip stopped")
 	return nil
 }
 
@@ -591,9 +591,9 @@ func (g *Gossip) update(n *memberlist.Node, joined bool) {
 		g.nodes[n.Name] = node{member: m}
 		g.mu.Unlock()
 		if joined {
-			g.log.Info("member joined", "host", m.Host, "addr", addr, "underlay", m.Underlay)
+			g.log.Info("member joined", "member", m.Host, "addr", addr, "underlay", m.Underlay)
 		} else {
-			g.log.Debug("member updated", "host", m.Host, "addr", addr, "underlay", m.Underlay)
+			g.log.Debug("member updated", "member", m.Host, "addr", addr, "underlay", m.Underlay)
 		}
 	}
 	g.kickChange()

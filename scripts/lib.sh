@@ -1,6 +1,7 @@
 # Sourced by the scripts in this directory: makes sure a fresh Debian
 # machine has what the project needs, installing it if not.
-#   ensure_packages  iproute2, iputils-ping, git (apt-get, as root)
+#   ensure_packages  iproute2, iputils-ping, git, iptables, nftables
+#                    (apt-get, as root; the last two for the portmap plugin)
 #   ensure_go        Go >= $GO_MIN on PATH; when the machine has none or an
 #                    older one, Debian's golang-go downloads the official
 #                    toolchain module ($GO_VERSION) from the Go module proxy.
@@ -23,6 +24,8 @@ ensure_packages() {
 	command -v bridge >/dev/null || need+=(iproute2)
 	command -v ping >/dev/null || need+=(iputils-ping)
 	command -v git >/dev/null || need+=(git)
+	command -v iptables >/dev/null || need+=(iptables)
+	command -v nft >/dev/null || need+=(nftables)
 	if [ ${#need[@]} -gt 0 ]; then
 		apt_install $(printf '%s\n' "${need[@]}" | sort -u) ca-certificates
 	fi

@@ -36,6 +36,9 @@ type Container struct {
 	CapabilityArgs map[string]any
 	// Args are the CNI_ARGS pairs.
 	Args [][2]string
+	// ConfList, when set, replaces the host's CNIConfList for this
+	// container, for example to chain other plugins after overlay-cni.
+	ConfList []byte
 }
 
 // NetNSPath returns the path of the container's namespace.
@@ -48,11 +51,25 @@ func (h *Host) CNIConfList() []byte {
 		h.n.Network.Name, h.Socket)
 }
 
+// ChainConfList returns a configuration list that chains the reference
+// portmap and bandwidth plugins after overlay-cni, as the CNI checklist
+// asks (see BuildTools).
+func (h *Host) ChainConfList() []byte {
+	return fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay","plugins":[
+{"type":"overlay-cni","network":%q,"socket":%q,"capabilities":{"ips":true,"mac":true}},
+{"type":"portmap","capabilities":{"portMappings":true}},
+{"type":"bandwidth","capabilities":{"bandwidth":true}}]}`, h.n.Network.Name, h.Socket)
+}
+
 // CNI returns a libcni client whose plugins run in the host's namespace,
 // as a runtime on that host would run them, with a cache directory
 // private to the run.
 func (h *Host) CNI() (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
-	list, err := libcni.ConfListFromBytes(h.CNIConfList())
+	return h.cni(h.CNIConfList())
+}
+
+func (h *Host) cni(conflist []byte) (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
+	list, err := libcni.ConfListFromBytes(conflist)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -81,6 +98,14 @@ func (h *Host) GC(ctx context.Context, valid ...*Container) error {
 		args.ValidAttachments = append(args.ValidAttachments, types.GCAttachment{ContainerID: c.ID, IfName: "eth0"})
 	}
 	return h.InNS(func() error { return cni.GCNetworkList(ctx, list, args) })
+}
+
+// cni returns the libcni client and configuration list of c.
+func (c *Container) cni() (*libcni.CNIConfig, *libcni.NetworkConfigList, error) {
+	if c.ConfList != nil {
+		return c.Host.cni(c.ConfList)
+	}
+	return c.Host.CNI()
 }
 
 // RuntimeConf returns the runtime configuration of container c.
@@ -113,7 +138,7 @@ func (n *Net) NewContainer(ctx context.Context, h *Host, id string) (*Container,
 
 // Attach runs ADD for c through libcni and records the result.
 func (n *Net) Attach(ctx context.Context, c *Container) error {
-	cni, list, err := c.Host.CNI()
+	cni, list, err := c.cni()
 	if err != nil {
 		return err
 	}
@@ -141,7 +166,7 @@ func (n *Net) Attach(ctx context.Context, c *Container) error {
 
 // CheckContainer runs CHECK on c through libcni.
 func (n *Net) CheckContainer(ctx context.Context, c *Container) error {
-	cni, list, err := c.Host.CNI()
+	cni, list, err := c.cni()
 	if err != nil {
 		return err
 	}
@@ -156,7 +181,7 @@ func (c *Container) RemoveNetNS(ctx context.Context) error {
 
 // DelContainer detaches c through libcni (the namespace stays).
 func (n *Net) DelContainer(ctx context.Context, c *Container) error {
-	cni, list, err := c.Host.CNI()
+	cni, list, err := c.cni()
 	if err != nil {
 		return err
 	}
@@ -263,6 +288,29 @@ func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
 		}
 	}
 	return overlayd, cni, nil
+}
+
+// BuildTools compiles (static) the reference CNI plugins bridge,
+// host-local, portmap and bandwidth, and cnitool, as pinned in the tools
+// module (tools/go.mod), into dir.
+func BuildTools(ctx context.Context, dir string) error {
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return err
+	}
+	tools := []string{
+		"github.com/containernetworking/plugins/plugins/main/bridge",
+		"github.com/containernetworking/plugins/plugins/ipam/host-local",
+		"github.com/containernetworking/plugins/plugins/meta/portmap",
+		"github.com/containernetworking/plugins/plugins/meta/bandwidth",
+		"github.com/containernetworking/cni/cnitool",
+	}
+	cmd := exec.CommandContext(ctx, "go", append([]string{"-C", filepath.Join(root, "tools"), "build", "-o", dir + "/"}, tools...)...)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build the reference plugins and cnitool: %w: %s", err, out)
+	}
+	return nil
 }
 
 func moduleRoot(ctx context.Context) (string, error) {

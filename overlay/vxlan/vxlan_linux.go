@@ -259,7 +259,7 @@ func (l *Linux) convergeLinkLocked(link netlink.Link, mtu int, hw net.HardwareAd
 		if err := l.h.LinkSetHardwareAddr(link, hw); err != nil {
 			errs = append(errs, fmt.Errorf("vxlan: set address of %s to %s: %w", a.Name, hw, err))
 		} else {
-			l.log.Info("set hardware address", "device", a.Name, "addr", hw, "was", a.HardwareAddr)
+			l.log.Info("set hardware address", "device", a.Name, "addr", hw.String(), "was", a.HardwareAddr.String())
 		}
 	}
 	if a.Flags&net.FlagUp == 0 {
