@@ -128,7 +128,9 @@ func (tg Target) add(t *testing.T, version string, a attachment) []byte {
 	if o.exit != 0 {
 		t.Fatalf("ADD %s at %s: %s", a.id, version, o)
 	}
-	t.Cleanup(func() { tg.call(t, "DEL", a.env(), tg.conf(t, version, map[string]any{"prevResult": json.RawMessage(o.stdout)})) })
+	t.Cleanup(func() {
+		tg.call(t, "DEL", a.env(), tg.conf(t, version, map[string]any{"prevResult": json.RawMessage(o.stdout)}))
+	})
 	return o.stdout
 }
 
@@ -211,4 +213,3 @@ func (tg Target) hostLinks(t *testing.T) []string {
 	slices.Sort(names)
 	return names
 }
-
