@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -320,4 +321,10 @@ func TestDeletedDeviceComesBack(t *testing.T) {
 		return nil
 	})
 	eventually(t, 10*time.Second, "ping after recreation", func() error { return a.Ping(ctx, b.Addr.Addr(), 1) })
+}
+
+// addrOf converts a net.IP to a netip.Addr (zero when invalid).
+func addrOf(ip net.IP) netip.Addr {
+	a, _ := netip.AddrFromSlice(ip)
+	return a.Unmap()
 }

@@ -291,8 +291,8 @@ func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
 }
 
 // BuildTools compiles (static) the reference CNI plugins bridge,
-// host-local, portmap and bandwidth, and cnitool, as pinned in the tools
-// module (tools/go.mod), into dir.
+// loopback, host-local, portmap and bandwidth, and cnitool, as pinned in
+// the tools module (tools/go.mod), into dir.
 func BuildTools(ctx context.Context, dir string) error {
 	root, err := moduleRoot(ctx)
 	if err != nil {
@@ -300,6 +300,7 @@ func BuildTools(ctx context.Context, dir string) error {
 	}
 	tools := []string{
 		"github.com/containernetworking/plugins/plugins/main/bridge",
+		"github.com/containernetworking/plugins/plugins/main/loopback",
 		"github.com/containernetworking/plugins/plugins/ipam/host-local",
 		"github.com/containernetworking/plugins/plugins/meta/portmap",
 		"github.com/containernetworking/plugins/plugins/meta/bandwidth",
