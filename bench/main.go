@@ -12,6 +12,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 
+	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
 )
 
@@ -143,10 +145,54 @@ func run(samples int) error {
 		}
 		bare = append(bare, time.Since(t))
 	}
+	// overlayd's share: the socket request alone, etcd included.
+	var rpcAdd, rpcDel []time.Duration
+	client := cnirpc.NewClient(h2.Socket)
+	for i := range samples {
+		req := cnirpc.Request{Network: net.Network.Name, ContainerID: fmt.Sprintf("rpc%d", i), IfName: "eth0"}
+		t := time.Now()
+		if _, err := client.Add(ctx, req); err != nil {
+			return err
+		}
+		rpcAdd = append(rpcAdd, time.Since(t))
+		t = time.Now()
+		if err := client.Del(ctx, req); err != nil {
+			return err
+		}
+		rpcDel = append(rpcDel, time.Since(t))
+	}
+
+	// The plugin exec'd directly, without libcni.
+	var direct []time.Duration
+	for i := range samples {
+		c, err := net.NewContainer(ctx, h2, fmt.Sprintf("direct%d", i))
+		if err != nil {
+			return err
+		}
+		err = h2.InNS(func() error {
+			cmd := exec.Command(cni)
+			cmd.Env = []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=" + c.ID, "CNI_NETNS=" + c.NetNSPath(), "CNI_IFNAME=eth0", "CNI_PATH=" + filepath.Dir(cni)}
+			cmd.Stdin = bytes.NewReader(fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay","type":"overlay-cni","network":%q,"socket":%q}`, net.Network.Name, h2.Socket))
+			t := time.Now()
+			out, err := cmd.Output()
+			direct = append(direct, time.Since(t))
+			if err != nil {
+				return fmt.Errorf("direct ADD: %w: %s", err, out)
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+
 	fmt.Println("\nCNI through libcni, one host (ADD then DEL of a fresh namespace)")
 	report("overlay-cni ADD", ovAdd, refAdd, "bridge+host-local ADD")
 	report("overlay-cni DEL", ovDel, refDel, "bridge+host-local DEL")
 	report("overlay-cni VERSION (bare exec)", bare, nil, "")
+	report("overlay-cni ADD exec'd directly", direct, nil, "")
+	report("overlayd add request (socket+etcd)", rpcAdd, nil, "")
+	report("overlayd del request (socket+etcd)", rpcDel, nil, "")
 	return nil
 }
 
