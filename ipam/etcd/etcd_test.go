@@ -405,3 +405,36 @@ func TestAllocateAddr(t *testing.T) {
 		t.Fatalf("next free after filling .2-.39 = %+v, %v; want .41 (.40 is taken)", next, err)
 	}
 }
+
+// TestAllocateWithStaleCache: an address taken in etcd behind the pool's
+// back (its cache does not know) is never handed out again.
+func TestAllocateWithStaleCache(t *testing.T) {
+	ctx := context.Background()
+	s := etcd.NewStore(startEtcd(t), "")
+	n := testNetwork()
+	n.CIDR = netip.MustParsePrefix("198.19.0.0/26")
+	p := s.Pool(n, "a")
+	if _, err := p.Lease(ctx); err != nil {
+		t.Fatal(err)
+	}
+	first, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"})
+	if err != nil || first.Addr.Addr().String() != "198.19.0.2" {
+		t.Fatalf("first = %+v, %v", first, err)
+	}
+	// Someone else (a second overlayd with a copied host ID, an operator)
+	// takes .3 directly in etcd.
+	if _, err := s.Client().Put(ctx, etcd.DefaultPrefix+"networks/default/addrs/198.19.0.0-26/198.19.0.3", `{"host":"a","containerID":"intruder","ifName":"eth0"}`); err != nil {
+		t.Fatal(err)
+	}
+	next, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "c2", IfName: "eth0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if next.Addr.Addr().String() != "198.19.0.4" {
+		t.Fatalf("next = %s, want .4 (.3 was taken behind the cache's back)", next.Addr)
+	}
+	holder, err := s.Holder(ctx, n, netip.MustParseAddr("198.19.0.3"))
+	if err != nil || holder.ContainerID != "intruder" {
+		t.Fatalf("the intruder's record was overwritten: %+v, %v", holder, err)
+	}
+}

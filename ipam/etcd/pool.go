@@ -62,6 +62,14 @@ type Pool struct {
 	host overlay.HostID
 
 	allocMu sync.Mutex // serializes this host's allocations, so they never race each other
+	// Guarded by allocMu: what this host's allocations look like in etcd,
+	// kept so that an allocation needs one transaction, not three round
+	// trips. Only this host allocates from its blocks; the transaction's
+	// compares still decide, so a stale cache costs a retry, never a
+	// duplicate.
+	cached   bool                                   // attach and used have been read
+	attach   map[overlay.AttachmentKey]netip.Prefix // this host's allocations
+	usedAddr map[netip.Addr]bool                    // addresses taken in held blocks
 
 	mu   sync.Mutex // guards held
 	held map[netip.Prefix]held
@@ -137,6 +145,8 @@ func (p *Pool) Held() []netip.Prefix {
 // succeeds only when the block's key does not exist, so no block ever has
 // two owners.
 func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
+	// The blocks may change: the allocation cache is read again after.
+	defer p.invalidate()
 	recs, err := p.blocks(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("lease block for %s: %w", p.host, err)
@@ -272,6 +282,7 @@ func (p *Pool) ReleaseBlocks(ctx context.Context) error {
 			p.mu.Lock()
 			clear(p.held)
 			p.mu.Unlock()
+			p.invalidate()
 			return nil
 		}
 	}
@@ -285,8 +296,11 @@ func (p *Pool) ReleaseBlocks(ctx context.Context) error {
 func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
 	p.allocMu.Lock()
 	defer p.allocMu.Unlock()
-	if al, err := p.Lookup(ctx, key); !errors.Is(err, overlay.ErrNotFound) {
-		return al, err
+	if err := p.loadLocked(ctx); err != nil {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
+	}
+	if addr, ok := p.attach[key]; ok {
+		return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
 	}
 	blocks := p.heldCopy()
 	if len(blocks) == 0 {
@@ -297,22 +311,23 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 		if !ok {
 			continue
 		}
-		used, err := p.used(ctx, b)
-		if err != nil {
-			return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
-		}
 		for a := overlay.Gateway(b).Next(); a != overlay.Broadcast(b); a = a.Next() {
-			if used[a] {
+			if p.usedAddr[a] {
 				continue
 			}
 			al, won, err := p.claim(ctx, key, b, h, a)
 			if err != nil || won {
 				return al, err
 			}
-			// Lost a race: the key got an address elsewhere, the
-			// address was taken, or the block is no longer ours.
-			if al, err := p.Lookup(ctx, key); err == nil {
-				return al, nil
+			// Lost a race with something outside this pool: the key or
+			// the address exists in etcd, or the block is no longer
+			// ours. Read etcd again and carry on.
+			p.cached = false
+			if err := p.loadLocked(ctx); err != nil {
+				return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
+			}
+			if addr, ok := p.attach[key]; ok {
+				return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
 			}
 			if !p.stillHeld(ctx, b, h) {
 				break
@@ -330,6 +345,9 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a netip.Addr) (overlay.Allocation, error) {
 	p.allocMu.Lock()
 	defer p.allocMu.Unlock()
+	if err := p.loadLocked(ctx); err != nil {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", a, key, err)
+	}
 	al, err := p.Lookup(ctx, key)
 	switch {
 	case err == nil && al.Addr.Addr() == a:
@@ -376,7 +394,44 @@ func (p *Pool) claim(ctx context.Context, key overlay.AttachmentKey, b netip.Pre
 	if !resp.Succeeded {
 		return al, false, nil
 	}
+	p.attach[key] = addr
+	p.usedAddr[a] = true
 	return overlay.Allocation{Key: key, Addr: addr, Host: p.host, New: true}, true, nil
+}
+
+// invalidate makes the next allocation read etcd again.
+func (p *Pool) invalidate() {
+	p.allocMu.Lock()
+	p.cached = false
+	p.allocMu.Unlock()
+}
+
+// loadLocked reads this host's allocations and the used addresses of its
+// blocks into the cache, unless it is loaded already. p.allocMu is held.
+func (p *Pool) loadLocked(ctx context.Context) error {
+	if p.cached {
+		return nil
+	}
+	list, err := p.List(ctx)
+	if err != nil {
+		return err
+	}
+	attach := make(map[overlay.AttachmentKey]netip.Prefix, len(list))
+	for _, al := range list {
+		attach[al.Key] = al.Addr
+	}
+	used := make(map[netip.Addr]bool)
+	for _, b := range p.Held() {
+		u, err := p.used(ctx, b)
+		if err != nil {
+			return err
+		}
+		for a := range u {
+			used[a] = true
+		}
+	}
+	p.attach, p.usedAddr, p.cached = attach, used, true
+	return nil
 }
 
 func (p *Pool) heldCopy() map[netip.Prefix]held {
@@ -446,6 +501,8 @@ func (p *Pool) Lookup(ctx context.Context, key overlay.AttachmentKey) (overlay.A
 
 // Release frees the address of key. A key without one is not an error.
 func (p *Pool) Release(ctx context.Context, key overlay.AttachmentKey) error {
+	p.allocMu.Lock()
+	defer p.allocMu.Unlock()
 	akey := p.s.attachKey(p.net.Name, p.host, key)
 	for attempt := 0; attempt <= maxTxnRetries; attempt++ {
 		resp, err := p.s.cli.Get(ctx, akey)
@@ -453,6 +510,9 @@ func (p *Pool) Release(ctx context.Context, key overlay.AttachmentKey) error {
 			return fmt.Errorf("release %s: %w", key, err)
 		}
 		if len(resp.Kvs) == 0 {
+			if p.cached {
+				delete(p.attach, key)
+			}
 			return nil
 		}
 		kv := resp.Kvs[0]
@@ -479,6 +539,12 @@ func (p *Pool) Release(ctx context.Context, key overlay.AttachmentKey) error {
 			return fmt.Errorf("release %s: %w", key, err)
 		}
 		if tr.Succeeded {
+			if p.cached {
+				if addr, ok := p.attach[key]; ok {
+					delete(p.usedAddr, addr.Addr())
+				}
+				delete(p.attach, key)
+			}
 			return nil
 		}
 	}
