@@ -1,6 +1,7 @@
 package cnirpc
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -20,23 +21,17 @@ var ErrUnavailable = errors.New("cnirpc: overlayd unavailable")
 // maxResponseBytes bounds an answer read from overlayd.
 const maxResponseBytes = 1 << 20
 
-// Client talks to overlayd over its socket. It is safe for concurrent use.
+// Client talks to overlayd over its socket. It is safe for concurrent
+// use. Each call is one HTTP/1.1 exchange on a connection of its own,
+// written by hand: a CNI plugin makes one call per exec, and an
+// http.Transport costs more to set up than the exchange itself.
 type Client struct {
 	socket string
-	hc     *http.Client
 }
 
 // NewClient returns a client of the overlayd listening on socket.
 func NewClient(socket string) *Client {
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
-		MaxIdleConns:    1,
-		IdleConnTimeout: 10 * time.Second,
-	}
-	return &Client{socket: socket, hc: &http.Client{Transport: tr}}
+	return &Client{socket: socket}
 }
 
 // Add asks for the address of r's container interface.
@@ -74,22 +69,34 @@ func (c *Client) Status(ctx context.Context, network string) (Status, error) {
 }
 
 func (c *Client) do(ctx context.Context, method, op string, in, out any) error {
-	var body io.Reader
+	var body []byte
 	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
+		var err error
+		if body, err = json.Marshal(in); err != nil {
 			return fmt.Errorf("encode %s request: %w", op, err)
 		}
-		body = bytes.NewReader(b)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://overlayd/"+Version+"/"+op, body)
-	if err != nil {
-		return fmt.Errorf("%s request: %w", op, err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.hc.Do(req)
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.socket)
 	if err != nil {
 		return fmt.Errorf("overlayd at %s: %w: %w", c.socket, ErrUnavailable, err)
+	}
+	defer conn.Close()
+	if deadline, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(deadline)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
+	defer stop()
+	var reqBuf bytes.Buffer
+	fmt.Fprintf(&reqBuf, "%s /%s/%s HTTP/1.1\r\nHost: overlayd\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n",
+		method, Version, op, len(body))
+	reqBuf.Write(body)
+	if _, err := conn.Write(reqBuf.Bytes()); err != nil {
+		return fmt.Errorf("send %s to overlayd at %s: %w: %w", op, c.socket, ErrUnavailable, err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return fmt.Errorf("read %s answer: %w: %w", op, ErrUnavailable, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, maxResponseBytes))
