@@ -19,6 +19,7 @@ import (
 	"testing"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -80,11 +81,11 @@ func serve(t *testing.T) (socket string) {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	socket = filepath.Join(dir, "run", "overlayd.sock")
-	l, err := cnirpc.Listen(socket)
+	l, err := rpcserver.Listen(socket)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: cnirpc.NewHandler(&fakeHandler{addrs: map[string]netip.Prefix{}}, slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	srv := &http.Server{Handler: rpcserver.NewHandler(&fakeHandler{addrs: map[string]netip.Prefix{}}, slog.New(slog.NewTextHandler(io.Discard, nil)))}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
 	return socket
@@ -100,7 +101,7 @@ func TestRoundTrip(t *testing.T) {
 	if fi.Mode().Perm() != 0o600 {
 		t.Errorf("socket mode = %v, want 0600", fi.Mode().Perm())
 	}
-	if _, err := cnirpc.Listen(socket); err == nil || !strings.Contains(err.Error(), "another overlayd") {
+	if _, err := rpcserver.Listen(socket); err == nil || !strings.Contains(err.Error(), "another overlayd") {
 		t.Errorf("second Listen on a live socket = %v", err)
 	}
 
@@ -242,7 +243,7 @@ func FuzzHandler(f *testing.F) {
 	f.Add("gc", []byte(`{"network":"default","valid":[{"containerID":"a","ifName":"eth0"}]}`))
 	f.Add("del", []byte(`{"network":"default","containerID":"abc","ifName":"eth0","ip":"198.19.0.9"}`))
 	f.Add("check", []byte(`{"network":`))
-	h := cnirpc.NewHandler(&fakeHandler{addrs: map[string]netip.Prefix{}}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	h := rpcserver.NewHandler(&fakeHandler{addrs: map[string]netip.Prefix{}}, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	f.Fuzz(func(t *testing.T, op string, body []byte) {
 		if !slices.Contains([]string{"add", "del", "check", "gc"}, op) {
 			op = "add"

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -30,7 +31,7 @@ type CNIHandler struct {
 	log     *slog.Logger
 }
 
-var _ cnirpc.Handler = (*CNIHandler)(nil)
+var _ rpcserver.Handler = (*CNIHandler)(nil)
 
 // NewCNIHandler returns the handler of network n, whose containers get
 // the given MTU and addresses from pool; status reports the network's

@@ -19,7 +19,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/metrics"
@@ -143,7 +143,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		defer metricsListener.Close()
 	}
-	l, err := cnirpc.Listen(cfg.Socket)
+	l, err := rpcserver.Listen(cfg.Socket)
 	if err != nil {
 		return err
 	}
@@ -159,7 +159,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}); err != nil {
 		log.Warn("releasing addresses of vanished containers", "err", err)
 	}
-	srv := &http.Server{Handler: d.instrument(cnirpc.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}
+	srv := &http.Server{Handler: d.instrument(rpcserver.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}
 	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac.String(), "mtu", local.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "startup", time.Since(start).Round(time.Millisecond))
 

@@ -1,6 +1,12 @@
-package cnirpc
+// Package rpcserver serves the cnirpc protocol for overlayd: the HTTP
+// handler of its operations and the Unix socket it listens on. The
+// protocol's types and the plugin's client are in cnirpc, which does not
+// link net/http.
+package rpcserver
 
 import (
+	"github.com/overlaynet/overlay/cnirpc"
+
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,47 +29,47 @@ const maxGCRequestBytes = 16 << 20
 
 // Handler serves the protocol's operations. Its methods may be called
 // concurrently and block while they talk to the store. An error that is
-// an *Error is passed to the plugin as it is; any other becomes
-// CodeInternal.
+// an *cnirpc.Error is passed to the plugin as it is; any other becomes
+// cnirpc.CodeInternal.
 type Handler interface {
 	// Add allocates (or returns the existing) address of the container
 	// interface.
-	Add(ctx context.Context, r Request) (Attachment, error)
+	Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error)
 	// Del releases the container interface's address; one that holds
 	// none is not an error.
-	Del(ctx context.Context, r Request) error
+	Del(ctx context.Context, r cnirpc.Request) error
 	// Check returns the container interface's attachment, or an error
 	// when it holds no address.
-	Check(ctx context.Context, r Request) (Attachment, error)
+	Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error)
 	// Status reports whether the network can serve an ADD.
-	Status(ctx context.Context, network string) (Status, error)
+	Status(ctx context.Context, network string) (cnirpc.Status, error)
 	// GC releases the addresses on this host that no valid attachment
 	// holds, and returns the attachments it released.
-	GC(ctx context.Context, r GCRequest) (GCResponse, error)
+	GC(ctx context.Context, r cnirpc.GCRequest) (cnirpc.GCResponse, error)
 }
 
 // NewHandler returns the HTTP handler of the protocol over h.
 func NewHandler(h Handler, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /"+Version+"/add", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /"+cnirpc.Version+"/add", func(w http.ResponseWriter, r *http.Request) {
 		serveRequest(w, r, log, "add", h.Add)
 	})
-	mux.HandleFunc("POST /"+Version+"/check", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /"+cnirpc.Version+"/check", func(w http.ResponseWriter, r *http.Request) {
 		serveRequest(w, r, log, "check", h.Check)
 	})
-	mux.HandleFunc("POST /"+Version+"/del", func(w http.ResponseWriter, r *http.Request) {
-		serveRequest(w, r, log, "del", func(ctx context.Context, req Request) (struct{}, error) {
+	mux.HandleFunc("POST /"+cnirpc.Version+"/del", func(w http.ResponseWriter, r *http.Request) {
+		serveRequest(w, r, log, "del", func(ctx context.Context, req cnirpc.Request) (struct{}, error) {
 			return struct{}{}, h.Del(ctx, req)
 		})
 	})
-	mux.HandleFunc("POST /"+Version+"/gc", func(w http.ResponseWriter, r *http.Request) {
-		var req GCRequest
+	mux.HandleFunc("POST /"+cnirpc.Version+"/gc", func(w http.ResponseWriter, r *http.Request) {
+		var req cnirpc.GCRequest
 		if err := json.NewDecoder(io.LimitReader(r.Body, maxGCRequestBytes)).Decode(&req); err != nil {
-			writeError(w, log, "gc", Errorf(CodeDecodingFailure, "gc: decode request: %v", err))
+			writeError(w, log, "gc", cnirpc.Errorf(cnirpc.CodeDecodingFailure, "gc: decode request: %v", err))
 			return
 		}
 		if req.Network == "" {
-			writeError(w, log, "gc", Errorf(CodeInvalidNetwork, "gc: no network given"))
+			writeError(w, log, "gc", cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "gc: no network given"))
 			return
 		}
 		out, err := h.GC(r.Context(), req)
@@ -73,10 +79,10 @@ func NewHandler(h Handler, log *slog.Logger) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, out)
 	})
-	mux.HandleFunc("GET /"+Version+"/status", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("GET /"+cnirpc.Version+"/status", func(w http.ResponseWriter, r *http.Request) {
 		network := r.URL.Query().Get("network")
 		if network == "" {
-			writeError(w, log, "status", Errorf(CodeInvalidNetwork, "status: no network given"))
+			writeError(w, log, "status", cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "status: no network given"))
 			return
 		}
 		st, err := h.Status(r.Context(), network)
@@ -89,11 +95,11 @@ func NewHandler(h Handler, log *slog.Logger) http.Handler {
 	return mux
 }
 
-func serveRequest[T any](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, fn func(context.Context, Request) (T, error)) {
-	var req Request
+func serveRequest[T any](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, fn func(context.Context, cnirpc.Request) (T, error)) {
+	var req cnirpc.Request
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestBytes))
 	if err := dec.Decode(&req); err != nil {
-		writeError(w, log, op, Errorf(CodeDecodingFailure, "%s: decode request: %v", op, err))
+		writeError(w, log, op, cnirpc.Errorf(cnirpc.CodeDecodingFailure, "%s: decode request: %v", op, err))
 		return
 	}
 	if err := req.Validate(); err != nil {
@@ -109,17 +115,17 @@ func serveRequest[T any](w http.ResponseWriter, r *http.Request, log *slog.Logge
 }
 
 func writeError(w http.ResponseWriter, log *slog.Logger, op string, err error) {
-	var e *Error
+	var e *cnirpc.Error
 	if !errors.As(err, &e) {
-		e = &Error{Code: CodeInternal, Msg: op + " failed", Details: err.Error()}
+		e = &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: op + " failed", Details: err.Error()}
 	}
 	status := http.StatusInternalServerError
 	switch e.Code {
-	case CodeDecodingFailure, CodeInvalidEnvironment, CodeInvalidNetwork, CodeUnsupportedField:
+	case cnirpc.CodeDecodingFailure, cnirpc.CodeInvalidEnvironment, cnirpc.CodeInvalidNetwork, cnirpc.CodeUnsupportedField:
 		status = http.StatusBadRequest
-	case CodeUnknownContainer:
+	case cnirpc.CodeUnknownContainer:
 		status = http.StatusNotFound
-	case CodeTryAgainLater, CodeNoAddress:
+	case cnirpc.CodeTryAgainLater, cnirpc.CodeNoAddress:
 		status = http.StatusServiceUnavailable
 	}
 	log.Warn("cni request failed", "op", op, "code", e.Code, "err", e.Error())
