@@ -290,23 +290,15 @@ func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
 	return overlayd, cni, nil
 }
 
-// BuildTools compiles (static) the reference CNI plugins bridge,
-// loopback, host-local, portmap and bandwidth, and cnitool, as pinned in
-// the tools module (tools/go.mod), into dir.
+// BuildTools compiles (static) every tool pinned in the tools module
+// (tools/go.mod) into dir: the reference CNI plugins bridge, loopback,
+// host-local, portmap and bandwidth, and cnitool.
 func BuildTools(ctx context.Context, dir string) error {
 	root, err := moduleRoot(ctx)
 	if err != nil {
 		return err
 	}
-	tools := []string{
-		"github.com/containernetworking/plugins/plugins/main/bridge",
-		"github.com/containernetworking/plugins/plugins/main/loopback",
-		"github.com/containernetworking/plugins/plugins/ipam/host-local",
-		"github.com/containernetworking/plugins/plugins/meta/portmap",
-		"github.com/containernetworking/plugins/plugins/meta/bandwidth",
-		"github.com/containernetworking/cni/cnitool",
-	}
-	cmd := exec.CommandContext(ctx, "go", append([]string{"-C", filepath.Join(root, "tools"), "build", "-o", dir + "/"}, tools...)...)
+	cmd := exec.CommandContext(ctx, "go", "-C", filepath.Join(root, "tools"), "build", "-o", dir+"/", "tool")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build the reference plugins and cnitool: %w: %s", err, out)
