@@ -1,6 +1,7 @@
-// Package tools pins the reference CNI plugins (bridge, host-local) that
-// the benchmarks compare overlay-cni with, in a module of their own so the
-// main go.mod stays clean. Build them with:
+// Package tools pins, in a module of its own so that the main go.mod
+// stays clean, the tools the tests and benchmarks use: the reference CNI
+// plugins (bridge, loopback, host-local, portmap, bandwidth) and cnitool.
+// Build them all with:
 //
-//	go -C tools build -o DIR github.com/containernetworking/plugins/plugins/main/bridge github.com/containernetworking/plugins/plugins/ipam/host-local
+//	go -C tools build -o DIR/ tool
 package tools
