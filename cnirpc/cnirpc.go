@@ -133,6 +133,14 @@ type GCRequest struct {
 	Valid []overlay.AttachmentKey `json:"valid"`
 }
 
+// Validate checks that the request names a network.
+func (r GCRequest) Validate() error {
+	if r.Network == "" {
+		return Errorf(CodeInvalidNetwork, "gc: request names no network")
+	}
+	return nil
+}
+
 // GCResponse lists what a GC released.
 type GCResponse struct {
 	// Released are the attachments whose addresses were released.

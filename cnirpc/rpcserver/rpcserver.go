@@ -52,32 +52,18 @@ type Handler interface {
 func NewHandler(h Handler, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /"+cnirpc.Version+"/add", func(w http.ResponseWriter, r *http.Request) {
-		serveRequest(w, r, log, "add", h.Add)
+		serve(w, r, log, "add", maxRequestBytes, h.Add)
 	})
 	mux.HandleFunc("POST /"+cnirpc.Version+"/check", func(w http.ResponseWriter, r *http.Request) {
-		serveRequest(w, r, log, "check", h.Check)
+		serve(w, r, log, "check", maxRequestBytes, h.Check)
 	})
 	mux.HandleFunc("POST /"+cnirpc.Version+"/del", func(w http.ResponseWriter, r *http.Request) {
-		serveRequest(w, r, log, "del", func(ctx context.Context, req cnirpc.Request) (struct{}, error) {
+		serve(w, r, log, "del", maxRequestBytes, func(ctx context.Context, req cnirpc.Request) (struct{}, error) {
 			return struct{}{}, h.Del(ctx, req)
 		})
 	})
 	mux.HandleFunc("POST /"+cnirpc.Version+"/gc", func(w http.ResponseWriter, r *http.Request) {
-		var req cnirpc.GCRequest
-		if err := json.NewDecoder(io.LimitReader(r.Body, maxGCRequestBytes)).Decode(&req); err != nil {
-			writeError(w, log, "gc", cnirpc.Errorf(cnirpc.CodeDecodingFailure, "gc: decode request: %v", err))
-			return
-		}
-		if req.Network == "" {
-			writeError(w, log, "gc", cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "gc: no network given"))
-			return
-		}
-		out, err := h.GC(r.Context(), req)
-		if err != nil {
-			writeError(w, log, "gc", err)
-			return
-		}
-		writeJSON(w, http.StatusOK, out)
+		serve(w, r, log, "gc", maxGCRequestBytes, h.GC)
 	})
 	mux.HandleFunc("GET /"+cnirpc.Version+"/status", func(w http.ResponseWriter, r *http.Request) {
 		network := r.URL.Query().Get("network")
@@ -95,9 +81,11 @@ func NewHandler(h Handler, log *slog.Logger) http.Handler {
 	return mux
 }
 
-func serveRequest[T any](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, fn func(context.Context, cnirpc.Request) (T, error)) {
-	var req cnirpc.Request
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxRequestBytes))
+// serve decodes a request of at most limit bytes, validates it, calls fn
+// and writes its answer or its error.
+func serve[Req interface{ Validate() error }, Resp any](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, limit int64, fn func(context.Context, Req) (Resp, error)) {
+	var req Req
+	dec := json.NewDecoder(io.LimitReader(r.Body, limit))
 	if err := dec.Decode(&req); err != nil {
 		writeError(w, log, op, cnirpc.Errorf(cnirpc.CodeDecodingFailure, "%s: decode request: %v", op, err))
 		return
