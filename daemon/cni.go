@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
@@ -28,16 +29,23 @@ type CNIHandler struct {
 	pool    Pool
 	status  func() overlay.Status
 	alive   func() int
+	links   HostLinks
+	bg      context.Context // bounds the deletions DEL leaves running
 	log     *slog.Logger
+
+	mu      sync.Mutex // guards pending
+	pending map[overlay.AttachmentKey]chan struct{}
 }
 
 var _ rpcserver.Handler = (*CNIHandler)(nil)
 
 // NewCNIHandler returns the handler of network n, whose containers get
 // the given MTU and addresses from pool; status reports the network's
-// reconciler, and alive how many other hosts answer gossip.
-func NewCNIHandler(n overlay.Network, mtu int, pool Pool, status func() overlay.Status, alive func() int, log *slog.Logger) *CNIHandler {
-	return &CNIHandler{network: n, mtu: mtu, pool: pool, status: status, alive: alive, log: log}
+// reconciler, alive how many other hosts answer gossip, and links are the
+// host's veths. The deletions DEL leaves running stop when bg is done.
+func NewCNIHandler(bg context.Context, n overlay.Network, mtu int, pool Pool, status func() overlay.Status, alive func() int, links HostLinks, log *slog.Logger) *CNIHandler {
+	return &CNIHandler{network: n, mtu: mtu, pool: pool, status: status, alive: alive, links: links, bg: bg, log: log,
+		pending: make(map[overlay.AttachmentKey]chan struct{})}
 }
 
 // storeTimeout bounds the etcd work of one CNI request. The etcd client
@@ -59,6 +67,9 @@ func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachme
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
 	key := overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}
+	if err := d.waitPending(ctx, key); err != nil {
+		return cnirpc.Attachment{}, &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: "add: the previous attachment of this interface is still being deleted", Details: err.Error()}
+	}
 	var al overlay.Allocation
 	var err error
 	if r.IP.IsValid() {
@@ -76,18 +87,87 @@ func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachme
 }
 
 // Del releases the container interface's address.
+// Del detaches the container interface's host veth (down and off the
+// bridge: its traffic stops at once) and answers; the veth is deleted and
+// then the address released in the background. Deleting a veth waits on
+// the kernel for most of a DEL's time, and the address must not be free
+// while a veth may still hold it. A release that fails (etcd down) is
+// retried until it succeeds or overlayd stops; a restarted overlayd
+// finishes what was pending (ReleaseOrphans).
 func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
 	if err := d.checkNetwork(r.Network); err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
-	defer cancel()
 	key := overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}
-	if err := d.pool.Release(ctx, key); err != nil {
-		return storeError("del", err)
+	name := cnirpc.HostVethName(d.network.Name, key)
+	if err := d.links.Detach(name); err != nil {
+		return &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: "del: detach the host veth " + name, Details: err.Error()}
 	}
-	d.log.Info("released", "container", r.ContainerID, "ifname", r.IfName)
+	d.deleteLater(key, name)
 	return nil
+}
+
+// waitPending waits until no deletion of key is pending.
+func (d *CNIHandler) waitPending(ctx context.Context, key overlay.AttachmentKey) error {
+	d.mu.Lock()
+	done, ok := d.pending[key]
+	d.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// releaseRetry bounds the wait between two tries of a release.
+const releaseRetry = 30 * time.Second
+
+// deleteLater deletes the host veth name, then releases key's address,
+// in the background, unless that is already under way.
+func (d *CNIHandler) deleteLater(key overlay.AttachmentKey, name string) {
+	d.mu.Lock()
+	if _, ok := d.pending[key]; ok {
+		d.mu.Unlock()
+		return
+	}
+	done := make(chan struct{})
+	d.pending[key] = done
+	d.mu.Unlock()
+	go func() {
+		defer func() {
+			d.mu.Lock()
+			delete(d.pending, key)
+			d.mu.Unlock()
+			close(done)
+		}()
+		if err := d.links.Delete(name); err != nil {
+			// The address stays allocated: a veth may still hold it. The
+			// runtime's GC or the next start of overlayd finishes it.
+			d.log.Error("deleting the host veth failed; its address stays allocated", "container", key.ContainerID, "ifname", key.IfName, "veth", name, "err", err)
+			return
+		}
+		wait := time.Second
+		for {
+			ctx, cancel := context.WithTimeout(d.bg, storeTimeout)
+			err := d.pool.Release(ctx, key)
+			cancel()
+			if err == nil {
+				d.log.Info("released", "container", key.ContainerID, "ifname", key.IfName)
+				return
+			}
+			d.log.Warn("releasing an address failed; retrying", "container", key.ContainerID, "ifname", key.IfName, "err", err, "retry", wait)
+			select {
+			case <-d.bg.Done():
+				return
+			case <-time.After(wait):
+			}
+			wait = min(2*wait, releaseRetry)
+		}
+	}()
 }
 
 // Check returns the container interface's attachment.
@@ -180,11 +260,12 @@ func (d *CNIHandler) GC(ctx context.Context, r cnirpc.GCRequest) (cnirpc.GCRespo
 }
 
 // ReleaseOrphans releases every address of this host whose container
-// interface has no host veth any more (exists reports whether a link
-// does). overlayd runs it at start, before it serves the socket: it is how
-// an address whose DEL came while overlayd was down, or whose host was
-// rebooted, is given back. It returns the attachments it released.
-func (d *CNIHandler) ReleaseOrphans(ctx context.Context, exists func(name string) (bool, error)) ([]overlay.AttachmentKey, error) {
+// interface has no host veth any more, deleting first a veth that DEL had
+// detached but not yet deleted. overlayd runs it at start, before it
+// serves the socket: it is how an address whose DEL came while overlayd
+// was down, or whose host was rebooted, or whose deletion a stop cut
+// short, is given back. It returns the attachments it released.
+func (d *CNIHandler) ReleaseOrphans(ctx context.Context) ([]overlay.AttachmentKey, error) {
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
 	list, err := d.pool.List(ctx)
@@ -194,10 +275,17 @@ func (d *CNIHandler) ReleaseOrphans(ctx context.Context, exists func(name string
 	var released []overlay.AttachmentKey
 	var errs []error
 	for _, al := range list {
-		ok, err := exists(cnirpc.HostVethName(d.network.Name, al.Key))
-		if err != nil || ok {
+		name := cnirpc.HostVethName(d.network.Name, al.Key)
+		state, err := d.links.State(name)
+		if err != nil || state == LinkAttached {
 			errs = append(errs, err)
 			continue
+		}
+		if state == LinkDetached {
+			if err := d.links.Delete(name); err != nil {
+				errs = append(errs, err)
+				continue
+			}
 		}
 		if err := d.pool.Release(ctx, al.Key); err != nil {
 			errs = append(errs, err)

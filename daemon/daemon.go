@@ -148,15 +148,8 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cniLog := log.With("component", "cni")
-	handler := NewCNIHandler(network, local.MTU, pool, rec.Status, func() int { return g.Stats().Members }, cniLog)
-	if _, err := handler.ReleaseOrphans(ctx, func(name string) (bool, error) {
-		_, err := h.LinkByName(name)
-		var nf netlink.LinkNotFoundError
-		if errors.As(err, &nf) {
-			return false, nil
-		}
-		return err == nil, err
-	}); err != nil {
+	handler := NewCNIHandler(ctx, network, local.MTU, pool, rec.Status, func() int { return g.Stats().Members }, netlinkLinks{h}, cniLog)
+	if _, err := handler.ReleaseOrphans(ctx); err != nil {
 		log.Warn("releasing addresses of vanished containers", "err", err)
 	}
 	srv := &http.Server{Handler: d.instrument(rpcserver.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}

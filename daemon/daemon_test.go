@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/overlay"
@@ -83,7 +84,52 @@ func TestVTEPMAC(t *testing.T) {
 
 var testNet = overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("198.19.0.0/28"), BlockBits: 29, VNI: 1, Port: 4789}
 
+// fakeLinks is HostLinks in memory. Delete waits for release, when set.
+type fakeLinks struct {
+	mu      sync.Mutex
+	state   map[string]LinkState
+	deleted []string
+	release chan struct{}
+}
+
+func (f *fakeLinks) State(name string) (LinkState, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.state[name], nil
+}
+
+func (f *fakeLinks) Detach(name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.state[name] != LinkGone {
+		f.state[name] = LinkDetached
+	}
+	return nil
+}
+
+func (f *fakeLinks) Delete(name string) error {
+	if f.release != nil {
+		<-f.release
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.state, name)
+	f.deleted = append(f.deleted, name)
+	return nil
+}
+
+func (f *fakeLinks) set(name string, s LinkState) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.state[name] = s
+}
+
 func newHandler(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.Status) {
+	h, store, st, _ := newHandlerLinks(t)
+	return h, store, st
+}
+
+func newHandlerLinks(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.Status, *fakeLinks) {
 	t.Helper()
 	store := overlaytest.NewStore(testNet)
 	pool := store.Pool("a")
@@ -91,8 +137,27 @@ func newHandler(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.Status)
 		t.Fatal(err)
 	}
 	st := &overlay.Status{Passes: 1}
-	h := NewCNIHandler(testNet, 1450, pool, func() overlay.Status { return *st }, func() int { return len(st.Config.Peers) }, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	return h, store, st
+	links := &fakeLinks{state: map[string]LinkState{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	h := NewCNIHandler(ctx, testNet, 1450, pool, func() overlay.Status { return *st }, func() int { return len(st.Config.Peers) }, links, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	return h, store, st, links
+}
+
+// released waits until the handler holds no address for key.
+func released(t *testing.T, h *CNIHandler, id string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, err := h.Check(context.Background(), cnirpc.Request{Network: "default", ContainerID: id, IfName: "eth0"})
+		if code(err) == cnirpc.CodeUnknownContainer {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still allocated: %v", id, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func code(err error) uint {
@@ -150,9 +215,7 @@ func TestCNIHandler(t *testing.T) {
 	if err := h.Del(ctx, req); err != nil {
 		t.Fatalf("second Del: %v", err)
 	}
-	if _, err := h.Check(ctx, req); code(err) != cnirpc.CodeUnknownContainer {
-		t.Fatalf("Check after Del: %v", err)
-	}
+	released(t, h, req.ContainerID)
 
 	store.SetErr(errors.New("etcdserver: request timed out"))
 	if _, err := h.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
@@ -210,24 +273,64 @@ func TestCNIHandlerGC(t *testing.T) {
 
 func TestReleaseOrphans(t *testing.T) {
 	ctx := context.Background()
-	h, _, _ := newHandler(t)
+	h, _, _, links := newHandlerLinks(t)
 	live := overlay.AttachmentKey{ContainerID: "live", IfName: "eth0"}
 	gone := overlay.AttachmentKey{ContainerID: "gone", IfName: "eth0"}
-	for _, k := range []overlay.AttachmentKey{live, gone} {
+	pending := overlay.AttachmentKey{ContainerID: "pending", IfName: "eth0"}
+	for _, k := range []overlay.AttachmentKey{live, gone, pending} {
 		if _, err := h.Add(ctx, cnirpc.Request{Network: "default", ContainerID: k.ContainerID, IfName: k.IfName}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	links := map[string]bool{cnirpc.HostVethName("default", live): true}
-	released, err := h.ReleaseOrphans(ctx, func(name string) (bool, error) { return links[name], nil })
-	if err != nil || len(released) != 1 || released[0] != gone {
-		t.Fatalf("ReleaseOrphans = %v, %v; want only %v", released, err, gone)
+	links.set(cnirpc.HostVethName("default", live), LinkAttached)
+	links.set(cnirpc.HostVethName("default", pending), LinkDetached) // a DEL a stop cut short
+	released, err := h.ReleaseOrphans(ctx)
+	if err != nil || len(released) != 2 {
+		t.Fatalf("ReleaseOrphans = %v, %v; want gone and pending", released, err)
 	}
 	if _, err := h.Check(ctx, cnirpc.Request{Network: "default", ContainerID: "live", IfName: "eth0"}); err != nil {
 		t.Fatalf("live attachment released: %v", err)
 	}
-	// A link lookup that fails proves nothing: keep the address.
-	if released, _ := h.ReleaseOrphans(ctx, func(string) (bool, error) { return false, errors.New("netlink busy") }); len(released) != 0 {
-		t.Fatalf("released %v on a failed lookup", released)
+	if st, _ := links.State(cnirpc.HostVethName("default", pending)); st != LinkGone {
+		t.Fatal("the detached veth of a pending deletion was not deleted")
+	}
+}
+
+// TestDelDetachesThenDeletesThenReleases: DEL answers once the veth is
+// detached; the address is released only after the veth is deleted, and
+// an ADD of the same interface waits for that.
+func TestDelDetachesThenDeletesThenReleases(t *testing.T) {
+	ctx := context.Background()
+	h, _, _, links := newHandlerLinks(t)
+	req := cnirpc.Request{Network: "default", ContainerID: "c", IfName: "eth0"}
+	if _, err := h.Add(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
+	links.set(name, LinkAttached)
+	links.release = make(chan struct{}) // the kernel is slow to delete
+	if err := h.Del(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := links.State(name); st != LinkDetached {
+		t.Fatalf("after DEL the veth is %v, want detached", st)
+	}
+	if _, err := h.Check(ctx, req); err != nil {
+		t.Fatalf("address released before the veth was deleted: %v", err)
+	}
+	added := make(chan cnirpc.Attachment, 1)
+	go func() {
+		a, _ := h.Add(ctx, req)
+		added <- a
+	}()
+	select {
+	case <-added:
+		t.Fatal("ADD did not wait for the pending deletion")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(links.release)
+	a := <-added
+	if !a.New {
+		t.Fatalf("ADD after the deletion = %+v, want a new allocation (the old one released first)", a)
 	}
 }

@@ -160,20 +160,20 @@ func (p *plugin) cmdDel(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
-	// Local cleanup first, from names alone: deleting the host end takes
-	// the container end with it, and works when the namespace is gone.
-	// The address is released only once the veth is gone, so that it is
-	// never given to another container while still configured here.
-	if err := deleteHostVeth(hostVethName(conf, args)); err != nil {
-		return types.NewError(types.ErrInternal, "delete host veth", err.Error())
-	}
+	// overlayd detaches the host veth at once (traffic stops), deletes it
+	// and then releases the address in the background: the kernel's
+	// deletion of a veth is most of what a DEL would otherwise wait for.
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	err = cnirpc.NewClient(conf.Socket).Del(ctx, request(conf, args))
 	if errors.Is(err, cnirpc.ErrUnavailable) {
-		// Nothing leaks: with the veth gone, overlayd releases the
-		// address when it starts again (it releases every address whose
-		// veth is missing before it serves the socket).
+		// Nothing leaks: the plugin deletes the veth itself (from its
+		// name alone; the container end goes with it), and overlayd
+		// releases the address when it starts again, as it releases
+		// every address whose veth is gone.
+		if derr := deleteHostVeth(hostVethName(conf, args)); derr != nil {
+			return types.NewError(types.ErrInternal, "delete host veth", derr.Error())
+		}
 		fmt.Fprintf(os.Stderr, "overlay-cni: DEL %s/%s: overlayd unreachable; the veth is removed and overlayd releases the address when it is back: %v\n", args.ContainerID, args.IfName, err)
 		return nil
 	}
