@@ -299,39 +299,55 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 	if err := p.loadLocked(ctx); err != nil {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
 	}
+	blocks := p.heldCopy()
 	if addr, ok := p.attach[key]; ok {
+		if _, held := blocks[addr.Masked()]; !held {
+			return overlay.Allocation{}, fmt.Errorf("allocate %s: its address %s is in a block %s no longer holds: %w", key, addr, p.host, overlay.ErrConflict)
+		}
 		return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
 	}
-	blocks := p.heldCopy()
 	if len(blocks) == 0 {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, p.host, p.net.Name, overlay.ErrPoolExhausted)
 	}
-	for _, b := range p.Held() {
-		h, ok := blocks[b]
-		if !ok {
-			continue
-		}
-		for a := overlay.Gateway(b).Next(); a != overlay.Broadcast(b); a = a.Next() {
-			if p.usedAddr[a] {
+	// Scan the cache; if it says every address is taken and was not read
+	// in this call, read etcd once more before saying so.
+	for pass := 0; pass < 2; pass++ {
+		reloaded := false
+		for _, b := range p.Held() {
+			h, ok := blocks[b]
+			if !ok {
 				continue
 			}
-			al, won, err := p.claim(ctx, key, b, h, a)
-			if err != nil || won {
-				return al, err
+			for a := overlay.Gateway(b).Next(); a != overlay.Broadcast(b); a = a.Next() {
+				if p.usedAddr[a] {
+					continue
+				}
+				al, won, err := p.claim(ctx, key, b, h, a)
+				if err != nil || won {
+					return al, err
+				}
+				// Lost a race with something outside this pool: the key
+				// or the address exists in etcd, or the block is no
+				// longer ours. Read etcd again and carry on.
+				p.cached, reloaded = false, true
+				if err := p.loadLocked(ctx); err != nil {
+					return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
+				}
+				if addr, ok := p.attach[key]; ok {
+					return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
+				}
+				if !p.stillHeld(ctx, b, h) {
+					p.cached = false
+					break
+				}
 			}
-			// Lost a race with something outside this pool: the key or
-			// the address exists in etcd, or the block is no longer
-			// ours. Read etcd again and carry on.
-			p.cached = false
-			if err := p.loadLocked(ctx); err != nil {
-				return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
-			}
-			if addr, ok := p.attach[key]; ok {
-				return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
-			}
-			if !p.stillHeld(ctx, b, h) {
-				break
-			}
+		}
+		if reloaded {
+			break
+		}
+		p.cached = false
+		if err := p.loadLocked(ctx); err != nil {
+			return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
 		}
 	}
 	return overlay.Allocation{}, fmt.Errorf("allocate %s: every address of %s's blocks %v is in use: %w", key, p.host, p.Held(), overlay.ErrPoolExhausted)
