@@ -14,9 +14,19 @@ import (
 	"time"
 )
 
-// ErrUnavailable is wrapped by client errors when overlayd cannot be
-// reached: the socket is missing, refuses connections or times out.
-var ErrUnavailable = errors.New("cnirpc: overlayd unavailable")
+// Errors the client wraps when overlayd does not answer.
+var (
+	// ErrUnavailable means overlayd could not be reached at all: the
+	// socket is missing or refuses connections. The request was not
+	// sent.
+	ErrUnavailable = errors.New("cnirpc: overlayd unavailable")
+	// ErrNoAnswer means the request was sent but no whole answer came
+	// back (a timeout, a connection closed early): overlayd may or may
+	// not have acted on it.
+	ErrNoAnswer = errors.New("cnirpc: no answer from overlayd")
+	// errAnswerTooLarge means the answer exceeded maxResponseBytes.
+	errAnswerTooLarge = errors.New("answer too large")
+)
 
 // maxResponseBytes bounds an answer read from overlayd.
 const maxResponseBytes = 1 << 20
@@ -94,11 +104,14 @@ func (c *Client) do(ctx context.Context, method, op string, in, out any) error {
 		method, Version, op, len(body))
 	reqBuf.Write(body)
 	if _, err := conn.Write(reqBuf.Bytes()); err != nil {
-		return fmt.Errorf("send %s to overlayd at %s: %w: %w", op, c.socket, ErrUnavailable, err)
+		return fmt.Errorf("send %s to overlayd at %s: %w: %w", op, c.socket, ErrNoAnswer, err)
 	}
-	status, data, err := readResponse(bufio.NewReader(io.LimitReader(conn, maxResponseBytes)))
+	status, data, err := readResponse(bufio.NewReader(io.LimitReader(conn, maxResponseBytes+1)))
+	if err == nil && len(data) > maxResponseBytes {
+		err = errAnswerTooLarge
+	}
 	if err != nil {
-		return fmt.Errorf("read %s answer: %w: %w", op, ErrUnavailable, err)
+		return fmt.Errorf("read %s answer: %w: %w", op, ErrNoAnswer, err)
 	}
 	if status != "200" {
 		e := &Error{}

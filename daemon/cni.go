@@ -259,19 +259,29 @@ func (d *CNIHandler) GC(ctx context.Context, r cnirpc.GCRequest) (cnirpc.GCRespo
 	return out, nil
 }
 
-// ReleaseOrphans releases every address of this host whose container
-// interface has no host veth any more, deleting first a veth that DEL had
-// detached but not yet deleted. overlayd runs it at start, before it
-// serves the socket: it is how an address whose DEL came while overlayd
-// was down, or whose host was rebooted, or whose deletion a stop cut
-// short, is given back. It returns the attachments it released.
-func (d *CNIHandler) ReleaseOrphans(ctx context.Context) ([]overlay.AttachmentKey, error) {
+// Allocations returns this host's allocations: what ReleaseOrphans is
+// given, read before overlayd serves its socket.
+func (d *CNIHandler) Allocations(ctx context.Context) ([]overlay.Allocation, error) {
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
 	list, err := d.pool.List(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("list allocations: %w", err)
 	}
+	return list, nil
+}
+
+// ReleaseOrphans releases the addresses of list whose container interface
+// has no host veth any more, deleting first a veth that DEL had detached
+// but not yet deleted. It is how an address whose DEL came while overlayd
+// was down, or whose host was rebooted, or whose deletion a stop cut
+// short, is given back. overlayd gives it the allocations that existed
+// when it started, once every plugin request from before its start has
+// ended (OrphanGrace): an ADD answered just before a restart may not have
+// made its veth yet. It returns the attachments it released.
+func (d *CNIHandler) ReleaseOrphans(ctx context.Context, list []overlay.Allocation) ([]overlay.AttachmentKey, error) {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
 	var released []overlay.AttachmentKey
 	var errs []error
 	for _, al := range list {

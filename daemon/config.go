@@ -47,6 +47,10 @@ type Config struct {
 	// RejoinInterval is how often hosts registered in etcd but missing
 	// from gossip are joined again.
 	RejoinInterval time.Duration
+	// OrphanGrace is how long after start overlayd waits before it
+	// releases the addresses of containers whose veth is gone: longer than
+	// any plugin request from before the start can last.
+	OrphanGrace time.Duration
 	// Logger receives every log line.
 	Logger *slog.Logger
 }
@@ -62,6 +66,7 @@ func (c Config) withDefaults() Config {
 		{&c.ResyncInterval, &def.ResyncInterval},
 		{&c.RenewInterval, &def.RenewInterval},
 		{&c.RejoinInterval, &def.RejoinInterval},
+		{&c.OrphanGrace, &def.OrphanGrace},
 		{&c.Etcd.DialTimeout, &def.Etcd.DialTimeout},
 	} {
 		if *f.v <= 0 {
@@ -105,5 +110,6 @@ func DefaultConfig() Config {
 		ResyncInterval: overlay.DefaultResyncInterval, // 5s
 		RenewInterval:  time.Minute,                   // cheap CAS per block
 		RejoinInterval: 30 * time.Second,              // heals partitions and simultaneous starts
+		OrphanGrace:    30 * time.Second,              // the plugin's request timeout
 	}
 }

@@ -149,8 +149,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	cniLog := log.With("component", "cni")
 	handler := NewCNIHandler(ctx, network, local.MTU, pool, rec.Status, func() int { return g.Stats().Members }, netlinkLinks{h}, cniLog)
-	if _, err := handler.ReleaseOrphans(ctx); err != nil {
-		log.Warn("releasing addresses of vanished containers", "err", err)
+	before, err := handler.Allocations(ctx)
+	if err != nil {
+		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
 	}
 	srv := &http.Server{Handler: d.instrument(rpcserver.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}
 	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac.String(), "mtu", local.MTU,
@@ -179,6 +180,17 @@ func Run(ctx context.Context, cfg Config) error {
 	if metricsListener != nil {
 		eg.Go(func() error { return m.Serve(ctx, metricsListener) })
 	}
+	eg.Go(func() error {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(cfg.OrphanGrace):
+		}
+		if _, err := handler.ReleaseOrphans(ctx, before); err != nil {
+			log.Warn("releasing addresses of vanished containers", "err", err)
+		}
+		return nil
+	})
 	if emb != nil {
 		eg.Go(func() error {
 			select {

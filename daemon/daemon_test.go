@@ -284,7 +284,11 @@ func TestReleaseOrphans(t *testing.T) {
 	}
 	links.set(cnirpc.HostVethName("default", live), LinkAttached)
 	links.set(cnirpc.HostVethName("default", pending), LinkDetached) // a DEL a stop cut short
-	released, err := h.ReleaseOrphans(ctx)
+	list, err := h.Allocations(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	released, err := h.ReleaseOrphans(ctx, list)
 	if err != nil || len(released) != 2 {
 		t.Fatalf("ReleaseOrphans = %v, %v; want gone and pending", released, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 )
@@ -71,10 +72,12 @@ func (n netlinkLinks) Detach(name string) error {
 	if err != nil || l == nil {
 		return err
 	}
-	if err := n.h.LinkSetDown(l); err != nil {
+	// The link may vanish under us (its namespace being destroyed takes
+	// the pair with it): gone is what a detach wants anyway.
+	if err := n.h.LinkSetDown(l); err != nil && !vanished(err) {
 		return fmt.Errorf("set %s down: %w", name, err)
 	}
-	if err := n.h.LinkSetNoMaster(l); err != nil {
+	if err := n.h.LinkSetNoMaster(l); err != nil && !vanished(err) {
 		return fmt.Errorf("take %s off its bridge: %w", name, err)
 	}
 	return nil
@@ -85,12 +88,14 @@ func (n netlinkLinks) Delete(name string) error {
 	if err != nil || l == nil {
 		return err
 	}
-	if err := n.h.LinkDel(l); err != nil {
-		var nf netlink.LinkNotFoundError
-		if errors.As(err, &nf) {
-			return nil
-		}
+	if err := n.h.LinkDel(l); err != nil && !vanished(err) {
 		return fmt.Errorf("delete link %s: %w", name, err)
 	}
 	return nil
+}
+
+// vanished reports whether err says the link no longer exists.
+func vanished(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, syscall.ENODEV) || errors.Is(err, syscall.ENOENT)
 }

@@ -27,6 +27,15 @@ func serveHello(l net.Listener) {
 	}
 }
 
+// natRules returns the host's NAT rules, from iptables and nftables,
+// whichever backend portmap used.
+func natRules(t *testing.T, h *simnet.Host) string {
+	t.Helper()
+	ipt, _ := h.Exec(context.Background(), "iptables-save", "-t", "nat")
+	nft, _ := h.Exec(context.Background(), "nft", "list", "ruleset")
+	return string(ipt) + string(nft)
+}
+
 // dialFrom connects from host h's namespace to addr and reads what the
 // server says.
 func dialFrom(h *simnet.Host, addr netip.AddrPort) (string, error) {
@@ -78,11 +87,18 @@ func TestChainPortmapBandwidth(t *testing.T) {
 	if err := n.CheckContainer(ctx, c); err != nil {
 		t.Fatalf("CHECK through the chain: %v", err)
 	}
+	// portmap's NAT rules and bandwidth's shaping carry the container.
+	if rules := natRules(t, h1); !strings.Contains(rules, c.ID) {
+		t.Fatalf("no NAT rule of portmap names %s:\n%s", c.ID, rules)
+	}
+	if qd := ipOut(t, h1, "tc", "qdisc", "show", "dev", c.Result.Interfaces[0].Name); !strings.Contains(qd, "tbf") {
+		t.Fatalf("bandwidth set no tbf qdisc on the host veth:\n%s", qd)
+	}
 	if err := n.DelContainer(ctx, c); err != nil {
 		t.Fatalf("DEL through the chain: %v", err)
 	}
-	if _, err := dialFrom(h2, mapped); err == nil {
-		t.Fatal("the host port still answers after DEL")
+	if rules := natRules(t, h1); strings.Contains(rules, c.ID) {
+		t.Fatalf("portmap's NAT rules for %s outlived DEL:\n%s", c.ID, rules)
 	}
 	released(t, n, c)
 }

@@ -2,9 +2,11 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	gocni "github.com/containerd/go-cni"
 
@@ -37,17 +39,21 @@ func TestGoCNI(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("go-cni setup: %v", err)
 	}
-	var got bool
+	// go-cni names interfaces by position: lo is first, ours is eth1.
+	var ifName string
 	for name, ifc := range res.Interfaces {
 		for _, ip := range ifc.IPConfigs {
 			if simnet.OverlayCIDR.Contains(addrOf(ip.IP)) && ifc.Sandbox == c.NetNSPath() {
-				got = true
+				ifName = name
 				t.Logf("go-cni: %s has %s", name, ip.IP)
 			}
 		}
 	}
-	if !got {
+	if ifName == "" {
 		t.Fatalf("go-cni result has no overlay address in the sandbox: %+v", res.Interfaces)
+	}
+	if !allocatedIf(t, n, c, ifName) {
+		t.Fatalf("overlayd holds no address for %s/%s after go-cni setup", c.ID, ifName)
 	}
 	// go-cni's CHECK stops at its own loopback network: libcni refuses
 	// CHECK for cniVersion 0.3.1. A limit of the client, noted in
@@ -60,5 +66,10 @@ func TestGoCNI(t *testing.T) {
 			t.Fatalf("go-cni remove #%d: %v", i+1, err)
 		}
 	}
-	released(t, n, c)
+	eventually(t, 5*time.Second, "address released after go-cni remove", func() error {
+		if allocatedIf(t, n, c, ifName) {
+			return fmt.Errorf("still allocated")
+		}
+		return nil
+	})
 }

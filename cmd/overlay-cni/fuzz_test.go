@@ -15,7 +15,7 @@ func FuzzParseConf(f *testing.F) {
 	f.Add([]byte(`{"name":"o","ipam":{"type":"host-local"}}`))
 	f.Add([]byte(`{"name":"o","cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		conf, err := parseConf(data)
+		conf, err := parseAll(data)
 		if err != nil {
 			var e *types.Error
 			if !errors.As(err, &e) || e.Code == 0 {

@@ -62,8 +62,24 @@ func parseConf(data []byte) (*NetConf, error) {
 	if err := json.Unmarshal(data, conf); err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "decode network configuration", err.Error())
 	}
+	if conf.Network == "" {
+		conf.Network = conf.Name
+	}
+	if conf.Network == "" {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "network configuration has neither \"network\" nor \"name\"", "")
+	}
+	if conf.Socket == "" {
+		conf.Socket = cnirpc.DefaultSocket
+	}
+	return conf, nil
+}
+
+// parseRuntimeConfig checks what only ADD uses: no ipam section, and
+// runtimeConfig.ips and .mac, which it parses. A DEL must not fail over a
+// value it does not need.
+func parseRuntimeConfig(conf *NetConf) error {
 	if conf.IPAM.Type != "" {
-		return nil, types.NewError(types.ErrUnsupportedField, "ipam", "overlay-cni allocates addresses itself, through overlayd: remove the ipam key")
+		return types.NewError(types.ErrUnsupportedField, "ipam", fmt.Sprintf("ipam {\"type\": %q}: overlay-cni allocates addresses itself, through overlayd: remove the ipam key", conf.IPAM.Type))
 	}
 	switch ips := conf.RuntimeConfig.IPs; len(ips) {
 	case 0:
@@ -75,29 +91,20 @@ func parseConf(data []byte) (*NetConf, error) {
 			}
 		}
 		if err != nil || !a.Addr().Is4() {
-			return nil, types.NewError(types.ErrUnsupportedField, "runtimeConfig.ips", fmt.Sprintf("%q is not an IPv4 address", ips[0]))
+			return types.NewError(types.ErrUnsupportedField, "runtimeConfig.ips", fmt.Sprintf("%q is not an IPv4 address", ips[0]))
 		}
 		conf.ip = a.Addr()
 	default:
-		return nil, types.NewError(types.ErrUnsupportedField, "runtimeConfig.ips", fmt.Sprintf("one IPv4 address per interface, got %d", len(ips)))
+		return types.NewError(types.ErrUnsupportedField, "runtimeConfig.ips", fmt.Sprintf("one IPv4 address per interface, got %d", len(ips)))
 	}
 	if m := conf.RuntimeConfig.MAC; m != "" {
 		mac, err := net.ParseMAC(m)
 		if err != nil || len(mac) != 6 || mac[0]&1 != 0 {
-			return nil, types.NewError(types.ErrUnsupportedField, "runtimeConfig.mac", fmt.Sprintf("%q is not a unicast Ethernet address", m))
+			return types.NewError(types.ErrUnsupportedField, "runtimeConfig.mac", fmt.Sprintf("%q is not a unicast Ethernet address", m))
 		}
 		conf.mac = mac
 	}
-	if conf.Network == "" {
-		conf.Network = conf.Name
-	}
-	if conf.Network == "" {
-		return nil, types.NewError(types.ErrInvalidNetworkConfig, "network configuration has neither \"network\" nor \"name\"", "")
-	}
-	if conf.Socket == "" {
-		conf.Socket = cnirpc.DefaultSocket
-	}
-	return conf, nil
+	return nil
 }
 
 // plugin holds the verbs; it has no state.
@@ -121,12 +128,18 @@ func rpcError(op string, err error) error {
 	if errors.Is(err, cnirpc.ErrUnavailable) {
 		return types.NewError(types.ErrTryAgainLater, "overlayd is not reachable: is it running?", err.Error())
 	}
+	if errors.Is(err, cnirpc.ErrNoAnswer) {
+		return types.NewError(types.ErrTryAgainLater, "overlayd did not answer", err.Error())
+	}
 	return types.NewError(types.ErrInternal, op+" failed", err.Error())
 }
 
 func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 	conf, err := parseConf(args.StdinData)
 	if err != nil {
+		return err
+	}
+	if err := parseRuntimeConfig(conf); err != nil {
 		return err
 	}
 	if err := parseArgs(args.Args); err != nil {

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"syscall"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -173,7 +174,7 @@ func deleteHostVeth(name string) error {
 	if err != nil {
 		return fmt.Errorf("find %s: %w", name, err)
 	}
-	if err := host.LinkDel(link); err != nil && !errors.As(err, &nf) {
+	if err := host.LinkDel(link); err != nil && !vanished(err) {
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	return nil
@@ -205,9 +206,17 @@ func deleteStaleVeths(bridge string, keep map[string]bool) error {
 		if l.Type() != "veth" || a.MasterIndex != br.Attrs().Index || !strings.HasPrefix(a.Name, cnirpc.HostVethPrefix) || keep[a.Name] {
 			continue
 		}
-		if err := host.LinkDel(l); err != nil && !errors.As(err, &nf) {
+		if err := host.LinkDel(l); err != nil && !vanished(err) {
 			errs = append(errs, fmt.Errorf("delete %s: %w", a.Name, err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// vanished reports whether err says the link no longer exists: it can
+// vanish between a lookup and a delete when its namespace is destroyed,
+// which takes the pair with it.
+func vanished(err error) bool {
+	var nf netlink.LinkNotFoundError
+	return errors.As(err, &nf) || errors.Is(err, syscall.ENODEV) || errors.Is(err, syscall.ENOENT)
 }

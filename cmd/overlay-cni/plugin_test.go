@@ -37,15 +37,24 @@ func TestParseConf(t *testing.T) {
 	}
 }
 
+// parseAll parses a configuration as ADD does.
+func parseAll(data []byte) (*NetConf, error) {
+	conf, err := parseConf(data)
+	if err != nil {
+		return nil, err
+	}
+	return conf, parseRuntimeConfig(conf)
+}
+
 func TestParseConfRuntimeConfig(t *testing.T) {
-	conf, err := parseConf([]byte(`{"cniVersion":"1.1.0","name":"overlay","runtimeConfig":{"ips":["198.19.0.9/26"],"mac":"02:00:00:00:00:09"}}`))
+	conf, err := parseAll([]byte(`{"cniVersion":"1.1.0","name":"overlay","runtimeConfig":{"ips":["198.19.0.9/26"],"mac":"02:00:00:00:00:09"}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if conf.ip.String() != "198.19.0.9" || conf.mac.String() != "02:00:00:00:00:09" {
 		t.Fatalf("ip %s mac %s", conf.ip, conf.mac)
 	}
-	if conf, err := parseConf([]byte(`{"name":"overlay","runtimeConfig":{"ips":["198.19.0.9"]}}`)); err != nil || conf.ip.String() != "198.19.0.9" {
+	if conf, err := parseAll([]byte(`{"name":"overlay","runtimeConfig":{"ips":["198.19.0.9"]}}`)); err != nil || conf.ip.String() != "198.19.0.9" {
 		t.Fatalf("bare address: %v", err)
 	}
 	for in, key := range map[string]string{
@@ -56,11 +65,17 @@ func TestParseConfRuntimeConfig(t *testing.T) {
 		`{"name":"o","runtimeConfig":{"mac":"01:00:5e:00:00:01"}}`:                "runtimeConfig.mac",
 		`{"name":"o","runtimeConfig":{"mac":"zz"}}`:                               "runtimeConfig.mac",
 	} {
-		_, err := parseConf([]byte(in))
+		_, err := parseAll([]byte(in))
 		var e *types.Error
 		if !errors.As(err, &e) || e.Code != types.ErrUnsupportedField || e.Msg != key {
-			t.Errorf("parseConf(%s) = %v, want code 2 naming %s", in, err, key)
+			t.Errorf("parseAll(%s) = %v, want code 2 naming %s", in, err, key)
 		}
+	}
+}
+
+func TestDelIgnoresBadRuntimeConfig(t *testing.T) {
+	if _, err := parseConf([]byte(`{"name":"o","runtimeConfig":{"ips":["nonsense"],"mac":"zz"}}`)); err != nil {
+		t.Fatalf("parseConf (DEL's parsing) refused a runtimeConfig it does not need: %v", err)
 	}
 }
 

@@ -86,6 +86,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	fs.IntVar(&cfg.GossipPort, "gossip-port", cfg.GossipPort, "TCP and UDP port for gossip")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "host:port serving /metrics; empty disables it")
 	fs.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "how often the dataplane is checked when nothing changed")
+	fs.DurationVar(&cfg.OrphanGrace, "orphan-grace", cfg.OrphanGrace, "how long after start to wait before releasing the addresses of containers whose veth is gone")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {

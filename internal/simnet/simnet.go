@@ -214,6 +214,7 @@ func (h *Host) Args() []string {
 		"--block-bits", strconv.Itoa(n.Network.BlockBits),
 		"--vni", strconv.Itoa(int(n.Network.VNI)),
 		"--resync-interval", "2s",
+		"--orphan-grace", "500ms",
 	}
 	if h.embedded {
 		args = append(args,
