@@ -49,6 +49,9 @@ type Target struct {
 	// Skip names rules the plugin is known not to meet, with the reason;
 	// they are reported as skipped.
 	Skip map[string]string
+	// NoHostInterface says the plugin creates no interface in the host's
+	// namespace (macvlan, ipvlan, host-device), so its result lists none.
+	NoHostInterface bool
 }
 
 // outcome is what one exec of the plugin produced.

@@ -102,7 +102,15 @@ func versionLists(t *testing.T, tg Target) {
 func unsupportedVersion(t *testing.T, tg Target) {
 	a := tg.newAttachment(t, "badversion")
 	o := tg.call(t, "ADD", a.env(), tg.conf(t, "9.9.9", nil))
+	cleanupIfAdded(t, tg, a, o)
 	wantError(t, o, types.ErrIncompatibleCNIVersion, "")
+}
+
+// cleanupIfAdded deletes what an ADD that should have failed made.
+func cleanupIfAdded(t *testing.T, tg Target, a attachment, o outcome) {
+	if o.exit == 0 {
+		t.Cleanup(func() { tg.call(t, "DEL", a.env(), tg.conf(t, "1.1.0", nil)) })
+	}
 }
 
 func checkBelow040(t *testing.T, tg Target) {
@@ -136,6 +144,7 @@ func invalidContainerID(t *testing.T, tg Target) {
 	a := tg.newAttachment(t, "x")
 	a.id = "-starts/badly"
 	o := tg.call(t, "ADD", a.env(), tg.conf(t, "1.1.0", nil))
+	cleanupIfAdded(t, tg, a, o)
 	wantError(t, o, types.ErrInvalidEnvironmentVariables, "")
 }
 
@@ -143,7 +152,7 @@ func capabilitiesTolerated(t *testing.T, tg Target) {
 	a := tg.newAttachment(t, "caps")
 	o := tg.call(t, "ADD", a.env(), tg.conf(t, "1.1.0", map[string]any{"capabilities": map[string]bool{"portMappings": true}}))
 	wantSuccess(t, o, "ADD with a capabilities key")
-	tg.call(t, "DEL", a.env(), tg.conf(t, "1.1.0", nil))
+	wantSuccess(t, tg.call(t, "DEL", a.env(), tg.conf(t, "1.1.0", nil)), "DEL after it")
 }
 
 func ignoreUnknown(t *testing.T, tg Target) {
@@ -152,7 +161,7 @@ func ignoreUnknown(t *testing.T, tg Target) {
 	env["CNI_ARGS"] = "IgnoreUnknown=1;K8S_POD_NAME=web;K8S_POD_NAMESPACE=default"
 	o := tg.call(t, "ADD", env, tg.conf(t, "1.1.0", nil))
 	wantSuccess(t, o, "ADD with unknown CNI_ARGS and IgnoreUnknown=1")
-	tg.call(t, "DEL", env, tg.conf(t, "1.1.0", nil))
+	wantSuccess(t, tg.call(t, "DEL", env, tg.conf(t, "1.1.0", nil)), "DEL after it")
 }
 
 func addResultVersion(t *testing.T, tg Target) {
@@ -181,7 +190,7 @@ func addResultInterfaces(t *testing.T, tg Target) {
 			host = i
 		}
 	}
-	if host < 0 || cont < 0 {
+	if cont < 0 || (host < 0 && !tg.NoHostInterface) {
 		t.Fatalf("interfaces %+v: want a host interface and %s with sandbox %s", res.Interfaces, a.ifName, a.netns)
 	}
 	if len(res.IPs) == 0 {
@@ -242,10 +251,17 @@ func namespaceMatches(t *testing.T, tg Target) {
 func gatewayAnswers(t *testing.T, tg Target) {
 	a := tg.newAttachment(t, "gateway")
 	res := parseResult(t, tg.add(t, "1.1.0", a))
+	gateways := 0
+	defer func() {
+		if gateways == 0 {
+			t.Skip("the result names no gateway")
+		}
+	}()
 	for _, ip := range res.IPs {
 		if ip.Gateway == nil {
 			continue
 		}
+		gateways++
 		out, err := exec.Command("nsenter", "--net="+a.netns, "ping", "-c", "1", "-W", "2", ip.Gateway.String()).CombinedOutput()
 		if err != nil {
 			t.Errorf("gateway %s does not answer: %v\n%s", ip.Gateway, err, out)
@@ -294,6 +310,7 @@ const releaseWait = 5 * time.Second
 func wantReleased(t *testing.T, tg Target, a attachment) {
 	t.Helper()
 	if tg.Allocated == nil {
+		t.Log("not checked that the address was released: the target cannot tell (Target.Allocated is nil)")
 		return
 	}
 	deadline := time.Now().Add(releaseWait)

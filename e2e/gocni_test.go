@@ -25,6 +25,7 @@ func TestGoCNI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	c.ID = n.Prefix + "gocni" // go-cni caches under libcni's shared directory: unique per run
 	l, err := gocni.New(gocni.WithPluginDir([]string{filepath.Dir(bins.cni)}), gocni.WithInterfacePrefix("eth"), gocni.WithMinNetworkCount(2))
 	if err != nil {
 		t.Fatal(err)
