@@ -12,6 +12,7 @@ import (
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/hostlink"
 )
 
 // Pool is what the CNI handler needs of a network's store: the host's
@@ -287,11 +288,11 @@ func (d *CNIHandler) ReleaseOrphans(ctx context.Context, list []overlay.Allocati
 	for _, al := range list {
 		name := cnirpc.HostVethName(d.network.Name, al.Key)
 		state, err := d.links.State(name)
-		if err != nil || state == LinkAttached {
+		if err != nil || state == hostlink.Attached {
 			errs = append(errs, err)
 			continue
 		}
-		if state == LinkDetached {
+		if state == hostlink.Detached {
 			if err := d.links.Delete(name); err != nil {
 				errs = append(errs, err)
 				continue

@@ -24,6 +24,7 @@ import (
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/metrics"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/hostlink"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
 
@@ -148,7 +149,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cniLog := log.With("component", "cni")
-	handler := NewCNIHandler(ctx, network, local.MTU, pool, rec.Status, func() int { return g.Stats().Members }, netlinkLinks{h}, cniLog)
+	handler := NewCNIHandler(ctx, network, local.MTU, pool, rec.Status, func() int { return g.Stats().Members }, hostlink.New(h), cniLog)
 	before, err := handler.Allocations(ctx)
 	if err != nil {
 		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)

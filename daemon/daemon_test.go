@@ -15,6 +15,7 @@ import (
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/hostlink"
 	"github.com/overlaynet/overlay/overlay/overlaytest"
 )
 
@@ -87,12 +88,12 @@ var testNet = overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("198.
 // fakeLinks is HostLinks in memory. Delete waits for release, when set.
 type fakeLinks struct {
 	mu      sync.Mutex
-	state   map[string]LinkState
+	state   map[string]hostlink.State
 	deleted []string
 	release chan struct{}
 }
 
-func (f *fakeLinks) State(name string) (LinkState, error) {
+func (f *fakeLinks) State(name string) (hostlink.State, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.state[name], nil
@@ -101,8 +102,8 @@ func (f *fakeLinks) State(name string) (LinkState, error) {
 func (f *fakeLinks) Detach(name string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.state[name] != LinkGone {
-		f.state[name] = LinkDetached
+	if f.state[name] != hostlink.Gone {
+		f.state[name] = hostlink.Detached
 	}
 	return nil
 }
@@ -118,7 +119,7 @@ func (f *fakeLinks) Delete(name string) error {
 	return nil
 }
 
-func (f *fakeLinks) set(name string, s LinkState) {
+func (f *fakeLinks) set(name string, s hostlink.State) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.state[name] = s
@@ -137,7 +138,7 @@ func newHandlerLinks(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.St
 		t.Fatal(err)
 	}
 	st := &overlay.Status{Passes: 1}
-	links := &fakeLinks{state: map[string]LinkState{}}
+	links := &fakeLinks{state: map[string]hostlink.State{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	h := NewCNIHandler(ctx, testNet, 1450, pool, func() overlay.Status { return *st }, func() int { return len(st.Config.Peers) }, links, slog.New(slog.NewTextHandler(io.Discard, nil)))
@@ -282,8 +283,8 @@ func TestReleaseOrphans(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	links.set(cnirpc.HostVethName("default", live), LinkAttached)
-	links.set(cnirpc.HostVethName("default", pending), LinkDetached) // a DEL a stop cut short
+	links.set(cnirpc.HostVethName("default", live), hostlink.Attached)
+	links.set(cnirpc.HostVethName("default", pending), hostlink.Detached) // a DEL a stop cut short
 	list, err := h.Allocations(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -295,7 +296,7 @@ func TestReleaseOrphans(t *testing.T) {
 	if _, err := h.Check(ctx, cnirpc.Request{Network: "default", ContainerID: "live", IfName: "eth0"}); err != nil {
 		t.Fatalf("live attachment released: %v", err)
 	}
-	if st, _ := links.State(cnirpc.HostVethName("default", pending)); st != LinkGone {
+	if st, _ := links.State(cnirpc.HostVethName("default", pending)); st != hostlink.Gone {
 		t.Fatal("the detached veth of a pending deletion was not deleted")
 	}
 }
@@ -311,12 +312,12 @@ func TestDelDetachesThenDeletesThenReleases(t *testing.T) {
 		t.Fatal(err)
 	}
 	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
-	links.set(name, LinkAttached)
+	links.set(name, hostlink.Attached)
 	links.release = make(chan struct{}) // the kernel is slow to delete
 	if err := h.Del(ctx, req); err != nil {
 		t.Fatal(err)
 	}
-	if st, _ := links.State(name); st != LinkDetached {
+	if st, _ := links.State(name); st != hostlink.Detached {
 		t.Fatalf("after DEL the veth is %v, want detached", st)
 	}
 	if _, err := h.Check(ctx, req); err != nil {

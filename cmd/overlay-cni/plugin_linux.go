@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"syscall"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -17,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/overlay/hostlink"
 )
 
 // attach creates the veth pair with its container end born in the
@@ -166,18 +166,7 @@ func deleteHostVeth(name string) error {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer host.Close()
-	link, err := host.LinkByName(name)
-	var nf netlink.LinkNotFoundError
-	if errors.As(err, &nf) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("find %s: %w", name, err)
-	}
-	if err := host.LinkDel(link); err != nil && !vanished(err) {
-		return fmt.Errorf("delete %s: %w", name, err)
-	}
-	return nil
+	return hostlink.New(host).Delete(name)
 }
 
 // deleteStaleVeths deletes every veth of this plugin on bridge whose name
@@ -189,8 +178,7 @@ func deleteStaleVeths(bridge string, keep map[string]bool) error {
 	}
 	defer host.Close()
 	br, err := host.LinkByName(bridge)
-	var nf netlink.LinkNotFoundError
-	if errors.As(err, &nf) {
+	if hostlink.Vanished(err) {
 		return nil // no bridge: nothing attached to it
 	}
 	if err != nil {
@@ -206,17 +194,7 @@ func deleteStaleVeths(bridge string, keep map[string]bool) error {
 		if l.Type() != "veth" || a.MasterIndex != br.Attrs().Index || !strings.HasPrefix(a.Name, cnirpc.HostVethPrefix) || keep[a.Name] {
 			continue
 		}
-		if err := host.LinkDel(l); err != nil && !vanished(err) {
-			errs = append(errs, fmt.Errorf("delete %s: %w", a.Name, err))
-		}
+		errs = append(errs, hostlink.New(host).DeleteLink(l))
 	}
 	return errors.Join(errs...)
-}
-
-// vanished reports whether err says the link no longer exists: it can
-// vanish between a lookup and a delete when its namespace is destroyed,
-// which takes the pair with it.
-func vanished(err error) bool {
-	var nf netlink.LinkNotFoundError
-	return errors.As(err, &nf) || errors.Is(err, syscall.ENODEV) || errors.Is(err, syscall.ENOENT)
 }
