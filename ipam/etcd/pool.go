@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"slices"
@@ -128,15 +129,10 @@ func (p *Pool) blocks(ctx context.Context) (map[netip.Prefix]blockKV, error) {
 }
 
 // Held returns the blocks this pool knows it holds, sorted.
-func (p *Pool) Held() []netip.Prefix {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	out := make([]netip.Prefix, 0, len(p.held))
-	for b := range p.held {
-		out = append(out, b)
-	}
-	slices.SortFunc(out, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
-	return out
+func (p *Pool) Held() []netip.Prefix { return sortedBlocks(p.heldCopy()) }
+
+func sortedBlocks(m map[netip.Prefix]held) []netip.Prefix {
+	return slices.SortedFunc(maps.Keys(m), func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 }
 
 // Lease returns the blocks the host holds, claiming a free one when it
@@ -300,11 +296,8 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
 	}
 	blocks := p.heldCopy()
-	if addr, ok := p.attach[key]; ok {
-		if _, held := blocks[addr.Masked()]; !held {
-			return overlay.Allocation{}, fmt.Errorf("allocate %s: its address %s is in a block %s no longer holds: %w", key, addr, p.host, overlay.ErrConflict)
-		}
-		return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
+	if al, ok, err := p.cachedLocked(key, blocks); ok || err != nil {
+		return al, err
 	}
 	if len(blocks) == 0 {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, p.host, p.net.Name, overlay.ErrPoolExhausted)
@@ -313,11 +306,9 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 	// in this call, read etcd once more before saying so.
 	for pass := 0; pass < 2; pass++ {
 		reloaded := false
-		for _, b := range p.Held() {
-			h, ok := blocks[b]
-			if !ok {
-				continue
-			}
+		blocks = p.heldCopy() // less any block the last pass found lost
+		for _, b := range sortedBlocks(blocks) {
+			h := blocks[b]
 			for a := overlay.Gateway(b).Next(); a != overlay.Broadcast(b); a = a.Next() {
 				if p.usedAddr[a] {
 					continue
@@ -333,11 +324,10 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 				if err := p.loadLocked(ctx); err != nil {
 					return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
 				}
-				if addr, ok := p.attach[key]; ok {
-					return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
+				if al, ok, err := p.cachedLocked(key, blocks); ok || err != nil {
+					return al, err
 				}
 				if !p.stillHeld(ctx, b, h) {
-					p.cached = false
 					break
 				}
 			}
@@ -364,17 +354,18 @@ func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a ne
 	if err := p.loadLocked(ctx); err != nil {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", a, key, err)
 	}
-	al, err := p.Lookup(ctx, key)
+	blocks := p.heldCopy()
+	al, ok, err := p.cachedLocked(key, blocks)
 	switch {
-	case err == nil && al.Addr.Addr() == a:
-		return al, nil
-	case err == nil:
-		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: it already holds %s: %w", a, key, al.Addr, overlay.ErrConflict)
-	case !errors.Is(err, overlay.ErrNotFound):
+	case err != nil:
 		return overlay.Allocation{}, err
+	case ok && al.Addr.Addr() == a:
+		return al, nil
+	case ok:
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: it already holds %s: %w", a, key, al.Addr, overlay.ErrConflict)
 	}
 	b := netip.PrefixFrom(a, p.net.BlockBits).Masked()
-	h, ok := p.heldCopy()[b]
+	h, ok := blocks[b]
 	if !ok || a == b.Addr() || a == overlay.Gateway(b) || a == overlay.Broadcast(b) {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: not a container address of this host's blocks %v: %w", a, key, p.Held(), overlay.ErrConflict)
 	}
@@ -450,6 +441,20 @@ func (p *Pool) loadLocked(ctx context.Context) error {
 	return nil
 }
 
+// cachedLocked returns key's allocation from the cache, if it has one;
+// one in a block this host no longer holds is an error wrapping
+// overlay.ErrConflict, as Lookup reports it. p.allocMu is held.
+func (p *Pool) cachedLocked(key overlay.AttachmentKey, blocks map[netip.Prefix]held) (overlay.Allocation, bool, error) {
+	addr, ok := p.attach[key]
+	if !ok {
+		return overlay.Allocation{}, false, nil
+	}
+	if _, held := blocks[addr.Masked()]; !held {
+		return overlay.Allocation{}, false, fmt.Errorf("allocate %s: its address %s is in a block %s no longer holds: %w", key, addr, p.host, overlay.ErrConflict)
+	}
+	return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, true, nil
+}
+
 func (p *Pool) heldCopy() map[netip.Prefix]held {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -461,8 +466,9 @@ func (p *Pool) heldCopy() map[netip.Prefix]held {
 }
 
 // stillHeld reports whether block b is still this host's, dropping it from
-// the pool when etcd shows it gone or re-claimed. A failed read proves
-// nothing: the block is kept.
+// the pool, and the allocation cache, when etcd shows it gone or
+// re-claimed. A failed read proves nothing: the block is kept. p.allocMu
+// is held.
 func (p *Pool) stillHeld(ctx context.Context, b netip.Prefix, h held) bool {
 	resp, err := p.s.cli.Get(ctx, p.s.blockKey(p.net.Name, b))
 	if err != nil {
@@ -472,6 +478,7 @@ func (p *Pool) stillHeld(ctx context.Context, b netip.Prefix, h held) bool {
 		p.mu.Lock()
 		delete(p.held, b)
 		p.mu.Unlock()
+		p.cached = false
 		return false
 	}
 	return true
