@@ -50,19 +50,12 @@ func run(samples int) error {
 		return fmt.Errorf("needs root: sudo go run ./bench")
 	}
 	ctx := context.Background()
-	bin, err := os.MkdirTemp("", "ovl-bench-bin-")
+	bins, err := simnet.BuildAll(ctx, true) // with the reference plugins
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(bin)
-	overlayd, cni, err := simnet.Build(ctx, bin)
-	if err != nil {
-		return err
-	}
-	ref := filepath.Join(bin, "ref")
-	if err := simnet.BuildTools(ctx, ref); err != nil {
-		return err
-	}
+	defer bins.Remove()
+	overlayd, cni := bins.Overlayd, bins.CNI
 
 	// /24 blocks: 100 concurrent containers must fit one host's block
 	// (a host leases one block; more when full is ROADMAP item 1).
@@ -113,7 +106,7 @@ func run(samples int) error {
 	if err != nil {
 		return err
 	}
-	cfg := libcni.NewCNIConfigWithCacheDir([]string{filepath.Dir(cni), ref}, filepath.Join(net.Dir, "cni-cache"), nil)
+	cfg := libcni.NewCNIConfigWithCacheDir([]string{bins.Dir}, filepath.Join(net.Dir, "cni-cache"), nil)
 	var ovAdd, ovDel, refAdd, refDel, bare []time.Duration
 	for i := range samples {
 		for _, p := range []struct {

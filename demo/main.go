@@ -44,15 +44,12 @@ func run(hosts, perHost int) error {
 	signal.Ignore(syscall.SIGPIPE)
 
 	step("building overlayd and overlay-cni")
-	bin, err := os.MkdirTemp("", "ovl-demo-bin-")
+	bins, err := simnet.BuildAll(ctx, false)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(bin)
-	overlayd, cni, err := simnet.Build(ctx, bin)
-	if err != nil {
-		return err
-	}
+	defer bins.Remove()
+	overlayd, cni := bins.Overlayd, bins.CNI
 
 	step(fmt.Sprintf("creating %d simulated hosts on underlay %s", hosts, simnet.UnderlayCIDR))
 	n, err := simnet.New(ctx, simnet.Options{Hosts: hosts, Overlayd: overlayd, CNI: cni})

@@ -24,24 +24,16 @@ func TestMain(m *testing.M) {
 		fmt.Println("e2e: skipping: the end-to-end tests need root (network namespaces, veth, VXLAN); run them with sudo")
 		os.Exit(m.Run())
 	}
-	dir, err := os.MkdirTemp("", "ovl-e2e-bin-")
+	// The reference plugins and cnitool too, beside overlay-cni on the
+	// CNI path, for the chaining and client tests.
+	b, err := simnet.BuildAll(context.Background(), true)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	bins.overlayd, bins.cni, err = simnet.Build(context.Background(), dir)
-	if err == nil {
-		// The reference plugins and cnitool, beside overlay-cni on the
-		// CNI path, for the chaining and client tests.
-		err = simnet.BuildTools(context.Background(), dir)
-	}
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
+	bins.overlayd, bins.cni = b.Overlayd, b.CNI
 	code := m.Run()
-	os.RemoveAll(dir)
+	b.Remove()
 	os.Exit(code)
 }
 

@@ -269,6 +269,38 @@ func inNamespace(path string, fn func() error) error {
 	return <-errc
 }
 
+// Binaries are the programs a run uses, in one directory (the CNI path).
+type Binaries struct {
+	// Dir holds them all.
+	Dir string
+	// Overlayd and CNI are the paths of overlayd and overlay-cni.
+	Overlayd, CNI string
+}
+
+// BuildAll compiles overlayd and overlay-cni, and with tools the pinned
+// reference plugins and cnitool too (BuildTools), into a new directory
+// named for this run, so that SweepStale removes it if the run is killed.
+// Remove deletes it.
+func BuildAll(ctx context.Context, tools bool) (Binaries, error) {
+	dir, err := os.MkdirTemp("", fmt.Sprintf("%s%d-bin-", namePrefix, os.Getpid()))
+	if err != nil {
+		return Binaries{}, err
+	}
+	b := Binaries{Dir: dir}
+	b.Overlayd, b.CNI, err = Build(ctx, dir)
+	if err == nil && tools {
+		err = BuildTools(ctx, dir)
+	}
+	if err != nil {
+		b.Remove()
+		return Binaries{}, err
+	}
+	return b, nil
+}
+
+// Remove deletes the binaries' directory.
+func (b Binaries) Remove() error { return os.RemoveAll(b.Dir) }
+
 // Build compiles overlayd and overlay-cni (static, CGO_ENABLED=0) into
 // dir and returns their paths. It runs from the module that holds this
 // package.
