@@ -361,15 +361,23 @@ func TestConnectSkipsDeadEndpoints(t *testing.T) {
 	}
 }
 
-func TestAllocateAddr(t *testing.T) {
-	ctx := context.Background()
+// oneBlockPool returns a store on a fresh etcd, a network of one /26
+// block, and host a's pool holding that block.
+func oneBlockPool(t *testing.T) (*etcd.Store, overlay.Network, *etcd.Pool) {
+	t.Helper()
 	s := etcd.NewStore(startEtcd(t), "")
 	n := testNetwork()
 	n.CIDR = netip.MustParsePrefix("198.19.0.0/26")
 	p := s.Pool(n, "a")
-	if _, err := p.Lease(ctx); err != nil {
+	if _, err := p.Lease(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	return s, n, p
+}
+
+func TestAllocateAddr(t *testing.T) {
+	ctx := context.Background()
+	_, _, p := oneBlockPool(t)
 	k1 := overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"}
 	want := netip.MustParseAddr("198.19.0.40")
 	al, err := p.AllocateAddr(ctx, k1, want)
@@ -410,13 +418,7 @@ func TestAllocateAddr(t *testing.T) {
 // back (its cache does not know) is never handed out again.
 func TestAllocateWithStaleCache(t *testing.T) {
 	ctx := context.Background()
-	s := etcd.NewStore(startEtcd(t), "")
-	n := testNetwork()
-	n.CIDR = netip.MustParsePrefix("198.19.0.0/26")
-	p := s.Pool(n, "a")
-	if _, err := p.Lease(ctx); err != nil {
-		t.Fatal(err)
-	}
+	s, n, p := oneBlockPool(t)
 	first, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"})
 	if err != nil || first.Addr.Addr().String() != "198.19.0.2" {
 		t.Fatalf("first = %+v, %v", first, err)
