@@ -118,11 +118,12 @@ func Run(ctx context.Context, cfg Config) error {
 	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, gossip: g, network: network, metrics: m}
 	// Join before the first pass: a restarted overlayd must know its
 	// peers before it converges, or it would remove them.
-	d.rejoin(ctx)
+	hosts := d.hosts(ctx)
+	d.join(ctx, hosts)
 
 	// Remember every host etcd knows, so that the first pass keeps the
 	// entries of hosts whose overlayd is down right now.
-	remembered := d.remembered(ctx)
+	remembered := d.remembered(ctx, hosts)
 
 	local := overlay.Local{Host: host, Underlay: ul.Addr, UnderlayLink: ul.Link, MTU: ul.MTU - vxlan.Overhead, VTEPMAC: mac}
 	dp := vxlan.New(h, log.With("component", "dataplane"))
@@ -294,15 +295,11 @@ func (d *daemon) renew(ctx context.Context) {
 	d.rec.Kick()
 }
 
-// remembered returns what etcd says of every other host that owns blocks
-// of the network, in the form gossip would have said it.
-func (d *daemon) remembered(ctx context.Context) []overlay.Member {
+// remembered returns what the host records say of every other host that
+// owns blocks of the network, in the form gossip would have said it.
+func (d *daemon) remembered(ctx context.Context, hosts []etcd.HostRecord) []overlay.Member {
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
-	hosts, err := d.store.Hosts(ctx)
-	if err != nil {
-		d.log.Warn("reading host records", "err", err)
-	}
 	owners, err := d.pool.Owners(ctx)
 	if err != nil {
 		d.log.Warn("reading block owners", "err", err)
@@ -327,13 +324,22 @@ func (d *daemon) remembered(ctx context.Context) []overlay.Member {
 // rejoin joins the hosts registered in etcd that gossip does not know: run
 // periodically, it heals partitions and hosts that started at the same
 // moment and found nobody.
-func (d *daemon) rejoin(ctx context.Context) {
-	lctx, cancel := context.WithTimeout(ctx, storeTimeout)
-	hosts, err := d.store.Hosts(lctx)
-	cancel()
+func (d *daemon) rejoin(ctx context.Context) { d.join(ctx, d.hosts(ctx)) }
+
+// hosts returns the host records in etcd; on a failure, what it could
+// read (maybe nothing), after a warning.
+func (d *daemon) hosts(ctx context.Context) []etcd.HostRecord {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	hosts, err := d.store.Hosts(ctx)
 	if err != nil {
-		d.log.Warn("listing hosts to join", "err", err)
+		d.log.Warn("listing host records", "err", err)
 	}
+	return hosts
+}
+
+// join joins over gossip the hosts that gossip does not know yet.
+func (d *daemon) join(ctx context.Context, hosts []etcd.HostRecord) {
 	known := make(map[overlay.HostID]bool)
 	for _, m := range d.gossip.Members() {
 		known[m.Host] = true
