@@ -21,19 +21,18 @@ type Dataplane struct {
 	mu    sync.Mutex // guards the fields below
 	state map[string]overlay.DataplaneConfig
 	sets  int
-	// Err, when set, is returned by Set without changing the state.
-	Err error
+	err   error // returned by Set, without changing the state, when set
 }
 
 var _ overlay.Dataplane = (*Dataplane)(nil)
 
-// Set records cfg as the network's state, or returns d.Err.
+// Set records cfg as the network's state, or returns the error SetErr set.
 func (d *Dataplane) Set(_ context.Context, cfg overlay.DataplaneConfig) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.sets++
-	if d.Err != nil {
-		return d.Err
+	if d.err != nil {
+		return d.err
 	}
 	if d.state == nil {
 		d.state = make(map[string]overlay.DataplaneConfig)
@@ -54,7 +53,7 @@ func (d *Dataplane) Delete(_ context.Context, n overlay.Network) error {
 func (d *Dataplane) SetErr(err error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.Err = err
+	d.err = err
 }
 
 // Sets returns how many times Set was called.
