@@ -14,6 +14,7 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/overlay/hostlink"
@@ -27,20 +28,20 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
 	}
 	defer target.Close()
-	host, err := netlink.NewHandle()
+	// Route sockets only: a handle opens one socket per family it is
+	// given, each through a namespace switch, and the plugin needs no
+	// other.
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, types.NewError(types.ErrInternal, "netlink", err.Error())
 	}
 	defer host.Close()
-	cont, err := netlink.NewHandleAt(target)
+	cont, err := netlink.NewHandleAt(target, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
 	}
 	defer cont.Close()
 
-	if _, err := cont.LinkByName(args.IfName); err == nil {
-		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("interface %q already exists in the container", args.IfName), "")
-	}
 	br, err := host.LinkByName(att.Bridge)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
@@ -55,6 +56,14 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 	veth.PeerMTU = uint32(att.MTU)
 	veth.PeerHardwareAddr = conf.mac
 	if err := host.LinkAdd(veth); err != nil {
+		// An existing interface is found out here rather than looked for
+		// beforehand: the lookup would cost every ADD a round trip.
+		if errors.Is(err, unix.EEXIST) {
+			if _, lerr := cont.LinkByName(args.IfName); lerr == nil {
+				return nil, types.NewError(types.ErrInternal, fmt.Sprintf("interface %q already exists in the container", args.IfName), err.Error())
+			}
+			return nil, types.NewError(types.ErrInternal, fmt.Sprintf("host interface %s already exists: this container interface is attached already", hostName), err.Error())
+		}
 		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("create veth %s/%s", hostName, args.IfName), err.Error())
 	}
 	result, err := configure(host, cont, hostName, args, att)
@@ -116,7 +125,7 @@ func checkNamespace(args *skel.CmdArgs, att cnirpc.Attachment) error {
 		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
 	}
 	defer target.Close()
-	cont, err := netlink.NewHandleAt(target)
+	cont, err := netlink.NewHandleAt(target, unix.NETLINK_ROUTE)
 	if err != nil {
 		return types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
 	}
@@ -161,7 +170,7 @@ func checkContainer(cont *netlink.Handle, ifName string, att cnirpc.Attachment) 
 // deleteHostVeth deletes the host end of a veth pair; one that does not
 // exist is not an error.
 func deleteHostVeth(name string) error {
-	host, err := netlink.NewHandle()
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
@@ -172,7 +181,7 @@ func deleteHostVeth(name string) error {
 // deleteStaleVeths deletes every veth of this plugin on bridge whose name
 // is not in keep.
 func deleteStaleVeths(bridge string, keep map[string]bool) error {
-	host, err := netlink.NewHandle()
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
