@@ -49,10 +49,10 @@ func NewCNIHandler(bg context.Context, n overlay.Network, mtu int, pool Pool, st
 		pending: make(map[overlay.AttachmentKey]chan struct{})}
 }
 
-// storeTimeout bounds the etcd work of one CNI request. The etcd client
-// waits for a connection rather than failing, so without a bound an etcd
-// outage would hang every ADD until the plugin gave up; with it, the
-// plugin answers "try again later" (code 11) well within its own limit.
+// storeTimeout bounds the allocation store's work in one CNI request, so
+// that a store that hangs gives "try again later" (code 11) well within
+// the plugin's own limit rather than a hung ADD. overlayd's store is the
+// host's own disk; etcd gets a copy in the background.
 const storeTimeout = 10 * time.Second
 
 // reservedPerBlock counts the addresses of a block no container gets:
@@ -87,12 +87,11 @@ func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachme
 	return d.attachment(al), nil
 }
 
-// Del releases the container interface's address.
 // Del detaches the container interface's host veth (down and off the
 // bridge: its traffic stops at once) and answers; the veth is deleted and
 // then the address released in the background. Deleting a veth waits on
 // the kernel for most of a DEL's time, and the address must not be free
-// while a veth may still hold it. A release that fails (etcd down) is
+// while a veth may still hold it. A release that fails (a disk error) is
 // retried until it succeeds or overlayd stops; a restarted overlayd
 // finishes what was pending (ReleaseOrphans).
 func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
@@ -328,7 +327,7 @@ func (d *CNIHandler) attachment(al overlay.Allocation) cnirpc.Attachment {
 }
 
 // storeError maps a store failure to a CNI error code: no free address,
-// unknown container, or (for anything from etcd) try again later.
+// unknown container, or (for a store failure) try again later.
 func storeError(op string, err error) error {
 	switch {
 	case errors.Is(err, overlay.ErrPoolExhausted):
@@ -338,5 +337,5 @@ func storeError(op string, err error) error {
 	case errors.Is(err, overlay.ErrConflict):
 		return &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: op + " failed", Details: err.Error()}
 	}
-	return &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: op + ": etcd is unavailable or failing; try again later", Details: err.Error()}
+	return &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: op + ": the allocation store failed; try again later", Details: err.Error()}
 }

@@ -22,11 +22,16 @@ import (
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/metrics"
 	"github.com/overlaynet/overlay/overlay"
 	"github.com/overlaynet/overlay/overlay/hostlink"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
+
+// AllocationsFile is the file in the data directory that holds the host's
+// address allocations.
+const AllocationsFile = "allocations.db"
 
 // joinTimeout bounds one round of gossip joins.
 const joinTimeout = 10 * time.Second
@@ -55,6 +60,13 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	mac := VTEPMAC(host)
 	log = log.With("host", host)
+	// The allocation file first: its lock keeps a second overlayd on this
+	// data directory from touching etcd or the kernel.
+	allocs, err := local.Open(filepath.Join(cfg.DataDir, AllocationsFile), host)
+	if err != nil {
+		return err
+	}
+	defer allocs.Close()
 
 	cli, emb, closeEtcd, err := connectEtcd(ctx, cfg)
 	if err != nil {
@@ -86,6 +98,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	log.Info("holding blocks", "network", network.Name, "blocks", blocks)
+	alloc, err := openAllocator(ctx, allocs, pool, network, host, log)
+	if err != nil {
+		return err
+	}
 
 	m := metrics.New()
 	// Gossip starts before the reconciler exists (the reconciler reads
@@ -115,7 +131,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()}); err != nil {
 		return err
 	}
-	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, gossip: g, network: network, metrics: m}
+	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, alloc: alloc, gossip: g, network: network, metrics: m}
 	// Join before the first pass: a restarted overlayd must know its
 	// peers before it converges, or it would remove them.
 	hosts := d.hosts(ctx)
@@ -150,7 +166,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cniLog := log.With("component", "cni")
-	handler := NewCNIHandler(ctx, network, local.MTU, pool, rec.Status, func() int { return g.Stats().Members }, hostlink.New(h), cniLog)
+	handler := NewCNIHandler(ctx, network, local.MTU, alloc, rec.Status, func() int { return g.Stats().Members }, hostlink.New(h), cniLog)
 	before, err := handler.Allocations(ctx)
 	if err != nil {
 		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
@@ -164,6 +180,7 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return g.Run(ctx) })
 	eg.Go(func() error { return store.WatchNetwork(ctx, network.Name, rec.Kick) })
 	eg.Go(func() error { return every(ctx, cfg.RenewInterval, d.renew) })
+	eg.Go(func() error { return d.mirror(ctx) })
 	eg.Go(func() error { return every(ctx, cfg.RejoinInterval, d.rejoin) })
 	eg.Go(func() error {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -249,6 +266,7 @@ type daemon struct {
 	host    overlay.HostID
 	store   *etcd.Store
 	pool    *etcd.Pool
+	alloc   *local.Allocator
 	gossip  *gossip.Gossip
 	network overlay.Network
 	rec     *overlay.Reconciler
@@ -293,6 +311,85 @@ func (d *daemon) renew(ctx context.Context) {
 		d.log.Error("announcing blocks failed", "err", err)
 	}
 	d.rec.Kick()
+}
+
+// openAllocator returns the host's allocator of network. On the first
+// start with an allocation file (a new host, or one that ran an overlayd
+// that kept its allocations in etcd alone) it imports what etcd has.
+func openAllocator(ctx context.Context, db *local.DB, pool *etcd.Pool, network overlay.Network, host overlay.HostID, log *slog.Logger) (*local.Allocator, error) {
+	alloc, fresh, err := db.Allocator(network, host, pool.Held)
+	if err != nil || !fresh {
+		return alloc, err
+	}
+	list, err := pool.List(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("import this host's allocations from etcd: %w", err)
+	}
+	if err := alloc.Import(list); err != nil {
+		return nil, err
+	}
+	if len(list) > 0 {
+		log.Info("imported this host's allocations from etcd", "network", network.Name, "allocations", len(list))
+	}
+	return alloc, nil
+}
+
+// mirrorDelay is how long the mirror lets changes gather before it copies
+// them, and mirrorRetry the wait before a failed copy is tried again.
+const (
+	mirrorDelay = 100 * time.Millisecond
+	mirrorRetry = time.Second
+)
+
+// mirror copies the host's allocations to etcd, until ctx is done: at
+// once, mirrorDelay after a change (so that a burst of ADDs and DELs
+// costs one etcd transaction, not one each, and etcd's disk writes stay
+// out of the way of the ADDs'), every resync interval, and a second after
+// a failed copy (etcd down).
+func (d *daemon) mirror(ctx context.Context) error {
+	tick := time.NewTicker(d.cfg.ResyncInterval)
+	defer tick.Stop()
+	pass := time.NewTimer(0)
+	defer pass.Stop()
+	scheduled := true
+	var failingSince time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-d.alloc.Changed():
+			if !scheduled {
+				pass.Reset(mirrorDelay)
+				scheduled = true
+			}
+			continue
+		case <-tick.C:
+		case <-pass.C:
+			scheduled = false
+		}
+		mctx, cancel := context.WithTimeout(ctx, storeTimeout)
+		list, err := d.alloc.List(mctx)
+		var n int
+		if err == nil {
+			n, err = d.pool.Mirror(mctx, list)
+		}
+		cancel()
+		switch {
+		case err != nil && ctx.Err() == nil:
+			d.metrics.MirrorFailures.Inc()
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+				d.log.Warn("copying allocations to etcd failed; retrying every second (allocation goes on from this host's own record)", "err", err)
+			}
+			pass.Reset(mirrorRetry)
+			scheduled = true
+		case err == nil && !failingSince.IsZero():
+			d.log.Info("allocations copied to etcd again", "after", time.Since(failingSince).Round(time.Second), "changed", n)
+			failingSince = time.Time{}
+		case err == nil && n > 0:
+			d.log.Debug("allocations copied to etcd", "changed", n)
+		}
+	}
 }
 
 // remembered returns what the host records say of every other host that
@@ -372,6 +469,10 @@ func (d *daemon) registerMetrics() {
 	})
 	m.GaugeFunc("ipam", "blocks", "Blocks this host holds.", lbl, func() float64 {
 		return float64(len(d.pool.Held()))
+	})
+	m.GaugeFunc("ipam", "addresses", "Addresses allocated to containers on this host.", lbl, func() float64 {
+		list, _ := d.alloc.List(context.Background())
+		return float64(len(list))
 	})
 	m.CounterFunc("reconcile", "passes_total", "Reconcile passes, failed ones included.", lbl, func() float64 {
 		return float64(d.rec.Status().Passes)

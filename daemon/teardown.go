@@ -12,6 +12,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
 
@@ -33,6 +34,11 @@ func Teardown(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cfg = cfg.withDefaults()
+	allocs, err := local.Open(filepath.Join(cfg.DataDir, AllocationsFile), host)
+	if err != nil {
+		return fmt.Errorf("teardown: %w", err)
+	}
+	defer allocs.Close()
 	cli, _, closeEtcd, err := connectEtcd(ctx, cfg)
 	if err != nil {
 		return err
@@ -45,7 +51,11 @@ func Teardown(ctx context.Context, cfg Config) error {
 	}
 
 	var errs []error
+	// The host's own record goes only once etcd has let go of its blocks:
+	// until then a restarted overlayd must still know what it gave out.
 	if err := store.Pool(network, host).ReleaseBlocks(ctx); err != nil {
+		errs = append(errs, err)
+	} else if err := allocs.Drop(network.Name); err != nil {
 		errs = append(errs, err)
 	}
 	if err := store.DeleteHost(ctx, host); err != nil {

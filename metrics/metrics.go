@@ -27,6 +27,9 @@ type Metrics struct {
 	CNIRequests *prometheus.CounterVec
 	// CNIDuration observes the latency of CNI socket requests.
 	CNIDuration *prometheus.HistogramVec
+	// MirrorFailures counts failed copies of this host's allocations to
+	// etcd; each is retried a second later.
+	MirrorFailures prometheus.Counter
 }
 
 // New returns the metrics on a fresh registry.
@@ -42,11 +45,15 @@ func New() *Metrics {
 			Help:    "Latency of CNI socket requests, as overlayd serves them.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14), // 0.5ms to 4s
 		}, []string{"op"}),
+		MirrorFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: namespace, Subsystem: "ipam", Name: "mirror_failures_total",
+			Help: "Failed copies of this host's allocations to etcd (each retried a second later).",
+		}),
 	}
 	m.Registry.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		m.CNIRequests, m.CNIDuration,
+		m.CNIRequests, m.CNIDuration, m.MirrorFailures,
 	)
 	return m
 }

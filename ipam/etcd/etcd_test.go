@@ -201,90 +201,112 @@ func TestLeaseExhausted(t *testing.T) {
 	}
 }
 
-func TestAllocate(t *testing.T) {
+func alloc(cid, addr string) overlay.Allocation {
+	return overlay.Allocation{Key: overlay.AttachmentKey{ContainerID: cid, IfName: "eth0"}, Addr: netip.MustParsePrefix(addr), Host: "a"}
+}
+
+// TestMirror: etcd ends up with exactly the host's own record of its
+// allocations, in as many transactions as it takes, and never in a block
+// the host lost.
+func TestMirror(t *testing.T) {
 	ctx := context.Background()
 	s := etcd.NewStore(startEtcd(t), "")
 	n := testNetwork()
-	n.CIDR = netip.MustParsePrefix("198.19.0.0/29") // one /29 block: 5 usable addresses
-	n.BlockBits = 29
+	n.BlockBits = 24
 	p := s.Pool(n, "a")
-	if _, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "x", IfName: "eth0"}); !errors.Is(err, overlay.ErrPoolExhausted) {
-		t.Fatalf("allocate before lease: %v", err)
-	}
-	if _, err := p.Lease(ctx); err != nil {
-		t.Fatal(err)
-	}
-
-	k1 := overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"}
-	a1, err := p.Allocate(ctx, k1)
+	blocks, err := p.Lease(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a1.Addr.String() != "198.19.0.2/29" || !a1.New {
-		t.Fatalf("first allocation = %+v, want 198.19.0.2/29 (after the gateway), new", a1)
+	b := blocks[0]
+	addr := func(i int) string {
+		a := b.Addr()
+		for range i {
+			a = a.Next()
+		}
+		return netip.PrefixFrom(a, b.Bits()).String()
 	}
-	again, err := p.Allocate(ctx, k1)
-	if err != nil || again.Addr != a1.Addr || again.New {
-		t.Fatalf("allocate same key = %+v, %v; want the same address, not new", again, err)
+	// 150 allocations need two transactions of attachment and address
+	// keys; one in a block the host does not hold is not copied.
+	var want []overlay.Allocation
+	for i := 2; i < 152; i++ {
+		want = append(want, alloc(fmt.Sprintf("c%d", i), addr(i)))
 	}
-	holder, err := s.Holder(ctx, n, a1.Addr.Addr())
-	if err != nil || holder.ContainerID != "c1" || holder.Host != "a" {
-		t.Fatalf("Holder = %+v, %v", holder, err)
+	foreign := alloc("elsewhere", "198.19.0.2/24")
+	if b.Contains(foreign.Addr.Addr()) {
+		foreign = alloc("elsewhere", "198.19.1.2/24")
 	}
-
-	// Fill the block concurrently: no duplicates, then exhaustion.
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	seen := map[netip.Prefix]string{a1.Addr: "c1"}
-	var exhausted int
-	for i := range 6 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			k := overlay.AttachmentKey{ContainerID: fmt.Sprintf("c%d", i+2), IfName: "eth0"}
-			al, err := p.Allocate(ctx, k)
-			mu.Lock()
-			defer mu.Unlock()
-			if errors.Is(err, overlay.ErrPoolExhausted) {
-				exhausted++
-				return
-			}
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			if prev, dup := seen[al.Addr]; dup {
-				t.Errorf("%s given to %s and %s", al.Addr, prev, k.ContainerID)
-			}
-			seen[al.Addr] = k.ContainerID
-		}()
-	}
-	wg.Wait()
-	if len(seen) != 5 || exhausted != 2 {
-		t.Fatalf("allocated %d, exhausted %d; want 5 and 2", len(seen), exhausted)
-	}
-	list, err := p.List(ctx)
-	if err != nil || len(list) != 5 {
-		t.Fatalf("List = %d, %v", len(list), err)
-	}
-
-	if err := p.Release(ctx, k1); err != nil {
+	// An address record nobody gave out, in the host's block.
+	stray := etcd.DefaultPrefix + "networks/default/addrs/" + strings.ReplaceAll(b.String(), "/", "-") + "/" + netip.MustParsePrefix(addr(200)).Addr().String()
+	if _, err := s.Client().Put(ctx, stray, `{"host":"a","containerID":"stray","ifName":"eth0"}`); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Release(ctx, k1); err != nil {
-		t.Fatalf("second release: %v", err)
+	changed, err := p.Mirror(ctx, append(want, foreign))
+	if err != nil || changed != 301 {
+		t.Fatalf("Mirror = %d, %v; want 300 puts and 1 delete", changed, err)
 	}
-	if _, err := p.Lookup(ctx, k1); !errors.Is(err, overlay.ErrNotFound) {
-		t.Fatalf("lookup after release: %v", err)
+	check := func(want []overlay.Allocation) {
+		t.Helper()
+		list, err := p.List(ctx)
+		if err != nil || len(list) != len(want) {
+			t.Fatalf("List = %d, %v; want %d", len(list), err, len(want))
+		}
+		for _, al := range want {
+			h, err := s.Holder(ctx, n, al.Addr.Addr())
+			if err != nil || h.ContainerID != al.Key.ContainerID || h.Host != "a" {
+				t.Fatalf("Holder(%s) = %+v, %v; want %s", al.Addr, h, err, al.Key)
+			}
+		}
 	}
-	reused, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "c9", IfName: "eth0"})
-	if err != nil || reused.Addr != a1.Addr {
-		t.Fatalf("released address not reused: %+v, %v", reused, err)
+	check(want)
+	if _, err := s.Holder(ctx, n, netip.MustParsePrefix(addr(200)).Addr()); !errors.Is(err, overlay.ErrNotFound) {
+		t.Fatalf("the stray record is still there: %v", err)
 	}
+	if _, err := s.Holder(ctx, n, foreign.Addr.Addr()); !errors.Is(err, overlay.ErrNotFound) {
+		t.Fatalf("an allocation outside the held blocks was copied: %v", err)
+	}
+	// Mirroring the same again changes nothing; a release and a new
+	// allocation change three keys and one.
+	if changed, err := p.Mirror(ctx, want); err != nil || changed != 0 {
+		t.Fatalf("second Mirror = %d, %v; want 0", changed, err)
+	}
+	want = append(want[1:], alloc("new", addr(2)))
+	if changed, err := p.Mirror(ctx, want); err != nil || changed != 3 {
+		t.Fatalf("Mirror after a release and a re-use = %d, %v; want 3 (one attachment key gone, one new, the address record rewritten)", changed, err)
+	}
+	check(want)
 
-	// Releasing the host's blocks frees its addresses and attachments.
+	// A block deleted behind the host's back is never written to.
+	if _, err := s.Client().Delete(ctx, etcd.DefaultPrefix+"networks/default/blocks/"+strings.ReplaceAll(b.String(), "/", "-")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Mirror(ctx, append(want, alloc("late", addr(160)))); !errors.Is(err, etcd.ErrBlockLost) {
+		t.Fatalf("Mirror into a lost block = %v, want ErrBlockLost", err)
+	}
+	if _, err := s.Holder(ctx, n, netip.MustParsePrefix(addr(160)).Addr()); !errors.Is(err, overlay.ErrNotFound) {
+		t.Fatalf("written into a lost block: %v", err)
+	}
+}
+
+// TestReleaseBlocks: giving back the host's blocks removes its addresses
+// and its attachment index with them.
+func TestReleaseBlocks(t *testing.T) {
+	ctx := context.Background()
+	s := etcd.NewStore(startEtcd(t), "")
+	p := s.Pool(testNetwork(), "a")
+	blocks, err := p.Lease(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	al := alloc("c1", netip.PrefixFrom(blocks[0].Addr().Next().Next(), blocks[0].Bits()).String())
+	if _, err := p.Mirror(ctx, []overlay.Allocation{al}); err != nil {
+		t.Fatal(err)
+	}
 	if err := p.ReleaseBlocks(ctx); err != nil {
 		t.Fatal(err)
+	}
+	if len(p.Held()) != 0 {
+		t.Fatalf("still held: %v", p.Held())
 	}
 	resp, err := s.Client().Get(ctx, etcd.DefaultPrefix+"networks/default/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
@@ -358,85 +380,5 @@ func TestConnectSkipsDeadEndpoints(t *testing.T) {
 	}
 	if _, err := etcd.Connect(context.Background(), etcd.ClientConfig{Endpoints: []string{dead}, DialTimeout: time.Second}); err == nil || !strings.Contains(err.Error(), "does not answer") {
 		t.Fatalf("Connect to nothing = %v", err)
-	}
-}
-
-// oneBlockPool returns a store on a fresh etcd, a network of one /26
-// block, and host a's pool holding that block.
-func oneBlockPool(t *testing.T) (*etcd.Store, overlay.Network, *etcd.Pool) {
-	t.Helper()
-	s := etcd.NewStore(startEtcd(t), "")
-	n := testNetwork()
-	n.CIDR = netip.MustParsePrefix("198.19.0.0/26")
-	p := s.Pool(n, "a")
-	if _, err := p.Lease(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	return s, n, p
-}
-
-func TestAllocateAddr(t *testing.T) {
-	ctx := context.Background()
-	_, _, p := oneBlockPool(t)
-	k1 := overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"}
-	want := netip.MustParseAddr("198.19.0.40")
-	al, err := p.AllocateAddr(ctx, k1, want)
-	if err != nil || al.Addr.String() != "198.19.0.40/26" || !al.New {
-		t.Fatalf("AllocateAddr = %+v, %v", al, err)
-	}
-	if again, err := p.AllocateAddr(ctx, k1, want); err != nil || again.New {
-		t.Fatalf("same key, same address = %+v, %v; want it back, not new", again, err)
-	}
-	for _, tc := range []struct {
-		key  string
-		addr string
-	}{
-		{"c1", "198.19.0.41"}, // c1 already holds another address
-		{"c2", "198.19.0.40"}, // taken by c1
-		{"c2", "198.19.0.1"},  // the gateway
-		{"c2", "198.19.0.63"}, // broadcast
-		{"c2", "198.19.1.5"},  // not this host's block
-	} {
-		k := overlay.AttachmentKey{ContainerID: tc.key, IfName: "eth0"}
-		if _, err := p.AllocateAddr(ctx, k, netip.MustParseAddr(tc.addr)); !errors.Is(err, overlay.ErrConflict) {
-			t.Errorf("AllocateAddr(%s, %s) = %v, want ErrConflict", tc.key, tc.addr, err)
-		}
-	}
-	// The lowest free address skips the one taken by request.
-	for range 38 { // .2 to .39
-		if _, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: fmt.Sprint(time.Now().UnixNano()), IfName: "eth0"}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	next, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "after", IfName: "eth0"})
-	if err != nil || next.Addr.Addr().String() != "198.19.0.41" {
-		t.Fatalf("next free after filling .2-.39 = %+v, %v; want .41 (.40 is taken)", next, err)
-	}
-}
-
-// TestAllocateWithStaleCache: an address taken in etcd behind the pool's
-// back (its cache does not know) is never handed out again.
-func TestAllocateWithStaleCache(t *testing.T) {
-	ctx := context.Background()
-	s, n, p := oneBlockPool(t)
-	first, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"})
-	if err != nil || first.Addr.Addr().String() != "198.19.0.2" {
-		t.Fatalf("first = %+v, %v", first, err)
-	}
-	// Someone else (a second overlayd with a copied host ID, an operator)
-	// takes .3 directly in etcd.
-	if _, err := s.Client().Put(ctx, etcd.DefaultPrefix+"networks/default/addrs/198.19.0.0-26/198.19.0.3", `{"host":"a","containerID":"intruder","ifName":"eth0"}`); err != nil {
-		t.Fatal(err)
-	}
-	next, err := p.Allocate(ctx, overlay.AttachmentKey{ContainerID: "c2", IfName: "eth0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if next.Addr.Addr().String() != "198.19.0.4" {
-		t.Fatalf("next = %s, want .4 (.3 was taken behind the cache's back)", next.Addr)
-	}
-	holder, err := s.Holder(ctx, n, netip.MustParseAddr("198.19.0.3"))
-	if err != nil || holder.ContainerID != "intruder" {
-		t.Fatalf("the intruder's record was overwritten: %+v, %v", holder, err)
 	}
 }

@@ -54,32 +54,22 @@ type held struct {
 	modRev    int64 // last modification revision seen: the compare of a renewal
 }
 
-// Pool is one host's view of one network: it leases the host's blocks and
-// allocates addresses from them. It implements overlay.BlockLeaser and
-// overlay.Allocator and is safe for concurrent use.
+// Pool is one host's view of one network in etcd: it leases the host's
+// blocks, and mirrors the allocations the host makes from them (which the
+// host keeps itself, see package ipam/local). It implements
+// overlay.BlockLeaser and is safe for concurrent use.
 type Pool struct {
 	s    *Store
 	net  overlay.Network
 	host overlay.HostID
 
-	allocMu sync.Mutex // serializes this host's allocations, so they never race each other
-	// Guarded by allocMu: what this host's allocations look like in etcd,
-	// kept so that an allocation needs one transaction, not three round
-	// trips. Only this host allocates from its blocks; the transaction's
-	// compares still decide, so a stale cache costs a retry, never a
-	// duplicate.
-	cached   bool                                   // attach and used have been read
-	attach   map[overlay.AttachmentKey]netip.Prefix // this host's allocations
-	usedAddr map[netip.Addr]bool                    // addresses taken in held blocks
+	mirrorMu sync.Mutex // one mirror pass at a time
 
 	mu   sync.Mutex // guards held
 	held map[netip.Prefix]held
 }
 
-var (
-	_ overlay.BlockLeaser = (*Pool)(nil)
-	_ overlay.Allocator   = (*Pool)(nil)
-)
+var _ overlay.BlockLeaser = (*Pool)(nil)
 
 // Pool returns host's pool of network n.
 func (s *Store) Pool(n overlay.Network, host overlay.HostID) *Pool {
@@ -141,8 +131,6 @@ func sortedBlocks(m map[netip.Prefix]held) []netip.Prefix {
 // succeeds only when the block's key does not exist, so no block ever has
 // two owners.
 func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
-	// The blocks may change: the allocation cache is read again after.
-	defer p.invalidate()
 	recs, err := p.blocks(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("lease block for %s: %w", p.host, err)
@@ -278,181 +266,10 @@ func (p *Pool) ReleaseBlocks(ctx context.Context) error {
 			p.mu.Lock()
 			clear(p.held)
 			p.mu.Unlock()
-			p.invalidate()
 			return nil
 		}
 	}
 	return fmt.Errorf("release blocks of %s: blocks keep changing: %w", p.host, overlay.ErrConflict)
-}
-
-// Allocate returns the address of key, allocating the lowest free address
-// of the host's blocks when key holds none. The address key and the
-// attachment key are created in one transaction that also checks the
-// block is still the host's, so an address is never given twice.
-func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
-	p.allocMu.Lock()
-	defer p.allocMu.Unlock()
-	if err := p.loadLocked(ctx); err != nil {
-		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
-	}
-	blocks := p.heldCopy()
-	if al, ok, err := p.cachedLocked(key, blocks); ok || err != nil {
-		return al, err
-	}
-	if len(blocks) == 0 {
-		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, p.host, p.net.Name, overlay.ErrPoolExhausted)
-	}
-	// Scan the cache; if it says every address is taken and was not read
-	// in this call, read etcd once more before saying so.
-	for pass := 0; pass < 2; pass++ {
-		reloaded := false
-		blocks = p.heldCopy() // less any block the last pass found lost
-		for _, b := range sortedBlocks(blocks) {
-			h := blocks[b]
-			for a := overlay.Gateway(b).Next(); a != overlay.Broadcast(b); a = a.Next() {
-				if p.usedAddr[a] {
-					continue
-				}
-				al, won, err := p.claim(ctx, key, b, h, a)
-				if err != nil || won {
-					return al, err
-				}
-				// Lost a race with something outside this pool: the key
-				// or the address exists in etcd, or the block is no
-				// longer ours. Read etcd again and carry on.
-				p.cached, reloaded = false, true
-				if err := p.loadLocked(ctx); err != nil {
-					return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
-				}
-				if al, ok, err := p.cachedLocked(key, blocks); ok || err != nil {
-					return al, err
-				}
-				if !p.stillHeld(ctx, b, h) {
-					break
-				}
-			}
-		}
-		if reloaded {
-			break
-		}
-		p.cached = false
-		if err := p.loadLocked(ctx); err != nil {
-			return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
-		}
-	}
-	return overlay.Allocation{}, fmt.Errorf("allocate %s: every address of %s's blocks %v is in use: %w", key, p.host, p.Held(), overlay.ErrPoolExhausted)
-}
-
-// AllocateAddr gives key the address a, which must be a free address of
-// one of the host's blocks (the CNI "ips" capability). A key that already
-// holds a gets it again; one that holds another address, or an address
-// that is taken or outside the host's blocks, is an error wrapping
-// overlay.ErrConflict.
-func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a netip.Addr) (overlay.Allocation, error) {
-	p.allocMu.Lock()
-	defer p.allocMu.Unlock()
-	if err := p.loadLocked(ctx); err != nil {
-		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", a, key, err)
-	}
-	blocks := p.heldCopy()
-	al, ok, err := p.cachedLocked(key, blocks)
-	switch {
-	case err != nil:
-		return overlay.Allocation{}, err
-	case ok && al.Addr.Addr() == a:
-		return al, nil
-	case ok:
-		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: it already holds %s: %w", a, key, al.Addr, overlay.ErrConflict)
-	}
-	b := netip.PrefixFrom(a, p.net.BlockBits).Masked()
-	h, ok := blocks[b]
-	if !ok || a == b.Addr() || a == overlay.Gateway(b) || a == overlay.Broadcast(b) {
-		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: not a container address of this host's blocks %v: %w", a, key, p.Held(), overlay.ErrConflict)
-	}
-	al, won, err := p.claim(ctx, key, b, h, a)
-	if err != nil || won {
-		return al, err
-	}
-	return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is in use: %w", a, key, overlay.ErrConflict)
-}
-
-// claim tries to give key address a of block b in one transaction, which
-// fails (won is false) when the address or the key is taken or the block
-// was re-claimed.
-func (p *Pool) claim(ctx context.Context, key overlay.AttachmentKey, b netip.Prefix, h held, a netip.Addr) (al overlay.Allocation, won bool, err error) {
-	rec, err := json.Marshal(AddrRecord{Host: p.host, ContainerID: key.ContainerID, IfName: key.IfName})
-	if err != nil {
-		return al, false, fmt.Errorf("encode address record: %w", err)
-	}
-	addr := netip.PrefixFrom(a, b.Bits())
-	addrKey := p.s.addrsPrefix(p.net.Name, b) + a.String()
-	akey := p.s.attachKey(p.net.Name, p.host, key)
-	resp, err := p.s.cli.Txn(ctx).
-		If(
-			clientv3.Compare(clientv3.CreateRevision(p.s.blockKey(p.net.Name, b)), "=", h.createRev),
-			clientv3.Compare(clientv3.CreateRevision(addrKey), "=", 0),
-			clientv3.Compare(clientv3.CreateRevision(akey), "=", 0),
-		).
-		Then(clientv3.OpPut(addrKey, string(rec)), clientv3.OpPut(akey, addr.String())).
-		Commit()
-	if err != nil {
-		return al, false, fmt.Errorf("allocate %s for %s: %w", a, key, err)
-	}
-	if !resp.Succeeded {
-		return al, false, nil
-	}
-	p.attach[key] = addr
-	p.usedAddr[a] = true
-	return overlay.Allocation{Key: key, Addr: addr, Host: p.host, New: true}, true, nil
-}
-
-// invalidate makes the next allocation read etcd again.
-func (p *Pool) invalidate() {
-	p.allocMu.Lock()
-	p.cached = false
-	p.allocMu.Unlock()
-}
-
-// loadLocked reads this host's allocations and the used addresses of its
-// blocks into the cache, unless it is loaded already. p.allocMu is held.
-func (p *Pool) loadLocked(ctx context.Context) error {
-	if p.cached {
-		return nil
-	}
-	list, err := p.List(ctx)
-	if err != nil {
-		return err
-	}
-	attach := make(map[overlay.AttachmentKey]netip.Prefix, len(list))
-	for _, al := range list {
-		attach[al.Key] = al.Addr
-	}
-	used := make(map[netip.Addr]bool)
-	for _, b := range p.Held() {
-		u, err := p.used(ctx, b)
-		if err != nil {
-			return err
-		}
-		for a := range u {
-			used[a] = true
-		}
-	}
-	p.attach, p.usedAddr, p.cached = attach, used, true
-	return nil
-}
-
-// cachedLocked returns key's allocation from the cache, if it has one;
-// one in a block this host no longer holds is an error wrapping
-// overlay.ErrConflict, as Lookup reports it. p.allocMu is held.
-func (p *Pool) cachedLocked(key overlay.AttachmentKey, blocks map[netip.Prefix]held) (overlay.Allocation, bool, error) {
-	addr, ok := p.attach[key]
-	if !ok {
-		return overlay.Allocation{}, false, nil
-	}
-	if _, held := blocks[addr.Masked()]; !held {
-		return overlay.Allocation{}, false, fmt.Errorf("allocate %s: its address %s is in a block %s no longer holds: %w", key, addr, p.host, overlay.ErrConflict)
-	}
-	return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, true, nil
 }
 
 func (p *Pool) heldCopy() map[netip.Prefix]held {
@@ -465,116 +282,83 @@ func (p *Pool) heldCopy() map[netip.Prefix]held {
 	return out
 }
 
-// stillHeld reports whether block b is still this host's, dropping it from
-// the pool, and the allocation cache, when etcd shows it gone or
-// re-claimed. A failed read proves nothing: the block is kept. p.allocMu
-// is held.
-func (p *Pool) stillHeld(ctx context.Context, b netip.Prefix, h held) bool {
-	resp, err := p.s.cli.Get(ctx, p.s.blockKey(p.net.Name, b))
-	if err != nil {
-		return true
-	}
-	if len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != h.createRev {
-		p.mu.Lock()
-		delete(p.held, b)
-		p.mu.Unlock()
-		p.cached = false
-		return false
-	}
-	return true
-}
+// mirrorTxnOps bounds the operations of one mirror transaction, under
+// etcd's default limit of 128.
+const mirrorTxnOps = 100
 
-func (p *Pool) used(ctx context.Context, b netip.Prefix) (map[netip.Addr]bool, error) {
-	prefix := p.s.addrsPrefix(p.net.Name, b)
-	resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
-	if err != nil {
-		return nil, fmt.Errorf("list addresses of %s: %w", b, err)
-	}
-	used := make(map[netip.Addr]bool, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
-		if a, err := netip.ParseAddr(strings.TrimPrefix(string(kv.Key), prefix)); err == nil {
-			used[a] = true
+// Mirror makes etcd's records of this host's allocations equal want: the
+// attachment index (List) and the address records of the blocks it holds
+// (Holder). want is the host's own, authoritative record; an entry in a
+// block the host no longer holds is not copied. Records in held blocks
+// that want lacks are deleted. Every transaction checks that the blocks
+// are still this host's, so a lost block is never written to: that fails
+// with an error wrapping ErrBlockLost. It returns how many keys it
+// changed.
+func (p *Pool) Mirror(ctx context.Context, want []overlay.Allocation) (int, error) {
+	p.mirrorMu.Lock()
+	defer p.mirrorMu.Unlock()
+	blocks := p.heldCopy()
+	wantAttach := make(map[string]string)
+	wantAddr := make(map[string]string)
+	for _, al := range want {
+		if _, ok := blocks[netip.PrefixFrom(al.Addr.Addr(), p.net.BlockBits).Masked()]; !ok {
+			continue
 		}
-	}
-	return used, nil
-}
-
-// Lookup returns the allocation of key, or an error wrapping
-// overlay.ErrNotFound.
-func (p *Pool) Lookup(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
-	resp, err := p.s.cli.Get(ctx, p.s.attachKey(p.net.Name, p.host, key))
-	if err != nil {
-		return overlay.Allocation{}, fmt.Errorf("look up %s: %w", key, err)
-	}
-	if len(resp.Kvs) == 0 {
-		return overlay.Allocation{}, fmt.Errorf("look up %s on %s: %w", key, p.host, overlay.ErrNotFound)
-	}
-	addr, err := netip.ParsePrefix(string(resp.Kvs[0].Value))
-	if err != nil {
-		return overlay.Allocation{}, fmt.Errorf("look up %s: bad address %q: %w", key, resp.Kvs[0].Value, err)
-	}
-	p.mu.Lock()
-	_, held := p.held[addr.Masked()]
-	p.mu.Unlock()
-	if !held {
-		return overlay.Allocation{}, fmt.Errorf("look up %s: its address %s is in a block %s no longer holds: %w", key, addr, p.host, overlay.ErrConflict)
-	}
-	return overlay.Allocation{Key: key, Addr: addr, Host: p.host}, nil
-}
-
-// Release frees the address of key. A key without one is not an error.
-func (p *Pool) Release(ctx context.Context, key overlay.AttachmentKey) error {
-	p.allocMu.Lock()
-	defer p.allocMu.Unlock()
-	akey := p.s.attachKey(p.net.Name, p.host, key)
-	for attempt := 0; attempt <= maxTxnRetries; attempt++ {
-		resp, err := p.s.cli.Get(ctx, akey)
+		rec, err := json.Marshal(AddrRecord{Host: p.host, ContainerID: al.Key.ContainerID, IfName: al.Key.IfName})
 		if err != nil {
-			return fmt.Errorf("release %s: %w", key, err)
+			return 0, fmt.Errorf("mirror allocations: encode: %w", err)
 		}
-		if len(resp.Kvs) == 0 {
-			if p.cached {
-				delete(p.attach, key)
-			}
-			return nil
-		}
-		kv := resp.Kvs[0]
-		cmps := []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(akey), "=", kv.ModRevision)}
-		ops := []clientv3.Op{clientv3.OpDelete(akey)}
-		// The address record goes too, but only if it names this
-		// container interface: never free another holder's address.
-		if addr, err := netip.ParsePrefix(string(kv.Value)); err == nil {
-			b := netip.PrefixFrom(addr.Addr(), p.net.BlockBits).Masked()
-			addrKey := p.s.addrsPrefix(p.net.Name, b) + addr.Addr().String()
-			ar, err := p.s.cli.Get(ctx, addrKey)
-			if err != nil {
-				return fmt.Errorf("release %s: %w", key, err)
-			}
-			var rec AddrRecord
-			if len(ar.Kvs) == 1 && json.Unmarshal(ar.Kvs[0].Value, &rec) == nil &&
-				rec.Host == p.host && rec.ContainerID == key.ContainerID && rec.IfName == key.IfName {
-				cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(addrKey), "=", ar.Kvs[0].ModRevision))
-				ops = append(ops, clientv3.OpDelete(addrKey))
-			}
-		}
-		tr, err := p.s.cli.Txn(ctx).If(cmps...).Then(ops...).Commit()
+		wantAttach[p.s.attachKey(p.net.Name, p.host, al.Key)] = al.Addr.String()
+		wantAddr[p.s.addrsPrefix(p.net.Name, al.Addr.Masked())+al.Addr.Addr().String()] = string(rec)
+	}
+
+	// What etcd has: the host's attachment index and its blocks' addresses.
+	have := make(map[string]string)
+	prefixes := []string{p.s.attachPrefix(p.net.Name, p.host)}
+	var cmps []clientv3.Cmp
+	for _, b := range sortedBlocks(blocks) {
+		prefixes = append(prefixes, p.s.addrsPrefix(p.net.Name, b))
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(p.s.blockKey(p.net.Name, b)), "=", blocks[b].createRev))
+	}
+	for _, prefix := range prefixes {
+		resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix())
 		if err != nil {
-			return fmt.Errorf("release %s: %w", key, err)
+			return 0, fmt.Errorf("mirror allocations of %s: %w", p.host, err)
 		}
-		if tr.Succeeded {
-			if p.cached {
-				if addr, ok := p.attach[key]; ok {
-					delete(p.usedAddr, addr.Addr())
-				}
-				delete(p.attach, key)
-			}
-			return nil
+		for _, kv := range resp.Kvs {
+			have[string(kv.Key)] = string(kv.Value)
 		}
 	}
-	return fmt.Errorf("release %s: attachment keeps changing: %w", key, overlay.ErrConflict)
+	var ops []clientv3.Op
+	for _, w := range []map[string]string{wantAttach, wantAddr} {
+		for k, v := range w {
+			if got, ok := have[k]; !ok || got != v {
+				ops = append(ops, clientv3.OpPut(k, v))
+			}
+		}
+	}
+	for k := range have {
+		if _, ok := wantAttach[k]; !ok {
+			if _, ok := wantAddr[k]; !ok {
+				ops = append(ops, clientv3.OpDelete(k))
+			}
+		}
+	}
+	for done := 0; done < len(ops); done += mirrorTxnOps {
+		chunk := ops[done:min(done+mirrorTxnOps, len(ops))]
+		resp, err := p.s.cli.Txn(ctx).If(cmps...).Then(chunk...).Commit()
+		if err != nil {
+			return done, fmt.Errorf("mirror allocations of %s: %w", p.host, err)
+		}
+		if !resp.Succeeded {
+			return done, fmt.Errorf("mirror allocations of %s: a block was re-claimed or deleted: %w", p.host, ErrBlockLost)
+		}
+	}
+	return len(ops), nil
 }
 
-// List returns every allocation of this host in the network.
+// List returns this host's allocations in the network as etcd has them:
+// what the mirror last copied.
 func (p *Pool) List(ctx context.Context) ([]overlay.Allocation, error) {
 	prefix := p.s.attachPrefix(p.net.Name, p.host)
 	resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix())

@@ -1,0 +1,363 @@
+// Package local keeps a host's address allocations on its own disk, so
+// that handing out an address never waits on etcd.
+//
+// A host allocates only from blocks it holds, and no other host allocates
+// from those, so the host's own record is enough to keep every address
+// unique. The record is a bbolt file in overlayd's data directory; every
+// change is committed (and synced to disk) before it is answered, so an
+// allocation survives kill -9 and a reboot. etcd gets a copy afterwards,
+// so that any host can answer who holds an address: Changed tells the
+// mirror when to copy (see etcd.Pool.Mirror).
+package local
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// openTimeout bounds the wait for the file lock: another process holding
+// it is another overlayd on the same data directory.
+const openTimeout = time.Second
+
+var (
+	metaBucket = []byte("meta")
+	hostKey    = []byte("host")
+)
+
+// DB is a host's allocation file, holding one bucket per network.
+type DB struct {
+	db   *bolt.DB
+	path string
+}
+
+// Open opens or creates the allocation file at path for host. A file
+// written for another host ID is refused: its allocations would be from
+// blocks this host does not hold.
+func Open(path string, host overlay.HostID) (*DB, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: openTimeout})
+	if errors.Is(err, bolterrors.ErrTimeout) {
+		return nil, fmt.Errorf("open allocations %s: locked by another process: is another overlayd using this data directory?", path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open allocations %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		b, err := tx.CreateBucketIfNotExists(metaBucket)
+		if err != nil {
+			return err
+		}
+		switch got := b.Get(hostKey); {
+		case got == nil:
+			return b.Put(hostKey, []byte(host))
+		case string(got) != string(host):
+			return fmt.Errorf("the file belongs to host %s, not %s", got, host)
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open allocations %s: %w", path, err)
+	}
+	return &DB{db: db, path: path}, nil
+}
+
+// Close closes the file.
+func (d *DB) Close() error { return d.db.Close() }
+
+// Drop deletes every allocation of network: what teardown does once its
+// blocks are given back.
+func (d *DB) Drop(network string) error {
+	err := d.db.Update(func(tx *bolt.Tx) error {
+		err := tx.DeleteBucket(bucketName(network))
+		if errors.Is(err, bolterrors.ErrBucketNotFound) {
+			return nil
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("drop allocations of %s: %w", network, err)
+	}
+	return nil
+}
+
+func bucketName(network string) []byte { return []byte("network/" + network) }
+
+// Allocator hands out addresses of one network from the blocks this host
+// holds. It implements overlay.Allocator and is safe for concurrent use.
+type Allocator struct {
+	db      *DB
+	net     overlay.Network
+	host    overlay.HostID
+	held    func() []netip.Prefix
+	changed chan struct{}
+
+	mu     sync.Mutex // serializes changes; guards the maps
+	attach map[overlay.AttachmentKey]netip.Prefix
+	used   map[netip.Addr]overlay.AttachmentKey
+}
+
+var _ overlay.Allocator = (*Allocator)(nil)
+
+// Allocator returns the allocator of network n, which allocates from the
+// blocks held returns (overlay.BlockLeaser's Held). Fresh is true when the
+// file had no record of the network yet: a host that ran an older
+// overlayd imports its allocations from etcd then.
+func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []netip.Prefix) (a *Allocator, fresh bool, err error) {
+	a = &Allocator{db: d, net: n, host: host, held: held, changed: make(chan struct{}, 1),
+		attach: make(map[overlay.AttachmentKey]netip.Prefix), used: make(map[netip.Addr]overlay.AttachmentKey)}
+	err = d.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketName(n.Name))
+		if b == nil {
+			fresh = true
+			_, err := tx.CreateBucket(bucketName(n.Name))
+			return err
+		}
+		return b.ForEach(func(k, v []byte) error {
+			key, addr, err := decode(k, v)
+			if err != nil {
+				return err
+			}
+			a.attach[key] = addr
+			a.used[addr.Addr()] = key
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, false, fmt.Errorf("load allocations of %s from %s: %w", n.Name, d.path, err)
+	}
+	return a, fresh, nil
+}
+
+// encode and decode map an allocation to its bbolt key and value:
+// "containerID/ifName" (an interface name has no slash) and the address
+// with its block's prefix length.
+func encode(key overlay.AttachmentKey, addr netip.Prefix) (k, v []byte) {
+	return []byte(key.ContainerID + "/" + key.IfName), []byte(addr.String())
+}
+
+func decode(k, v []byte) (overlay.AttachmentKey, netip.Prefix, error) {
+	i := strings.LastIndexByte(string(k), '/')
+	addr, err := netip.ParsePrefix(string(v))
+	if i < 0 || err != nil {
+		return overlay.AttachmentKey{}, netip.Prefix{}, fmt.Errorf("corrupt allocation %q = %q", k, v)
+	}
+	return overlay.AttachmentKey{ContainerID: string(k[:i]), IfName: string(k[i+1:])}, addr, nil
+}
+
+// Changed receives a value after allocations changed: the mirror's cue.
+// Changes made while nobody receives are folded into one.
+func (a *Allocator) Changed() <-chan struct{} { return a.changed }
+
+func (a *Allocator) notify() {
+	select {
+	case a.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Import records allocations read from elsewhere (etcd, on a host's
+// first start with this file), skipping any whose key or address is
+// already recorded.
+func (a *Allocator) Import(list []overlay.Allocation) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var add []overlay.Allocation
+	for _, al := range list {
+		if _, ok := a.attach[al.Key]; ok {
+			continue
+		}
+		if _, ok := a.used[al.Addr.Addr()]; ok {
+			continue
+		}
+		a.attach[al.Key], a.used[al.Addr.Addr()] = al.Addr, al.Key // dedupes list itself
+		add = append(add, al)
+	}
+	err := a.db.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketName(a.net.Name))
+		for _, al := range add {
+			if err := b.Put(encode(al.Key, al.Addr)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		for _, al := range add {
+			delete(a.attach, al.Key)
+			delete(a.used, al.Addr.Addr())
+		}
+		return fmt.Errorf("import %d allocations of %s: %w", len(add), a.net.Name, err)
+	}
+	a.notify()
+	return nil
+}
+
+// put records key's address on disk, then in memory. a.mu is held.
+func (a *Allocator) put(key overlay.AttachmentKey, addr netip.Prefix) error {
+	err := a.db.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketName(a.net.Name)).Put(encode(key, addr))
+	})
+	if err != nil {
+		return fmt.Errorf("record %s for %s: %w", addr, key, err)
+	}
+	a.attach[key] = addr
+	a.used[addr.Addr()] = key
+	a.notify()
+	return nil
+}
+
+// Held returns the blocks it allocates from: those the host holds.
+func (a *Allocator) Held() []netip.Prefix { return a.held() }
+
+// heldBlocks returns the held blocks as a set.
+func (a *Allocator) heldBlocks() map[netip.Prefix]bool {
+	out := make(map[netip.Prefix]bool)
+	for _, b := range a.held() {
+		out[b] = true
+	}
+	return out
+}
+
+// existing returns key's allocation, if it has one; one in a block this
+// host no longer holds is an error wrapping overlay.ErrConflict. a.mu is
+// held.
+func (a *Allocator) existing(key overlay.AttachmentKey, held map[netip.Prefix]bool) (overlay.Allocation, bool, error) {
+	addr, ok := a.attach[key]
+	if !ok {
+		return overlay.Allocation{}, false, nil
+	}
+	if !held[addr.Masked()] {
+		return overlay.Allocation{}, false, fmt.Errorf("%s holds %s, in a block %s no longer holds: %w", key, addr, a.host, overlay.ErrConflict)
+	}
+	return overlay.Allocation{Key: key, Addr: addr, Host: a.host}, true, nil
+}
+
+// Allocate returns the address of key, allocating the lowest free
+// address of the held blocks when key holds none. It is on disk before
+// it returns.
+func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
+	if err := ctx.Err(); err != nil {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	held := a.heldBlocks()
+	if al, ok, err := a.existing(key, held); ok || err != nil {
+		return al, err
+	}
+	blocks := a.held()
+	if len(blocks) == 0 {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, a.host, a.net.Name, overlay.ErrPoolExhausted)
+	}
+	for _, b := range blocks {
+		for addr := overlay.Gateway(b).Next(); addr != overlay.Broadcast(b); addr = addr.Next() {
+			if _, taken := a.used[addr]; taken {
+				continue
+			}
+			p := netip.PrefixFrom(addr, b.Bits())
+			if err := a.put(key, p); err != nil {
+				return overlay.Allocation{}, err
+			}
+			return overlay.Allocation{Key: key, Addr: p, Host: a.host, New: true}, nil
+		}
+	}
+	return overlay.Allocation{}, fmt.Errorf("allocate %s: every address of %s's blocks %v is in use: %w", key, a.host, blocks, overlay.ErrPoolExhausted)
+}
+
+// AllocateAddr gives key the address addr, which must be a free address of
+// one of the held blocks (the CNI "ips" capability). A key that already
+// holds addr gets it again; one that holds another address, or an address
+// that is taken or outside the held blocks, is an error wrapping
+// overlay.ErrConflict.
+func (a *Allocator) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, addr netip.Addr) (overlay.Allocation, error) {
+	if err := ctx.Err(); err != nil {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", addr, key, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	held := a.heldBlocks()
+	al, ok, err := a.existing(key, held)
+	switch {
+	case err != nil:
+		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", addr, err)
+	case ok && al.Addr.Addr() == addr:
+		return al, nil
+	case ok:
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: it already holds %s: %w", addr, key, al.Addr, overlay.ErrConflict)
+	}
+	b := netip.PrefixFrom(addr, a.net.BlockBits).Masked()
+	if !held[b] || addr == b.Addr() || addr == overlay.Gateway(b) || addr == overlay.Broadcast(b) {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: not a container address of this host's blocks %v: %w", addr, key, a.held(), overlay.ErrConflict)
+	}
+	if holder, taken := a.used[addr]; taken {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is in use by %s: %w", addr, key, holder, overlay.ErrConflict)
+	}
+	p := netip.PrefixFrom(addr, b.Bits())
+	if err := a.put(key, p); err != nil {
+		return overlay.Allocation{}, err
+	}
+	return overlay.Allocation{Key: key, Addr: p, Host: a.host, New: true}, nil
+}
+
+// Release frees the address of key. A key without one is not an error.
+func (a *Allocator) Release(ctx context.Context, key overlay.AttachmentKey) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("release %s: %w", key, err)
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	addr, ok := a.attach[key]
+	if !ok {
+		return nil
+	}
+	err := a.db.db.Update(func(tx *bolt.Tx) error {
+		k, _ := encode(key, addr)
+		return tx.Bucket(bucketName(a.net.Name)).Delete(k)
+	})
+	if err != nil {
+		return fmt.Errorf("release %s: %w", key, err)
+	}
+	delete(a.attach, key)
+	delete(a.used, addr.Addr())
+	a.notify()
+	return nil
+}
+
+// Lookup returns the allocation of key: an error wrapping
+// overlay.ErrNotFound when it has none, or overlay.ErrConflict when its
+// address is in a block this host no longer holds.
+func (a *Allocator) Lookup(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	al, ok, err := a.existing(key, a.heldBlocks())
+	switch {
+	case err != nil:
+		return overlay.Allocation{}, fmt.Errorf("look up %s: %w", key, err)
+	case !ok:
+		return overlay.Allocation{}, fmt.Errorf("look up %s on %s: %w", key, a.host, overlay.ErrNotFound)
+	}
+	return al, nil
+}
+
+// List returns every allocation of this host in the network, by address.
+func (a *Allocator) List(ctx context.Context) ([]overlay.Allocation, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]overlay.Allocation, 0, len(a.attach))
+	for k, addr := range a.attach {
+		out = append(out, overlay.Allocation{Key: k, Addr: addr, Host: a.host})
+	}
+	slices.SortFunc(out, func(x, y overlay.Allocation) int { return x.Addr.Addr().Compare(y.Addr.Addr()) })
+	return out, nil
+}

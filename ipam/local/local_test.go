@@ -1,0 +1,318 @@
+package local_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/overlaynet/overlay/ipam/local"
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// one /29 block: 5 container addresses, .2 to .6.
+var (
+	network = overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("198.19.0.0/16"), BlockBits: 29, VNI: 4096, Port: 4789}
+	block   = netip.MustParsePrefix("198.19.0.8/29")
+)
+
+// blocks is a settable Held.
+type blocks struct {
+	mu sync.Mutex
+	b  []netip.Prefix
+}
+
+func (b *blocks) held() []netip.Prefix {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]netip.Prefix(nil), b.b...)
+}
+
+func (b *blocks) set(p ...netip.Prefix) {
+	b.mu.Lock()
+	b.b = p
+	b.mu.Unlock()
+}
+
+func key(id string) overlay.AttachmentKey {
+	return overlay.AttachmentKey{ContainerID: id, IfName: "eth0"}
+}
+
+func open(t *testing.T, path string, held func() []netip.Prefix) (*local.DB, *local.Allocator, bool) {
+	t.Helper()
+	return openNet(t, path, network, held)
+}
+
+func openNet(t *testing.T, path string, network overlay.Network, held func() []netip.Prefix) (*local.DB, *local.Allocator, bool) {
+	t.Helper()
+	db, err := local.Open(path, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	a, fresh, err := db.Allocator(network, "a", held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return db, a, fresh
+}
+
+func TestAllocate(t *testing.T) {
+	ctx := context.Background()
+	var bl blocks
+	_, a, fresh := open(t, filepath.Join(t.TempDir(), "alloc.db"), bl.held)
+	if !fresh {
+		t.Fatal("a new file is not fresh")
+	}
+	if _, err := a.Allocate(ctx, key("x")); !errors.Is(err, overlay.ErrPoolExhausted) {
+		t.Fatalf("allocate holding no block: %v", err)
+	}
+	bl.set(block)
+
+	a1, err := a.Allocate(ctx, key("c1"))
+	if err != nil || a1.Addr.String() != "198.19.0.10/29" || !a1.New || a1.Host != "a" {
+		t.Fatalf("first allocation = %+v, %v; want 198.19.0.10/29 (after the gateway), new", a1, err)
+	}
+	select {
+	case <-a.Changed():
+	default:
+		t.Fatal("an allocation did not signal Changed")
+	}
+	again, err := a.Allocate(ctx, key("c1"))
+	if err != nil || again.Addr != a1.Addr || again.New {
+		t.Fatalf("allocate same key = %+v, %v; want the same address, not new", again, err)
+	}
+
+	// Fill the block concurrently: no duplicates, then exhaustion.
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	seen := map[netip.Prefix]string{a1.Addr: "c1"}
+	exhausted := 0
+	for i := range 6 {
+		wg.Go(func() {
+			k := key(fmt.Sprintf("c%d", i+2))
+			al, err := a.Allocate(ctx, k)
+			mu.Lock()
+			defer mu.Unlock()
+			if errors.Is(err, overlay.ErrPoolExhausted) {
+				exhausted++
+				return
+			}
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if prev, dup := seen[al.Addr]; dup {
+				t.Errorf("%s given to %s and %s", al.Addr, prev, k.ContainerID)
+			}
+			seen[al.Addr] = k.ContainerID
+		})
+	}
+	wg.Wait()
+	if len(seen) != 5 || exhausted != 2 {
+		t.Fatalf("allocated %d, exhausted %d; want 5 and 2", len(seen), exhausted)
+	}
+	if list, err := a.List(ctx); err != nil || len(list) != 5 || list[0].Addr != a1.Addr {
+		t.Fatalf("List = %v, %v; want 5, by address", list, err)
+	}
+
+	if err := a.Release(ctx, key("c1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Release(ctx, key("c1")); err != nil {
+		t.Fatalf("second release: %v", err)
+	}
+	if _, err := a.Lookup(ctx, key("c1")); !errors.Is(err, overlay.ErrNotFound) {
+		t.Fatalf("lookup after release: %v", err)
+	}
+	reused, err := a.Allocate(ctx, key("c9"))
+	if err != nil || reused.Addr != a1.Addr {
+		t.Fatalf("released address not reused: %+v, %v", reused, err)
+	}
+
+	// A block the host lost: its allocations are conflicts, not answers.
+	bl.set(netip.MustParsePrefix("198.19.0.16/29"))
+	if _, err := a.Lookup(ctx, key("c9")); !errors.Is(err, overlay.ErrConflict) {
+		t.Fatalf("lookup in a lost block: %v", err)
+	}
+	if _, err := a.Allocate(ctx, key("c9")); !errors.Is(err, overlay.ErrConflict) {
+		t.Fatalf("allocate for a key in a lost block: %v", err)
+	}
+	if al, err := a.Allocate(ctx, key("c10")); err != nil || al.Addr.String() != "198.19.0.18/29" {
+		t.Fatalf("allocate from the new block = %+v, %v", al, err)
+	}
+
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := a.Allocate(cctx, key("c11")); !errors.Is(err, context.Canceled) {
+		t.Fatalf("allocate with a cancelled context: %v", err)
+	}
+}
+
+func TestAllocateAddr(t *testing.T) {
+	ctx := context.Background()
+	held := func() []netip.Prefix { return []netip.Prefix{netip.MustParsePrefix("198.19.0.0/26")} }
+	n := network
+	n.BlockBits = 26
+	_, a, _ := openNet(t, filepath.Join(t.TempDir(), "alloc.db"), n, held)
+	want := netip.MustParseAddr("198.19.0.40")
+	al, err := a.AllocateAddr(ctx, key("c1"), want)
+	if err != nil || al.Addr.String() != "198.19.0.40/26" || !al.New {
+		t.Fatalf("AllocateAddr = %+v, %v", al, err)
+	}
+	if again, err := a.AllocateAddr(ctx, key("c1"), want); err != nil || again.New {
+		t.Fatalf("same key, same address = %+v, %v; want it back, not new", again, err)
+	}
+	for _, tc := range []struct{ key, addr string }{
+		{"c1", "198.19.0.41"}, // c1 already holds another address
+		{"c2", "198.19.0.40"}, // taken by c1
+		{"c2", "198.19.0.0"},  // the block's own address
+		{"c2", "198.19.0.1"},  // the gateway
+		{"c2", "198.19.0.63"}, // broadcast
+		{"c2", "198.19.1.5"},  // not this host's block
+	} {
+		if _, err := a.AllocateAddr(ctx, key(tc.key), netip.MustParseAddr(tc.addr)); !errors.Is(err, overlay.ErrConflict) {
+			t.Errorf("AllocateAddr(%s, %s) = %v, want ErrConflict", tc.key, tc.addr, err)
+		}
+	}
+	// The lowest free address skips the one taken by request.
+	for i := range 38 { // .2 to .39
+		if _, err := a.Allocate(ctx, key(fmt.Sprint("fill", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	next, err := a.Allocate(ctx, key("after"))
+	if err != nil || next.Addr.Addr().String() != "198.19.0.41" {
+		t.Fatalf("next free after filling .2-.39 = %+v, %v; want .41 (.40 is taken)", next, err)
+	}
+}
+
+// TestDurable: what was answered is on disk: a reopened file has it, and
+// a release is not undone.
+func TestDurable(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "alloc.db")
+	held := func() []netip.Prefix { return []netip.Prefix{block} }
+	db, a, _ := open(t, path, held)
+	for _, id := range []string{"c1", "c2", "c3"} {
+		if _, err := a.Allocate(ctx, key(id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.Release(ctx, key("c2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	db, a, fresh := open(t, path, held)
+	if fresh {
+		t.Fatal("a reopened file is fresh")
+	}
+	list, _ := a.List(ctx)
+	got := fmt.Sprint(list)
+	if len(list) != 2 || list[0].Key.ContainerID != "c1" || list[1].Key.ContainerID != "c3" {
+		t.Fatalf("after reopening: %s; want c1 and c3", got)
+	}
+	// The gap c2 left is the next address given.
+	if al, err := a.Allocate(ctx, key("c4")); err != nil || al.Addr.String() != "198.19.0.11/29" {
+		t.Fatalf("after reopening, allocate = %+v, %v; want .11", al, err)
+	}
+
+	// Dropping the network forgets it; other networks' buckets are apart.
+	other := network
+	other.Name = "other"
+	oa, _, err := db.Allocator(other, "a", held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l, _ := oa.List(ctx); len(l) != 0 {
+		t.Fatalf("another network sees %v", l)
+	}
+	if err := db.Drop(network.Name); err != nil {
+		t.Fatal(err)
+	}
+	if _, fresh, err := db.Allocator(network, "a", held); err != nil || !fresh {
+		t.Fatalf("after Drop: fresh %v, %v", fresh, err)
+	}
+}
+
+func TestOpenRefuses(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "alloc.db")
+	db, err := local.Open(path, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Locked: another overlayd on the same data directory.
+	if _, err := local.Open(path, "a"); err == nil || !strings.Contains(err.Error(), "another overlayd") {
+		t.Fatalf("second Open while held = %v", err)
+	}
+	db.Close()
+	// Another host's file.
+	if _, err := local.Open(path, "b"); err == nil || !strings.Contains(err.Error(), "belongs to host a") {
+		t.Fatalf("Open for another host = %v", err)
+	}
+}
+
+func TestImport(t *testing.T) {
+	ctx := context.Background()
+	held := func() []netip.Prefix { return []netip.Prefix{block} }
+	path := filepath.Join(t.TempDir(), "alloc.db")
+	_, a, _ := open(t, path, held)
+	al := func(id, addr string) overlay.Allocation {
+		return overlay.Allocation{Key: key(id), Addr: netip.MustParsePrefix(addr), Host: "a"}
+	}
+	if _, err := a.Allocate(ctx, key("mine")); err != nil { // .10
+		t.Fatal(err)
+	}
+	err := a.Import([]overlay.Allocation{
+		al("old1", "198.19.0.12/29"),
+		al("old1", "198.19.0.13/29"), // the same key twice: the first wins
+		al("old2", "198.19.0.10/29"), // an address already recorded
+		al("mine", "198.19.0.14/29"), // a key already recorded
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	list, _ := a.List(ctx)
+	if fmt.Sprint(list) != fmt.Sprint([]overlay.Allocation{al("mine", "198.19.0.10/29"), al("old1", "198.19.0.12/29")}) {
+		t.Fatalf("after Import: %v", list)
+	}
+	if next, err := a.Allocate(ctx, key("next")); err != nil || next.Addr.String() != "198.19.0.11/29" {
+		t.Fatalf("allocate after Import = %+v, %v", next, err)
+	}
+	if next, err := a.Allocate(ctx, key("next2")); err != nil || next.Addr.String() != "198.19.0.13/29" {
+		t.Fatalf("allocate after Import skips .12 = %+v, %v", next, err)
+	}
+}
+
+// BenchmarkAllocateRelease measures one allocation and its release, each
+// committed to disk: the store's share of an ADD and a DEL.
+func BenchmarkAllocateRelease(b *testing.B) {
+	ctx := context.Background()
+	db, err := local.Open(filepath.Join(b.TempDir(), "alloc.db"), "a")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	n := network
+	n.BlockBits = 24
+	a, _, err := db.Allocator(n, "a", func() []netip.Prefix { return []netip.Prefix{netip.MustParsePrefix("198.19.7.0/24")} })
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := 0; b.Loop(); i++ {
+		k := key(fmt.Sprint("c", i))
+		if _, err := a.Allocate(ctx, k); err != nil {
+			b.Fatal(err)
+		}
+		if err := a.Release(ctx, k); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
