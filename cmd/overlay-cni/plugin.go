@@ -148,32 +148,11 @@ func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	client := cnirpc.NewClient(conf.Socket)
-	// Ask overlayd while opening the container's namespace: one waits on
-	// overlayd, the other on the kernel. Nothing is created before the
-	// answer, so a DEL still pending in overlayd finishes first.
-	type answer struct {
-		att cnirpc.Attachment
-		err error
+	att, err := client.Add(ctx, request(conf, args))
+	if err != nil {
+		return rpcError("add", err)
 	}
-	answered := make(chan answer, 1)
-	go func() {
-		att, err := client.Add(ctx, request(conf, args))
-		answered <- answer{att, err}
-	}()
-	sb, sbErr := openSandbox(args.Netns, overlay.Network{Name: conf.Network}.BridgeName())
-	if sbErr == nil {
-		defer sb.close()
-	}
-	ans := <-answered
-	if ans.err != nil {
-		return rpcError("add", ans.err)
-	}
-	att := ans.att
-	var result *current.Result
-	err = sbErr
-	if err == nil {
-		result, err = sb.attach(conf, args, att)
-	}
+	result, err := attach(conf, args, att)
 	if err != nil {
 		// Leave nothing behind: the address goes back only if this ADD
 		// allocated it, so a failed second ADD keeps the first intact,

@@ -20,59 +20,29 @@ import (
 	"github.com/overlaynet/overlay/overlay/hostlink"
 )
 
-// sandbox is what an ADD opens before it knows its address: the
-// container's namespace, netlink handles there and in the host's
-// namespace, and the network's bridge. Opening it while overlayd answers
-// takes its cost off the ADD's critical path.
-type sandbox struct {
-	target     netns.NsHandle
-	host, cont *netlink.Handle
-	bridge     netlink.Link
-	bridgeErr  error
-}
-
-// openSandbox opens the namespace at nsPath and the handles, and looks up
-// bridge. A missing bridge is reported by attach, once overlayd has
-// answered: it may name another.
-func openSandbox(nsPath, bridge string) (*sandbox, error) {
-	target, err := netns.GetFromPath(nsPath)
+// attach creates the veth pair with its container end born in the
+// container's namespace, then sets address, MTU and routes there.
+func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
+	target, err := netns.GetFromPath(args.Netns)
 	if err != nil {
-		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", nsPath), err.Error())
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
 	}
-	s := &sandbox{target: target}
+	defer target.Close()
 	// Route sockets only: a handle opens one socket per family it is
 	// given, each through a namespace switch, and the plugin needs no
 	// other.
-	if s.host, err = netlink.NewHandle(unix.NETLINK_ROUTE); err != nil {
-		s.close()
+	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
 		return nil, types.NewError(types.ErrInternal, "netlink", err.Error())
 	}
-	if s.cont, err = netlink.NewHandleAt(target, unix.NETLINK_ROUTE); err != nil {
-		s.close()
+	defer host.Close()
+	cont, err := netlink.NewHandleAt(target, unix.NETLINK_ROUTE)
+	if err != nil {
 		return nil, types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
 	}
-	s.bridge, s.bridgeErr = s.host.LinkByName(bridge)
-	return s, nil
-}
+	defer cont.Close()
 
-func (s *sandbox) close() {
-	if s.cont != nil {
-		s.cont.Close()
-	}
-	if s.host != nil {
-		s.host.Close()
-	}
-	s.target.Close()
-}
-
-// attach creates the veth pair with its container end born in the
-// container's namespace, then sets address, MTU and routes there.
-func (s *sandbox) attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
-	host, cont := s.host, s.cont
-	br, err := s.bridge, s.bridgeErr
-	if err == nil && br.Attrs().Name != att.Bridge {
-		br, err = host.LinkByName(att.Bridge)
-	}
+	br, err := host.LinkByName(att.Bridge)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
 	}
@@ -82,7 +52,7 @@ func (s *sandbox) attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachmen
 	// one request that creates them.
 	veth := netlink.NewVeth(netlink.LinkAttrs{Name: hostName, MTU: att.MTU, MasterIndex: br.Attrs().Index, Flags: net.FlagUp})
 	veth.PeerName = args.IfName
-	veth.PeerNamespace = netlink.NsFd(s.target)
+	veth.PeerNamespace = netlink.NsFd(target)
 	veth.PeerMTU = uint32(att.MTU)
 	veth.PeerHardwareAddr = conf.mac
 	if err := host.LinkAdd(veth); err != nil {

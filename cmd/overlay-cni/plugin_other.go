@@ -16,16 +16,7 @@ import (
 // errNotLinux is the answer of every verb that touches the kernel.
 var errNotLinux = fmt.Errorf("overlay-cni runs only on Linux: %w", errors.ErrUnsupported)
 
-// sandbox stands for the Linux plugin's open container namespace.
-type sandbox struct{}
-
-func openSandbox(string, string) (*sandbox, error) {
-	return nil, types.NewError(types.ErrInternal, errNotLinux.Error(), "")
-}
-
-func (*sandbox) close() {}
-
-func (*sandbox) attach(*NetConf, *skel.CmdArgs, cnirpc.Attachment) (*current.Result, error) {
+func attach(*NetConf, *skel.CmdArgs, cnirpc.Attachment) (*current.Result, error) {
 	return nil, types.NewError(types.ErrInternal, errNotLinux.Error(), "")
 }
 
