@@ -144,7 +144,7 @@ func run(samples int) error {
 		}
 		bare = append(bare, time.Since(t))
 	}
-	// overlayd's share: the socket request alone, etcd included.
+	// overlayd's share: the socket request alone, the allocation's disk sync included.
 	var rpcAdd, rpcDel []time.Duration
 	client := cnirpc.NewClient(h2.Socket)
 	for i := range samples {
@@ -190,8 +190,8 @@ func run(samples int) error {
 	report("overlay-cni DEL", ovDel, refDel, "bridge+host-local DEL")
 	report("overlay-cni VERSION (bare exec)", bare, nil, "")
 	report("overlay-cni ADD exec'd directly", direct, nil, "")
-	report("overlayd add request (socket+etcd)", rpcAdd, nil, "")
-	report("overlayd del request (socket+etcd)", rpcDel, nil, "")
+	report("overlayd add request (socket+disk)", rpcAdd, nil, "")
+	report("overlayd del request (socket)", rpcDel, nil, "")
 	return concurrentAdds(ctx, net, cfg, ovList, concurrent)
 }
 
