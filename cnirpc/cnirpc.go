@@ -12,7 +12,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"net/netip"
-	"regexp"
+	"strings"
 
 	"github.com/overlaynet/overlay/overlay"
 )
@@ -80,10 +80,29 @@ type Request struct {
 	IP netip.Addr `json:"ip,omitzero"`
 }
 
-var (
-	containerIDRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`)
-	ifNameRE      = regexp.MustCompile(`^[^/:\s]+$`)
-)
+// validContainerID reports whether s is letters, digits, '_', '.' and '-',
+// starting with a letter or digit. validIfName reports whether s is not
+// empty and has no '/', ':' or ASCII white space. They are loops rather
+// than regexps, which the plugin would compile on every exec.
+func validContainerID(s string) bool {
+	if s == "" || !isAlnum(s[0]) {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		if c := s[i]; !isAlnum(c) && c != '_' && c != '.' && c != '-' {
+			return false
+		}
+	}
+	return true
+}
+
+func isAlnum(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+}
+
+func validIfName(s string) bool {
+	return s != "" && !strings.ContainsAny(s, "/: \t\n\f\r")
+}
 
 // maxIfNameLen is the kernel's limit on an interface name, in bytes
 // (IFNAMSIZ less the terminating NUL).
@@ -97,10 +116,10 @@ func (r Request) Validate() error {
 	if r.Network == "" {
 		return Errorf(CodeInvalidNetwork, "request names no network")
 	}
-	if len(r.ContainerID) > maxContainerIDLen || !containerIDRE.MatchString(r.ContainerID) {
+	if len(r.ContainerID) > maxContainerIDLen || !validContainerID(r.ContainerID) {
 		return Errorf(CodeInvalidEnvironment, "invalid container ID %q: want letters, digits, '_', '.' or '-', starting with a letter or digit", r.ContainerID)
 	}
-	if len(r.IfName) > maxIfNameLen || !ifNameRE.MatchString(r.IfName) || r.IfName == "." || r.IfName == ".." {
+	if len(r.IfName) > maxIfNameLen || !validIfName(r.IfName) || r.IfName == "." || r.IfName == ".." {
 		return Errorf(CodeInvalidEnvironment, "invalid interface name %q", r.IfName)
 	}
 	return nil

@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -201,13 +202,24 @@ func TestUnavailable(t *testing.T) {
 	}
 }
 
+// The rules Validate implements by hand, as regexps: the oracle of the
+// fuzz test.
+var (
+	containerIDRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`)
+	ifNameRE      = regexp.MustCompile(`^[^/:\s]+$`)
+)
+
 func FuzzRequestValidate(f *testing.F) {
 	f.Add("default", "abc123", "eth0")
 	f.Add("", "-x", "a/b")
+	f.Add("n", "a.b_c-d", "eth0:1")
+	f.Add("n", "abc", "e\xfft\x0b")
 	f.Fuzz(func(t *testing.T, network, cid, ifname string) {
 		err := cnirpc.Request{Network: network, ContainerID: cid, IfName: ifname}.Validate()
-		if err == nil && (strings.ContainsAny(cid, "/ ") || strings.Contains(ifname, "/") || len(ifname) > 15) {
-			t.Fatalf("accepted %q %q", cid, ifname)
+		want := network != "" && len(cid) <= 256 && containerIDRE.MatchString(cid) &&
+			len(ifname) <= 15 && ifNameRE.MatchString(ifname) && ifname != "." && ifname != ".."
+		if (err == nil) != want {
+			t.Fatalf("Validate(%q, %q, %q) = %v, want valid %v", network, cid, ifname, err, want)
 		}
 	})
 }

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"regexp"
 )
 
 // HostID identifies one host for its whole life. It is generated once and
@@ -43,7 +42,21 @@ const (
 // ErrInvalidNetwork is wrapped by every validation error of a Network.
 var ErrInvalidNetwork = errors.New("overlay: invalid network")
 
-var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`)
+// validName reports whether s is lower-case letters, digits and '-', not
+// starting or ending with '-'. It is a loop rather than a regexp: the CNI
+// plugin links this package, and compiling a regexp at start would cost
+// every plugin exec.
+func validName(s string) bool {
+	if s == "" || s[0] == '-' || s[len(s)-1] == '-' {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < 'a' || c > 'z') && (c < '0' || c > '9') && c != '-' {
+			return false
+		}
+	}
+	return true
+}
 
 // Network is the definition of one overlay network. It is stored in etcd
 // and is the same on every host.
@@ -65,7 +78,7 @@ type Network struct {
 // Validate reports whether the definition can be used, naming the field
 // that is wrong.
 func (n Network) Validate() error {
-	if len(n.Name) == 0 || len(n.Name) > MaxNameLen || !nameRE.MatchString(n.Name) {
+	if len(n.Name) == 0 || len(n.Name) > MaxNameLen || !validName(n.Name) {
 		return fmt.Errorf("%w: name %q: want 1 to %d lower-case letters, digits or '-'", ErrInvalidNetwork, n.Name, MaxNameLen)
 	}
 	if !n.CIDR.IsValid() || !n.CIDR.Addr().Is4() {

@@ -3,6 +3,7 @@ package overlay
 import (
 	"errors"
 	"net/netip"
+	"regexp"
 	"strings"
 	"testing"
 )
@@ -104,4 +105,18 @@ func TestDeviceNamesFitKernelLimit(t *testing.T) {
 			t.Errorf("%q is longer than 15 bytes", name)
 		}
 	}
+}
+
+// nameRE is the rule validName implements by hand: the fuzz test's oracle.
+var nameRE = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`)
+
+func FuzzValidName(f *testing.F) {
+	for _, s := range []string{"default", "a", "-a", "a-", "a--b", "A", "", "a_b", "\xff"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if got, want := validName(s), nameRE.MatchString(s); got != want {
+			t.Fatalf("validName(%q) = %v, want %v", s, got, want)
+		}
+	})
 }
