@@ -144,8 +144,10 @@ func run(samples int) error {
 		}
 		bare = append(bare, time.Since(t))
 	}
-	// overlayd's share: the socket request alone, the allocation's disk sync included.
-	var rpcAdd, rpcDel []time.Duration
+	// overlayd's share: the socket request alone, answered once the
+	// allocation is on disk, or early (the plugin's way) with the
+	// confirmation after.
+	var rpcAdd, rpcEarly, rpcDel []time.Duration
 	client := cnirpc.NewClient(h2.Socket)
 	for i := range samples {
 		req := cnirpc.Request{Network: net.Network.Name, ContainerID: fmt.Sprintf("rpc%d", i), IfName: "eth0"}
@@ -159,6 +161,21 @@ func run(samples int) error {
 			return err
 		}
 		rpcDel = append(rpcDel, time.Since(t))
+		req.ContainerID = fmt.Sprintf("early%d", i)
+		t = time.Now()
+		_, pending, err := client.AddEarly(ctx, req)
+		if err != nil {
+			return err
+		}
+		rpcEarly = append(rpcEarly, time.Since(t))
+		err = pending.Wait()
+		pending.Close()
+		if err != nil {
+			return err
+		}
+		if err := client.Del(ctx, req); err != nil {
+			return err
+		}
 	}
 
 	// The plugin exec'd directly, without libcni.
@@ -190,8 +207,9 @@ func run(samples int) error {
 	report("overlay-cni DEL", ovDel, refDel, "bridge+host-local DEL")
 	report("overlay-cni VERSION (bare exec)", bare, nil, "")
 	report("overlay-cni ADD exec'd directly", direct, nil, "")
-	report("overlayd add request (socket+disk)", rpcAdd, nil, "")
-	report("overlayd del request (socket)", rpcDel, nil, "")
+	report("overlayd add, answer when on disk", rpcAdd, nil, "")
+	report("overlayd add, early answer", rpcEarly, nil, "")
+	report("overlayd del request", rpcDel, nil, "")
 	return concurrentAdds(ctx, net, cfg, ovList, concurrent)
 }
 

@@ -81,44 +81,18 @@ func (c *Client) Status(ctx context.Context, network string) (Status, error) {
 }
 
 func (c *Client) do(ctx context.Context, method, op string, in, out any) error {
-	var body []byte
-	if in != nil {
-		var err error
-		if body, err = json.Marshal(in); err != nil {
-			return fmt.Errorf("encode %s request: %w", op, err)
-		}
-	}
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.socket)
+	conn, br, stop, err := c.exchange(ctx, method, op, in)
 	if err != nil {
-		return fmt.Errorf("overlayd at %s: %w: %w", c.socket, ErrUnavailable, err)
+		return err
 	}
 	defer conn.Close()
-	if deadline, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(deadline)
-	}
-	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	defer stop()
-	var reqBuf bytes.Buffer
-	fmt.Fprintf(&reqBuf, "%s /%s/%s HTTP/1.0\r\nHost: overlayd\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n",
-		method, Version, op, len(body))
-	reqBuf.Write(body)
-	if _, err := conn.Write(reqBuf.Bytes()); err != nil {
-		return fmt.Errorf("send %s to overlayd at %s: %w: %w", op, c.socket, ErrNoAnswer, err)
-	}
-	status, data, err := readResponse(bufio.NewReader(io.LimitReader(conn, maxResponseBytes+1)))
+	data, err := io.ReadAll(br)
 	if err == nil && len(data) > maxResponseBytes {
 		err = errAnswerTooLarge
 	}
 	if err != nil {
 		return fmt.Errorf("read %s answer: %w: %w", op, ErrNoAnswer, err)
-	}
-	if status != "200" {
-		e := &Error{}
-		if json.Unmarshal(data, e) != nil || e.Code == 0 {
-			return &Error{Code: CodeInternal, Msg: fmt.Sprintf("overlayd answered %s to %s", status, op), Details: string(bytes.TrimSpace(data))}
-		}
-		return e
 	}
 	if out == nil {
 		return nil
@@ -129,27 +103,134 @@ func (c *Client) do(ctx context.Context, method, op string, in, out any) error {
 	return nil
 }
 
-// readResponse reads an HTTP/1.0 response whose body ends with the
-// connection: the status code, then the body.
-func readResponse(r *bufio.Reader) (status string, body []byte, err error) {
+// AddEarly asks for the address of r's container interface, and overlayd
+// answers as soon as the address is decided, so that the caller can wire
+// the interface while overlayd makes the allocation durable. The caller
+// must Wait for the confirmation before it tells anybody the address, and
+// Close the Pending in any case.
+func (c *Client) AddEarly(ctx context.Context, r Request) (Attachment, *Pending, error) {
+	r.Early = true
+	conn, br, stop, err := c.exchange(ctx, "POST", "add", r)
+	if err != nil {
+		return Attachment{}, nil, err
+	}
+	p := &Pending{conn: conn, stop: stop, dec: json.NewDecoder(br)}
+	var a Attachment
+	if err := p.dec.Decode(&a); err != nil {
+		p.Close()
+		return Attachment{}, nil, fmt.Errorf("read add answer: %w: %w", ErrNoAnswer, err)
+	}
+	if !a.Confirm { // an overlayd that answers only once it is durable
+		p.Close()
+		p.done = true
+	}
+	return a, p, nil
+}
+
+// Pending is an early ADD answer waiting for its confirmation.
+type Pending struct {
+	conn net.Conn
+	stop func() bool
+	dec  *json.Decoder
+	done bool
+}
+
+// Wait returns once overlayd confirms the allocation is durable, or with
+// its error (an *Error), or with an error wrapping ErrNoAnswer when no
+// confirmation came. It closes the connection.
+func (p *Pending) Wait() error {
+	if p.done {
+		return nil
+	}
+	defer p.Close()
+	var conf Confirmation
+	if err := p.dec.Decode(&conf); err != nil {
+		return fmt.Errorf("read add confirmation: %w: %w", ErrNoAnswer, err)
+	}
+	if conf.Durable {
+		return nil
+	}
+	if conf.Err == nil || conf.Err.Code == 0 {
+		return &Error{Code: CodeInternal, Msg: "overlayd did not confirm the allocation"}
+	}
+	return conf.Err
+}
+
+// Close closes the connection; it may be called more than once.
+func (p *Pending) Close() {
+	if p.conn != nil {
+		p.stop()
+		p.conn.Close()
+		p.conn = nil
+	}
+}
+
+// exchange sends one request and reads the answer's status and headers.
+// A non-200 answer is returned as an *Error. On success the caller reads
+// the body from br, then calls stop and closes conn.
+func (c *Client) exchange(ctx context.Context, method, op string, in any) (conn net.Conn, br *bufio.Reader, stop func() bool, err error) {
+	var body []byte
+	if in != nil {
+		if body, err = json.Marshal(in); err != nil {
+			return nil, nil, nil, fmt.Errorf("encode %s request: %w", op, err)
+		}
+	}
+	var d net.Dialer
+	conn, err = d.DialContext(ctx, "unix", c.socket)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("overlayd at %s: %w: %w", c.socket, ErrUnavailable, err)
+	}
+	if deadline, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(deadline)
+	}
+	stop = context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
+	fail := func(err error) (net.Conn, *bufio.Reader, func() bool, error) {
+		stop()
+		conn.Close()
+		return nil, nil, nil, err
+	}
+	var reqBuf bytes.Buffer
+	fmt.Fprintf(&reqBuf, "%s /%s/%s HTTP/1.0\r\nHost: overlayd\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n",
+		method, Version, op, len(body))
+	reqBuf.Write(body)
+	if _, err := conn.Write(reqBuf.Bytes()); err != nil {
+		return fail(fmt.Errorf("send %s to overlayd at %s: %w: %w", op, c.socket, ErrNoAnswer, err))
+	}
+	br = bufio.NewReader(io.LimitReader(conn, maxResponseBytes+1))
+	status, err := readHead(br)
+	if err != nil {
+		return fail(fmt.Errorf("read %s answer: %w: %w", op, ErrNoAnswer, err))
+	}
+	if status != "200" {
+		data, _ := io.ReadAll(br)
+		e := &Error{}
+		if json.Unmarshal(data, e) != nil || e.Code == 0 {
+			e = &Error{Code: CodeInternal, Msg: fmt.Sprintf("overlayd answered %s to %s", status, op), Details: string(bytes.TrimSpace(data))}
+		}
+		return fail(e)
+	}
+	return conn, br, stop, nil
+}
+
+// readHead reads the status line and headers of an HTTP/1.0 response,
+// whose body ends with the connection, and returns the status code.
+func readHead(r *bufio.Reader) (status string, err error) {
 	line, err := r.ReadString('\n')
 	if err != nil {
-		return "", nil, fmt.Errorf("status line: %w", err)
+		return "", fmt.Errorf("status line: %w", err)
 	}
 	proto, rest, _ := strings.Cut(strings.TrimRight(line, "\r\n"), " ")
 	status, _, _ = strings.Cut(rest, " ")
 	if !strings.HasPrefix(proto, "HTTP/1.") || len(status) != 3 {
-		return "", nil, fmt.Errorf("not an HTTP response: %q", line)
+		return "", fmt.Errorf("not an HTTP response: %q", line)
 	}
 	for {
 		h, err := r.ReadString('\n')
 		if err != nil {
-			return "", nil, fmt.Errorf("headers: %w", err)
+			return "", fmt.Errorf("headers: %w", err)
 		}
 		if h == "\r\n" || h == "\n" {
-			break
+			return status, nil
 		}
 	}
-	body, err = io.ReadAll(r)
-	return status, body, err
 }

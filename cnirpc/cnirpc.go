@@ -78,6 +78,10 @@ type Request struct {
 	// IP, when valid, is the address the runtime asked for (the CNI
 	// "ips" capability); ADD allocates exactly it or fails.
 	IP netip.Addr `json:"ip,omitzero"`
+	// Early, on ADD, asks overlayd to answer as soon as the address is
+	// decided and to confirm, as a second JSON value on the same
+	// connection, once the allocation is durable (Client.AddEarly).
+	Early bool `json:"early,omitempty"`
 }
 
 // validContainerID reports whether s is letters, digits, '_', '.' and '-',
@@ -141,6 +145,18 @@ type Attachment struct {
 	// New is true when this request allocated the address, false when the
 	// container interface already held it.
 	New bool `json:"new"`
+	// Confirm is true when a Confirmation follows this answer (an Early
+	// request): the allocation is not durable yet.
+	Confirm bool `json:"confirm,omitempty"`
+}
+
+// Confirmation is the second value of the answer to an Early ADD: the
+// allocation is durable, or the error says why it is not.
+type Confirmation struct {
+	// Durable is true when the allocation is on disk.
+	Durable bool `json:"durable"`
+	// Err says why it is not.
+	Err *Error `json:"error,omitempty"`
 }
 
 // GCRequest asks overlayd to release every address of a network on this

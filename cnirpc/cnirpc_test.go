@@ -25,8 +25,11 @@ import (
 )
 
 type fakeHandler struct {
-	addrs map[string]netip.Prefix
+	addrs    map[string]netip.Prefix
+	flushErr error
 }
+
+func (f *fakeHandler) Flush(context.Context) error { return f.flushErr }
 
 func (f *fakeHandler) Add(_ context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
 	if r.Network != "default" {
@@ -76,6 +79,12 @@ func (f *fakeHandler) Status(_ context.Context, network string) (cnirpc.Status, 
 
 func serve(t *testing.T) (socket string) {
 	t.Helper()
+	socket, _ = serveFake(t)
+	return socket
+}
+
+func serveFake(t *testing.T) (socket string, h *fakeHandler) {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "ovl-rpc-")
 	if err != nil {
 		t.Fatal(err)
@@ -86,10 +95,69 @@ func serve(t *testing.T) (socket string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: rpcserver.NewHandler(&fakeHandler{addrs: map[string]netip.Prefix{}}, slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	h = &fakeHandler{addrs: map[string]netip.Prefix{}}
+	srv := &http.Server{Handler: rpcserver.NewHandler(h, slog.New(slog.NewTextHandler(io.Discard, nil)))}
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
-	return socket
+	return socket, h
+}
+
+// TestAddEarly: the early answer comes before the confirmation, which
+// carries the flush's error; a plain ADD fails with it outright.
+func TestAddEarly(t *testing.T) {
+	ctx := context.Background()
+	socket, h := serveFake(t)
+	c := cnirpc.NewClient(socket)
+	req := cnirpc.Request{Network: "default", ContainerID: "abc", IfName: "eth0"}
+	a, p, err := c.AddEarly(ctx, req)
+	if err != nil || !a.Confirm || a.Addr.String() != "198.19.0.2/26" {
+		t.Fatalf("AddEarly = %+v, %v", a, err)
+	}
+	if err := p.Wait(); err != nil {
+		t.Fatalf("Wait = %v", err)
+	}
+	p.Close()
+
+	h.flushErr = cnirpc.Errorf(cnirpc.CodeTryAgainLater, "disk full")
+	a, p, err = c.AddEarly(ctx, req)
+	if err != nil || !a.Confirm {
+		t.Fatalf("AddEarly with a failing flush = %+v, %v; want the early answer", a, err)
+	}
+	var e *cnirpc.Error
+	if err := p.Wait(); !errors.As(err, &e) || e.Code != cnirpc.CodeTryAgainLater || e.Msg != "disk full" {
+		t.Fatalf("Wait with a failing flush = %v, want code 11", err)
+	}
+	if _, err := c.Add(ctx, req); !errors.As(err, &e) || e.Code != cnirpc.CodeTryAgainLater {
+		t.Fatalf("Add with a failing flush = %v, want code 11", err)
+	}
+}
+
+// TestAddEarlyFromOlderServer: a server that knows no early answers
+// answers once, durable; Wait then has nothing to wait for.
+func TestAddEarlyFromOlderServer(t *testing.T) {
+	dir, err := os.MkdirTemp("", "ovl-rpc-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	socket := filepath.Join(dir, "old.sock")
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(`{"network":"default","addr":"198.19.0.2/26","gateway":"198.19.0.1","mtu":1450,"bridge":"ovbr-default","new":true}`))
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	a, p, err := cnirpc.NewClient(socket).AddEarly(context.Background(), cnirpc.Request{Network: "default", ContainerID: "abc", IfName: "eth0"})
+	if err != nil || a.Confirm || !a.New {
+		t.Fatalf("AddEarly = %+v, %v", a, err)
+	}
+	if err := p.Wait(); err != nil {
+		t.Fatalf("Wait = %v", err)
+	}
+	p.Close()
 }
 
 func TestRoundTrip(t *testing.T) {

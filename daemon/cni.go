@@ -60,7 +60,8 @@ const storeTimeout = 10 * time.Second
 const reservedPerBlock = 3
 
 // Add allocates the container interface's address, or returns the one it
-// already holds.
+// already holds. The allocation is decided, not yet durable: the answer
+// waits for Flush.
 func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
 	if err := d.checkNetwork(r.Network); err != nil {
 		return cnirpc.Attachment{}, err
@@ -85,6 +86,18 @@ func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachme
 		d.log.Info("allocated", "container", r.ContainerID, "ifname", r.IfName, "addr", al.Addr)
 	}
 	return d.attachment(al), nil
+}
+
+// Flush returns once every allocation and release decided so far is
+// durable: the socket server calls it before it tells the plugin an
+// address is its own.
+func (d *CNIHandler) Flush(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	if err := d.pool.Flush(ctx); err != nil {
+		return storeError("add", err)
+	}
+	return nil
 }
 
 // Del detaches the container interface's host veth (down and off the
@@ -154,6 +167,9 @@ func (d *CNIHandler) deleteLater(key overlay.AttachmentKey, name string) {
 		for {
 			ctx, cancel := context.WithTimeout(d.bg, storeTimeout)
 			err := d.pool.Release(ctx, key)
+			if err == nil {
+				err = d.pool.Flush(ctx)
+			}
 			cancel()
 			if err == nil {
 				d.log.Info("released", "container", key.ContainerID, "ifname", key.IfName)
@@ -256,6 +272,11 @@ func (d *CNIHandler) GC(ctx context.Context, r cnirpc.GCRequest) (cnirpc.GCRespo
 		d.log.Info("gc released", "container", al.Key.ContainerID, "ifname", al.Key.IfName, "addr", al.Addr)
 		out.Released = append(out.Released, al.Key)
 	}
+	fctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	if err := d.pool.Flush(fctx); err != nil {
+		return out, storeError("gc", err)
+	}
 	return out, nil
 }
 
@@ -303,6 +324,9 @@ func (d *CNIHandler) ReleaseOrphans(ctx context.Context, list []overlay.Allocati
 		}
 		d.log.Info("released the address of a container whose veth is gone", "container", al.Key.ContainerID, "ifname", al.Key.IfName, "addr", al.Addr)
 		released = append(released, al.Key)
+	}
+	if err := d.pool.Flush(ctx); err != nil {
+		errs = append(errs, err)
 	}
 	return released, errors.Join(errs...)
 }

@@ -325,7 +325,7 @@ func openAllocator(ctx context.Context, db *local.DB, pool *etcd.Pool, network o
 	if err != nil {
 		return nil, fmt.Errorf("import this host's allocations from etcd: %w", err)
 	}
-	if err := alloc.Import(list); err != nil {
+	if err := alloc.Import(ctx, list); err != nil {
 		return nil, err
 	}
 	if len(list) > 0 {
@@ -512,3 +512,7 @@ func (w *statusWriter) WriteHeader(code int) {
 	w.status = code
 	w.ResponseWriter.WriteHeader(code)
 }
+
+// Unwrap lets http.ResponseController reach the server's writer, so that
+// an early ADD answer is flushed before its confirmation.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -223,6 +223,14 @@ func TestCNIHandler(t *testing.T) {
 		t.Fatalf("store down: %v, want code 11", err)
 	}
 	store.SetErr(nil)
+	store.SetFlushErr(errors.New("write allocations.db: no space left on device"))
+	if err := h.Flush(ctx); code(err) != cnirpc.CodeTryAgainLater {
+		t.Fatalf("Flush on a failing disk = %v, want code 11", err)
+	}
+	store.SetFlushErr(nil)
+	if err := h.Flush(ctx); err != nil {
+		t.Fatalf("Flush = %v", err)
+	}
 
 	st.Failures = st.Passes
 	st.LastErr = errors.New("netlink: operation not permitted")

@@ -113,7 +113,10 @@ type Allocation struct {
 }
 
 // Allocator hands out addresses of one network from this host's blocks.
-// Implementations are safe for concurrent use; calls block on the store.
+// Implementations are safe for concurrent use. Allocate, AllocateAddr and
+// Release decide at once, and every later call sees the decision; Flush
+// makes the decisions made before it durable. Nobody is to be told of a
+// decision before a Flush after it has returned.
 type Allocator interface {
 	// Allocate returns the address of key, allocating a free one when key
 	// holds none. It fails with ErrPoolExhausted when none is free.
@@ -125,6 +128,8 @@ type Allocator interface {
 	// Release frees the address of key. Releasing a key that holds no
 	// address is not an error.
 	Release(ctx context.Context, key AttachmentKey) error
+	// Flush returns once every decision made before it is durable.
+	Flush(ctx context.Context) error
 	// Lookup returns the allocation of key, or ErrNotFound.
 	Lookup(ctx context.Context, key AttachmentKey) (Allocation, error)
 	// List returns every allocation on this host.

@@ -148,11 +148,23 @@ func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	client := cnirpc.NewClient(conf.Socket)
-	att, err := client.Add(ctx, request(conf, args))
+	// overlayd answers as soon as the address is decided and confirms
+	// once it is on disk: the veth is made meanwhile, and the result is
+	// printed only after the confirmation.
+	att, pending, err := client.AddEarly(ctx, request(conf, args))
 	if err != nil {
 		return rpcError("add", err)
 	}
+	defer pending.Close()
 	result, err := attach(conf, args, att)
+	if err == nil {
+		if werr := pending.Wait(); werr != nil {
+			err = rpcError("add", werr)
+			if derr := deleteHostVeth(hostVethName(conf, args)); derr != nil {
+				err = &keepAddress{types.NewError(types.ErrInternal, "allocation not confirmed; and removing the veth failed", derr.Error())}
+			}
+		}
+	}
 	if err != nil {
 		// Leave nothing behind: the address goes back only if this ADD
 		// allocated it, so a failed second ADD keeps the first intact,

@@ -33,8 +33,12 @@ const maxGCRequestBytes = 16 << 20
 // cnirpc.CodeInternal.
 type Handler interface {
 	// Add allocates (or returns the existing) address of the container
-	// interface.
+	// interface. The allocation needs not be durable before Flush.
 	Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error)
+	// Flush returns once every allocation made so far is durable. The
+	// answer to an ADD is sent after it, or, for an Early request, its
+	// outcome follows the answer.
+	Flush(ctx context.Context) error
 	// Del releases the container interface's address; one that holds
 	// none is not an error.
 	Del(ctx context.Context, r cnirpc.Request) error
@@ -52,7 +56,7 @@ type Handler interface {
 func NewHandler(h Handler, log *slog.Logger) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /"+cnirpc.Version+"/add", func(w http.ResponseWriter, r *http.Request) {
-		serve(w, r, log, "add", maxRequestBytes, h.Add)
+		serveAdd(w, r, log, h)
 	})
 	mux.HandleFunc("POST /"+cnirpc.Version+"/check", func(w http.ResponseWriter, r *http.Request) {
 		serve(w, r, log, "check", maxRequestBytes, h.Check)
@@ -81,17 +85,61 @@ func NewHandler(h Handler, log *slog.Logger) http.Handler {
 	return mux
 }
 
-// serve decodes a request of at most limit bytes, validates it, calls fn
-// and writes its answer or its error.
-func serve[Req interface{ Validate() error }, Resp any](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, limit int64, fn func(context.Context, Req) (Resp, error)) {
+// decode reads a request of at most limit bytes and validates it; on
+// failure it writes the error and returns false.
+func decode[Req interface{ Validate() error }](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, limit int64) (Req, bool) {
 	var req Req
 	dec := json.NewDecoder(io.LimitReader(r.Body, limit))
 	if err := dec.Decode(&req); err != nil {
 		writeError(w, log, op, cnirpc.Errorf(cnirpc.CodeDecodingFailure, "%s: decode request: %v", op, err))
-		return
+		return req, false
 	}
 	if err := req.Validate(); err != nil {
 		writeError(w, log, op, err)
+		return req, false
+	}
+	return req, true
+}
+
+// serveAdd answers an ADD once the allocation is durable, or, for an
+// Early request, at once and then with a cnirpc.Confirmation once it is.
+func serveAdd(w http.ResponseWriter, r *http.Request, log *slog.Logger, h Handler) {
+	req, ok := decode[cnirpc.Request](w, r, log, "add", maxRequestBytes)
+	if !ok {
+		return
+	}
+	att, err := h.Add(r.Context(), req)
+	if err != nil {
+		writeError(w, log, "add", err)
+		return
+	}
+	if !req.Early {
+		if err := h.Flush(r.Context()); err != nil {
+			writeError(w, log, "add", err)
+			return
+		}
+		writeJSON(w, http.StatusOK, att)
+		return
+	}
+	att.Confirm = true
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	enc := json.NewEncoder(w)
+	_ = enc.Encode(att)
+	_ = http.NewResponseController(w).Flush()
+	conf := cnirpc.Confirmation{Durable: true}
+	if err := h.Flush(r.Context()); err != nil {
+		conf = cnirpc.Confirmation{Err: asError("add", err)}
+		log.Warn("cni request failed", "op", "add", "code", conf.Err.Code, "err", conf.Err.Error())
+	}
+	_ = enc.Encode(conf)
+}
+
+// serve decodes a request of at most limit bytes, validates it, calls fn
+// and writes its answer or its error.
+func serve[Req interface{ Validate() error }, Resp any](w http.ResponseWriter, r *http.Request, log *slog.Logger, op string, limit int64, fn func(context.Context, Req) (Resp, error)) {
+	req, ok := decode[Req](w, r, log, op, limit)
+	if !ok {
 		return
 	}
 	out, err := fn(r.Context(), req)
@@ -102,11 +150,18 @@ func serve[Req interface{ Validate() error }, Resp any](w http.ResponseWriter, r
 	writeJSON(w, http.StatusOK, out)
 }
 
-func writeError(w http.ResponseWriter, log *slog.Logger, op string, err error) {
+// asError is err as the protocol carries it: an *cnirpc.Error as it is,
+// anything else as CodeInternal.
+func asError(op string, err error) *cnirpc.Error {
 	var e *cnirpc.Error
 	if !errors.As(err, &e) {
 		e = &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: op + " failed", Details: err.Error()}
 	}
+	return e
+}
+
+func writeError(w http.ResponseWriter, log *slog.Logger, op string, err error) {
+	e := asError(op, err)
 	status := http.StatusInternalServerError
 	switch e.Code {
 	case cnirpc.CodeDecodingFailure, cnirpc.CodeInvalidEnvironment, cnirpc.CodeInvalidNetwork, cnirpc.CodeUnsupportedField:

@@ -3,11 +3,13 @@
 //
 // A host allocates only from blocks it holds, and no other host allocates
 // from those, so the host's own record is enough to keep every address
-// unique. The record is a bbolt file in overlayd's data directory; every
-// change is committed (and synced to disk) before it is answered, so an
-// allocation survives kill -9 and a reboot. etcd gets a copy afterwards,
-// so that any host can answer who holds an address: Changed tells the
-// mirror when to copy (see etcd.Pool.Mirror).
+// unique. The record is a bbolt file in overlayd's data directory.
+// Allocations and releases are decided in memory at once, in order, and
+// Flush commits every decision made so far in one transaction synced to
+// disk: a caller answers nobody before Flush returns, so what it answered
+// survives kill -9 and a reboot, and concurrent callers share a disk sync.
+// etcd gets a copy afterwards, so that any host can answer who holds an
+// address: Changed tells the mirror when to copy (see etcd.Pool.Mirror).
 package local
 
 import (
@@ -102,9 +104,22 @@ type Allocator struct {
 	held    func() []netip.Prefix
 	changed chan struct{}
 
-	mu     sync.Mutex // serializes changes; guards the maps
-	attach map[overlay.AttachmentKey]netip.Prefix
-	used   map[netip.Addr]overlay.AttachmentKey
+	commit chan struct{} // a token: one commit at a time
+
+	mu      sync.Mutex // guards the maps and the queue
+	attach  map[overlay.AttachmentKey]netip.Prefix
+	used    map[netip.Addr]overlay.AttachmentKey
+	pending []change // decided, not yet on disk, in order
+	decided uint64   // changes decided so far
+	flushed uint64   // changes on disk
+}
+
+// change is one decision waiting to be committed: key's address, or its
+// release.
+type change struct {
+	key     overlay.AttachmentKey
+	addr    netip.Prefix
+	release bool
 }
 
 var _ overlay.Allocator = (*Allocator)(nil)
@@ -114,7 +129,7 @@ var _ overlay.Allocator = (*Allocator)(nil)
 // file had no record of the network yet: a host that ran an older
 // overlayd imports its allocations from etcd then.
 func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []netip.Prefix) (a *Allocator, fresh bool, err error) {
-	a = &Allocator{db: d, net: n, host: host, held: held, changed: make(chan struct{}, 1),
+	a = &Allocator{db: d, net: n, host: host, held: held, changed: make(chan struct{}, 1), commit: make(chan struct{}, 1),
 		attach: make(map[overlay.AttachmentKey]netip.Prefix), used: make(map[netip.Addr]overlay.AttachmentKey)}
 	err = d.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketName(n.Name))
@@ -168,52 +183,76 @@ func (a *Allocator) notify() {
 
 // Import records allocations read from elsewhere (etcd, on a host's
 // first start with this file), skipping any whose key or address is
-// already recorded.
-func (a *Allocator) Import(list []overlay.Allocation) error {
+// already recorded, and flushes.
+func (a *Allocator) Import(ctx context.Context, list []overlay.Allocation) error {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	var add []overlay.Allocation
 	for _, al := range list {
-		if _, ok := a.attach[al.Key]; ok {
-			continue
+		_, haveKey := a.attach[al.Key]
+		_, haveAddr := a.used[al.Addr.Addr()]
+		if !haveKey && !haveAddr {
+			a.put(al.Key, al.Addr)
 		}
-		if _, ok := a.used[al.Addr.Addr()]; ok {
-			continue
-		}
-		a.attach[al.Key], a.used[al.Addr.Addr()] = al.Addr, al.Key // dedupes list itself
-		add = append(add, al)
 	}
+	a.mu.Unlock()
+	if err := a.Flush(ctx); err != nil {
+		return fmt.Errorf("import %d allocations of %s: %w", len(list), a.net.Name, err)
+	}
+	return nil
+}
+
+// put decides key's address. a.mu is held.
+func (a *Allocator) put(key overlay.AttachmentKey, addr netip.Prefix) {
+	a.attach[key] = addr
+	a.used[addr.Addr()] = key
+	a.pending = append(a.pending, change{key: key, addr: addr})
+	a.decided++
+	a.notify()
+}
+
+// Flush returns once every allocation and release decided before it is
+// committed to disk, or with the commit's error; the changes then stay
+// queued, and the next Flush tries them again. Callers that answer
+// somebody flush first.
+func (a *Allocator) Flush(ctx context.Context) error {
+	a.mu.Lock()
+	target := a.decided
+	a.mu.Unlock()
+	select {
+	case a.commit <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("flush allocations of %s: %w", a.net.Name, ctx.Err())
+	}
+	defer func() { <-a.commit }()
+	a.mu.Lock()
+	if a.flushed >= target { // a commit made while this one waited covered it
+		a.mu.Unlock()
+		return nil
+	}
+	batch := slices.Clone(a.pending)
+	a.mu.Unlock()
 	err := a.db.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketName(a.net.Name))
-		for _, al := range add {
-			if err := b.Put(encode(al.Key, al.Addr)); err != nil {
+		for _, c := range batch {
+			k, v := encode(c.key, c.addr)
+			var err error
+			if c.release {
+				err = b.Delete(k)
+			} else {
+				err = b.Put(k, v)
+			}
+			if err != nil {
 				return err
 			}
 		}
 		return nil
 	})
 	if err != nil {
-		for _, al := range add {
-			delete(a.attach, al.Key)
-			delete(a.used, al.Addr.Addr())
-		}
-		return fmt.Errorf("import %d allocations of %s: %w", len(add), a.net.Name, err)
+		return fmt.Errorf("flush allocations of %s to %s: %w", a.net.Name, a.db.path, err)
 	}
-	a.notify()
-	return nil
-}
-
-// put records key's address on disk, then in memory. a.mu is held.
-func (a *Allocator) put(key overlay.AttachmentKey, addr netip.Prefix) error {
-	err := a.db.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketName(a.net.Name)).Put(encode(key, addr))
-	})
-	if err != nil {
-		return fmt.Errorf("record %s for %s: %w", addr, key, err)
-	}
-	a.attach[key] = addr
-	a.used[addr.Addr()] = key
-	a.notify()
+	a.mu.Lock()
+	a.pending = a.pending[len(batch):]
+	a.flushed += uint64(len(batch))
+	a.mu.Unlock()
 	return nil
 }
 
@@ -244,8 +283,8 @@ func (a *Allocator) existing(key overlay.AttachmentKey, held map[netip.Prefix]bo
 }
 
 // Allocate returns the address of key, allocating the lowest free
-// address of the held blocks when key holds none. It is on disk before
-// it returns.
+// address of the held blocks when key holds none. The allocation is on
+// disk once Flush returns.
 func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
 	if err := ctx.Err(); err != nil {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
@@ -266,9 +305,7 @@ func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (ov
 				continue
 			}
 			p := netip.PrefixFrom(addr, b.Bits())
-			if err := a.put(key, p); err != nil {
-				return overlay.Allocation{}, err
-			}
+			a.put(key, p)
 			return overlay.Allocation{Key: key, Addr: p, Host: a.host, New: true}, nil
 		}
 	}
@@ -304,13 +341,12 @@ func (a *Allocator) AllocateAddr(ctx context.Context, key overlay.AttachmentKey,
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is in use by %s: %w", addr, key, holder, overlay.ErrConflict)
 	}
 	p := netip.PrefixFrom(addr, b.Bits())
-	if err := a.put(key, p); err != nil {
-		return overlay.Allocation{}, err
-	}
+	a.put(key, p)
 	return overlay.Allocation{Key: key, Addr: p, Host: a.host, New: true}, nil
 }
 
-// Release frees the address of key. A key without one is not an error.
+// Release frees the address of key; the release is on disk once Flush
+// returns. A key without one is not an error.
 func (a *Allocator) Release(ctx context.Context, key overlay.AttachmentKey) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("release %s: %w", key, err)
@@ -321,15 +357,10 @@ func (a *Allocator) Release(ctx context.Context, key overlay.AttachmentKey) erro
 	if !ok {
 		return nil
 	}
-	err := a.db.db.Update(func(tx *bolt.Tx) error {
-		k, _ := encode(key, addr)
-		return tx.Bucket(bucketName(a.net.Name)).Delete(k)
-	})
-	if err != nil {
-		return fmt.Errorf("release %s: %w", key, err)
-	}
 	delete(a.attach, key)
 	delete(a.used, addr.Addr())
+	a.pending = append(a.pending, change{key: key, addr: addr, release: true})
+	a.decided++
 	a.notify()
 	return nil
 }

@@ -191,8 +191,8 @@ func TestAllocateAddr(t *testing.T) {
 	}
 }
 
-// TestDurable: what was answered is on disk: a reopened file has it, and
-// a release is not undone.
+// TestDurable: what was flushed is on disk: a reopened file has it, and a
+// release is not undone; what was only decided is not.
 func TestDurable(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "alloc.db")
@@ -204,6 +204,13 @@ func TestDurable(t *testing.T) {
 		}
 	}
 	if err := a.Release(ctx, key("c2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Decided but not flushed: not on disk.
+	if _, err := a.Allocate(ctx, key("unflushed")); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.Close(); err != nil {
@@ -223,6 +230,9 @@ func TestDurable(t *testing.T) {
 	if al, err := a.Allocate(ctx, key("c4")); err != nil || al.Addr.String() != "198.19.0.11/29" {
 		t.Fatalf("after reopening, allocate = %+v, %v; want .11", al, err)
 	}
+	if err := a.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
 
 	// Dropping the network forgets it; other networks' buckets are apart.
 	other := network
@@ -239,6 +249,59 @@ func TestDurable(t *testing.T) {
 	}
 	if _, fresh, err := db.Allocator(network, "a", held); err != nil || !fresh {
 		t.Fatalf("after Drop: fresh %v, %v", fresh, err)
+	}
+}
+
+// TestFlushKeepsOrder: decisions are seen at once and reach the disk in
+// the order they were made, whoever flushes; a failed flush keeps them
+// for the next.
+func TestFlushKeepsOrder(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "alloc.db")
+	held := func() []netip.Prefix { return []netip.Prefix{block} }
+	db, a, _ := open(t, path, held)
+	first, _ := a.Allocate(ctx, key("c1")) // .10
+	if err := a.Release(ctx, key("c1")); err != nil {
+		t.Fatal(err)
+	}
+	again, _ := a.Allocate(ctx, key("c2")) // .10 again, before any flush
+	if again.Addr != first.Addr {
+		t.Fatalf("a released address is not free at once: %s then %s", first.Addr, again.Addr)
+	}
+	if _, err := a.Allocate(ctx, key("c3")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Release(ctx, key("c3")); err != nil {
+		t.Fatal(err)
+	}
+	// Concurrent flushes share commits and all return once theirs is in.
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			if err := a.Flush(ctx); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	wg.Wait()
+	db.Close()
+	if err := a.Flush(ctx); err != nil {
+		t.Fatalf("a flush with nothing to commit = %v", err)
+	}
+	if _, err := a.Allocate(ctx, key("c4")); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Flush(ctx); err == nil {
+		t.Fatal("a flush on a closed file succeeded")
+	}
+	if _, err := a.Lookup(ctx, key("c4")); err != nil {
+		t.Fatalf("a decision whose flush failed is forgotten: %v", err)
+	}
+
+	_, b, _ := open(t, path, held)
+	list, _ := b.List(ctx)
+	if len(list) != 1 || list[0].Key.ContainerID != "c2" || list[0].Addr != first.Addr {
+		t.Fatalf("on disk: %v; want c2 on %s alone", list, first.Addr)
 	}
 }
 
@@ -270,7 +333,7 @@ func TestImport(t *testing.T) {
 	if _, err := a.Allocate(ctx, key("mine")); err != nil { // .10
 		t.Fatal(err)
 	}
-	err := a.Import([]overlay.Allocation{
+	err := a.Import(ctx, []overlay.Allocation{
 		al("old1", "198.19.0.12/29"),
 		al("old1", "198.19.0.13/29"), // the same key twice: the first wins
 		al("old2", "198.19.0.10/29"), // an address already recorded
@@ -292,7 +355,7 @@ func TestImport(t *testing.T) {
 }
 
 // BenchmarkAllocateRelease measures one allocation and its release, each
-// committed to disk: the store's share of an ADD and a DEL.
+// flushed to disk: the store's share of an ADD and a DEL.
 func BenchmarkAllocateRelease(b *testing.B) {
 	ctx := context.Background()
 	db, err := local.Open(filepath.Join(b.TempDir(), "alloc.db"), "a")
@@ -311,7 +374,13 @@ func BenchmarkAllocateRelease(b *testing.B) {
 		if _, err := a.Allocate(ctx, k); err != nil {
 			b.Fatal(err)
 		}
+		if err := a.Flush(ctx); err != nil {
+			b.Fatal(err)
+		}
 		if err := a.Release(ctx, k); err != nil {
+			b.Fatal(err)
+		}
+		if err := a.Flush(ctx); err != nil {
 			b.Fatal(err)
 		}
 	}

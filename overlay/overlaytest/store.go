@@ -20,6 +20,8 @@ type Store struct {
 	addrs  map[netip.Addr]overlay.Allocation
 	// Err, when set, makes every call fail, as an etcd outage would.
 	err error
+	// flushErr, when set, makes Flush fail, as a failing disk would.
+	flushErr error
 }
 
 // NewStore returns an empty store for network n.
@@ -36,6 +38,14 @@ func (s *Store) SetErr(err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.err = err
+}
+
+// SetFlushErr makes every later Flush fail with err (nil to recover).
+// Decisions are kept, as a real allocator keeps them for the next Flush.
+func (s *Store) SetFlushErr(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.flushErr = err
 }
 
 // SetOwner records h as the owner of block b, or frees b when h is "".
@@ -162,6 +172,17 @@ func (p *Pool) Allocate(_ context.Context, key overlay.AttachmentKey) (overlay.A
 		}
 	}
 	return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, overlay.ErrPoolExhausted)
+}
+
+// Flush fails as SetErr or SetFlushErr say; the store has nothing else
+// to make durable.
+func (p *Pool) Flush(context.Context) error {
+	p.s.mu.Lock()
+	defer p.s.mu.Unlock()
+	if p.s.err != nil {
+		return p.s.err
+	}
+	return p.s.flushErr
 }
 
 // AllocateAddr gives key the address a if it is a free container address
