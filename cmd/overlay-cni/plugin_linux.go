@@ -5,6 +5,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
@@ -28,34 +30,21 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
 	}
 	defer target.Close()
-	// Route sockets only: a handle opens one socket per family it is
-	// given, each through a namespace switch, and the plugin needs no
-	// other.
-	host, err := netlink.NewHandle(unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, types.NewError(types.ErrInternal, "netlink", err.Error())
-	}
-	defer host.Close()
+	// A route socket only: a handle opens one socket per family it is
+	// given, each through a namespace switch.
 	cont, err := netlink.NewHandleAt(target, unix.NETLINK_ROUTE)
 	if err != nil {
 		return nil, types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
 	}
 	defer cont.Close()
 
-	br, err := host.LinkByName(att.Bridge)
+	bridge, err := ifIndex(att.Bridge)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
 	}
 	hostName := hostVethName(conf, args)
-	// Both ends get their MTU, the container end its MAC when the runtime
-	// asked for one, and the host end comes up on the bridge, all in the
-	// one request that creates them.
-	veth := netlink.NewVeth(netlink.LinkAttrs{Name: hostName, MTU: att.MTU, MasterIndex: br.Attrs().Index, Flags: net.FlagUp})
-	veth.PeerName = args.IfName
-	veth.PeerNamespace = netlink.NsFd(target)
-	veth.PeerMTU = uint32(att.MTU)
-	veth.PeerHardwareAddr = conf.mac
-	if err := host.LinkAdd(veth); err != nil {
+	hostMAC := randomMAC()
+	if err := addVeth(hostName, hostMAC, bridge, att.MTU, args.IfName, conf.mac, target); err != nil {
 		// An existing interface is found out here rather than looked for
 		// beforehand: the lookup would cost every ADD a round trip.
 		if errors.Is(err, unix.EEXIST) {
@@ -66,7 +55,7 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 		}
 		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("create veth %s/%s", hostName, args.IfName), err.Error())
 	}
-	result, err := configure(host, cont, hostName, args, att)
+	result, err := configure(cont, hostName, hostMAC, args, att)
 	if err != nil {
 		if derr := deleteHostVeth(hostName); derr != nil {
 			// The veth may still hold the address: keep it allocated.
@@ -78,13 +67,65 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 	return result, nil
 }
 
-func configure(host, cont *netlink.Handle, hostName string, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
+// addVeth creates a veth pair in one RTM_NEWLINK request: the host end
+// named hostName, with hostMAC, up on the bridge with index master; the
+// container end named peerName, with peerMAC unless it is nil, born in
+// the namespace ns; both with mtu. netlink.LinkAdd would take two more
+// requests, to look the host end up and to enslave it.
+func addVeth(hostName string, hostMAC net.HardwareAddr, master, mtu int, peerName string, peerMAC net.HardwareAddr, ns netns.NsHandle) error {
+	req := nl.NewNetlinkRequest(unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL|unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Flags, msg.Change = unix.IFF_UP, unix.IFF_UP
+	req.AddData(msg)
+	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(hostName)))
+	req.AddData(nl.NewRtAttr(unix.IFLA_ADDRESS, hostMAC))
+	req.AddData(nl.NewRtAttr(unix.IFLA_MTU, nl.Uint32Attr(uint32(mtu))))
+	req.AddData(nl.NewRtAttr(unix.IFLA_MASTER, nl.Uint32Attr(uint32(master))))
+	info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
+	info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("veth"))
+	peer := info.AddRtAttr(nl.IFLA_INFO_DATA, nil).AddRtAttr(nl.VETH_INFO_PEER, nil)
+	nl.NewIfInfomsgChild(peer, unix.AF_UNSPEC)
+	peer.AddRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(peerName))
+	peer.AddRtAttr(unix.IFLA_MTU, nl.Uint32Attr(uint32(mtu)))
+	if peerMAC != nil {
+		peer.AddRtAttr(unix.IFLA_ADDRESS, []byte(peerMAC))
+	}
+	peer.AddRtAttr(unix.IFLA_NET_NS_FD, nl.Uint32Attr(uint32(ns)))
+	req.AddData(info)
+	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+	return err
+}
+
+// ifIndex returns the index of the host interface name, by ioctl: a
+// netlink lookup would decode every attribute of the link.
+func ifIndex(name string) (int, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("socket: %w", err)
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		return 0, err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFINDEX, ifr); err != nil {
+		return 0, fmt.Errorf("index of %s: %w", name, err)
+	}
+	return int(ifr.Uint32()), nil
+}
+
+// randomMAC returns a random locally administered unicast MAC address,
+// as the kernel gives a veth end; choosing it here saves looking it up.
+func randomMAC() net.HardwareAddr {
+	v := rand.Uint64()
+	mac := net.HardwareAddr{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24), byte(v >> 32), byte(v >> 40)}
+	mac[0] = mac[0]&^1 | 2 // unicast, locally administered
+	return mac
+}
+
+func configure(cont *netlink.Handle, hostName string, hostMAC net.HardwareAddr, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
 	fail := func(what string, err error) (*current.Result, error) {
 		return nil, types.NewError(types.ErrInternal, what, err.Error())
-	}
-	hostLink, err := host.LinkByName(hostName)
-	if err != nil {
-		return fail("find host veth", err)
 	}
 	link, err := cont.LinkByName(args.IfName)
 	if err != nil {
@@ -105,7 +146,7 @@ func configure(host, cont *netlink.Handle, hostName string, args *skel.CmdArgs, 
 	return &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
 		Interfaces: []*current.Interface{
-			{Name: hostName, Mac: hostLink.Attrs().HardwareAddr.String(), Mtu: att.MTU},
+			{Name: hostName, Mac: hostMAC.String(), Mtu: att.MTU},
 			{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Mtu: att.MTU, Sandbox: args.Netns},
 		},
 		IPs:    []*current.IPConfig{{Address: *ipnet, Gateway: gw, Interface: current.Int(1)}},
