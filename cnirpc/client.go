@@ -8,10 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/url"
 	"strings"
-	"time"
 )
 
 // Errors the client wraps when overlayd does not answer.
@@ -81,12 +79,11 @@ func (c *Client) Status(ctx context.Context, network string) (Status, error) {
 }
 
 func (c *Client) do(ctx context.Context, method, op string, in, out any) error {
-	conn, br, stop, err := c.exchange(ctx, method, op, in)
+	conn, br, err := c.exchange(ctx, method, op, in)
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
-	defer stop()
 	data, err := io.ReadAll(br)
 	if err == nil && len(data) > maxResponseBytes {
 		err = errAnswerTooLarge
@@ -110,11 +107,11 @@ func (c *Client) do(ctx context.Context, method, op string, in, out any) error {
 // Close the Pending in any case.
 func (c *Client) AddEarly(ctx context.Context, r Request) (Attachment, *Pending, error) {
 	r.Early = true
-	conn, br, stop, err := c.exchange(ctx, "POST", "add", r)
+	conn, br, err := c.exchange(ctx, "POST", "add", r)
 	if err != nil {
 		return Attachment{}, nil, err
 	}
-	p := &Pending{conn: conn, stop: stop, dec: json.NewDecoder(br)}
+	p := &Pending{conn: conn, dec: json.NewDecoder(br)}
 	var a Attachment
 	if err := p.dec.Decode(&a); err != nil {
 		p.Close()
@@ -129,8 +126,7 @@ func (c *Client) AddEarly(ctx context.Context, r Request) (Attachment, *Pending,
 
 // Pending is an early ADD answer waiting for its confirmation.
 type Pending struct {
-	conn net.Conn
-	stop func() bool
+	conn io.Closer
 	dec  *json.Decoder
 	done bool
 }
@@ -159,7 +155,6 @@ func (p *Pending) Wait() error {
 // Close closes the connection; it may be called more than once.
 func (p *Pending) Close() {
 	if p.conn != nil {
-		p.stop()
 		p.conn.Close()
 		p.conn = nil
 	}
@@ -167,27 +162,21 @@ func (p *Pending) Close() {
 
 // exchange sends one request and reads the answer's status and headers.
 // A non-200 answer is returned as an *Error. On success the caller reads
-// the body from br, then calls stop and closes conn.
-func (c *Client) exchange(ctx context.Context, method, op string, in any) (conn net.Conn, br *bufio.Reader, stop func() bool, err error) {
+// the body from br, then closes conn.
+func (c *Client) exchange(ctx context.Context, method, op string, in any) (conn io.ReadWriteCloser, br *bufio.Reader, err error) {
 	var body []byte
 	if in != nil {
 		if body, err = json.Marshal(in); err != nil {
-			return nil, nil, nil, fmt.Errorf("encode %s request: %w", op, err)
+			return nil, nil, fmt.Errorf("encode %s request: %w", op, err)
 		}
 	}
-	var d net.Dialer
-	conn, err = d.DialContext(ctx, "unix", c.socket)
+	conn, err = dial(ctx, c.socket)
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("overlayd at %s: %w: %w", c.socket, ErrUnavailable, err)
+		return nil, nil, fmt.Errorf("overlayd at %s: %w: %w", c.socket, ErrUnavailable, err)
 	}
-	if deadline, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(deadline)
-	}
-	stop = context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
-	fail := func(err error) (net.Conn, *bufio.Reader, func() bool, error) {
-		stop()
+	fail := func(err error) (io.ReadWriteCloser, *bufio.Reader, error) {
 		conn.Close()
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	var reqBuf bytes.Buffer
 	fmt.Fprintf(&reqBuf, "%s /%s/%s HTTP/1.0\r\nHost: overlayd\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n",
@@ -209,7 +198,7 @@ func (c *Client) exchange(ctx context.Context, method, op string, in any) (conn 
 		}
 		return fail(e)
 	}
-	return conn, br, stop, nil
+	return conn, br, nil
 }
 
 // readHead reads the status line and headers of an HTTP/1.0 response,

@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
@@ -338,4 +339,54 @@ func FuzzHandler(f *testing.F) {
 			t.Fatalf("%s %q: %d %q: not a CNI error", op, body, w.Code, w.Body.String())
 		}
 	})
+}
+
+// TestNoAnswer: an overlayd that accepts but never answers costs a request
+// its deadline, or less when the context is cancelled, and the error says
+// the request may have been acted on.
+func TestNoAnswer(t *testing.T) {
+	dir, err := os.MkdirTemp("", "ovl-rpc-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	socket := filepath.Join(dir, "silent.sock")
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		var held []net.Conn // read nothing, answer nothing
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	c := cnirpc.NewClient(socket)
+	req := cnirpc.Request{Network: "default", ContainerID: "abc", IfName: "eth0"}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := c.Add(ctx, req); !errors.Is(err, cnirpc.ErrNoAnswer) {
+		t.Fatalf("Add to a silent overlayd = %v, want ErrNoAnswer", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("the deadline did not bound the request: %s", d)
+	}
+
+	ctx, cancel = context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	if _, _, err := c.AddEarly(ctx, req); !errors.Is(err, cnirpc.ErrNoAnswer) {
+		t.Fatalf("AddEarly cancelled = %v, want ErrNoAnswer", err)
+	}
 }
