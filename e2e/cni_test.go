@@ -2,10 +2,15 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,6 +19,7 @@ import (
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/overlay"
 )
 
 func cniCode(err error) uint {
@@ -150,6 +156,66 @@ func TestCNIOverlaydDown(t *testing.T) {
 	_, err := n.AddContainer(ctx, h, "down")
 	if cniCode(err) != types.ErrTryAgainLater {
 		t.Fatalf("ADD with overlayd down = %v, want code 11", err)
+	}
+}
+
+// TestCNIAddNotConfirmed: when overlayd answers an ADD early but cannot
+// make the allocation durable, the plugin fails the ADD with code 11,
+// removes the veth it made, and asks for the address back.
+func TestCNIAddNotConfirmed(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	first, err := n.AddContainer(ctx, h, "first")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The dataplane, bridge included, stays when overlayd stops; a
+	// stand-in takes its socket.
+	if err := h.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("unix", h.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var ops []string
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		ops = append(ops, r.URL.Path)
+		mu.Unlock()
+		if !strings.HasSuffix(r.URL.Path, "/add") {
+			w.Write([]byte("{}"))
+			return
+		}
+		enc := json.NewEncoder(w)
+		enc.Encode(cnirpc.Attachment{Network: n.Network.Name, Addr: netip.PrefixFrom(first.Addr.Addr().Next(), first.Addr.Bits()),
+			Gateway: first.Addr.Masked().Addr().Next(), MTU: 1400, Bridge: n.Network.BridgeName(), New: true, Confirm: true})
+		http.NewResponseController(w).Flush()
+		enc.Encode(cnirpc.Confirmation{Err: &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: "add: the allocation store failed; try again later"}})
+	})}
+	go srv.Serve(l)
+	defer srv.Close()
+
+	c, err := n.NewContainer(ctx, h, "lost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Attach(ctx, c); cniCode(err) != types.ErrTryAgainLater {
+		t.Fatalf("ADD whose allocation is not confirmed = %v, want code 11", err)
+	}
+	veth := cnirpc.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: c.ID, IfName: "eth0"})
+	if out := ipOut(t, h, "ip", "-o", "link", "show"); strings.Contains(out, veth) {
+		t.Fatalf("the veth %s of the failed ADD is left on the host:\n%s", veth, out)
+	}
+	if out, err := c.Exec(ctx, "ip", "-o", "link", "show", "eth0"); err == nil {
+		t.Fatalf("the failed ADD left eth0 in the container: %s", out)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Contains(ops, "/"+cnirpc.Version+"/del") {
+		t.Fatalf("the plugin did not ask for the address back: requests %v", ops)
 	}
 }
 
