@@ -156,15 +156,12 @@ func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 		return rpcError("add", err)
 	}
 	defer pending.Close()
-	result, err := attach(conf, args, att)
-	if err == nil {
-		if werr := pending.Wait(); werr != nil {
-			err = rpcError("add", werr)
-			if derr := deleteHostVeth(hostVethName(conf, args)); derr != nil {
-				err = &keepAddress{types.NewError(types.ErrInternal, "allocation not confirmed; and removing the veth failed", derr.Error())}
-			}
+	result, err := attach(conf, args, att, func() error {
+		if err := pending.Wait(); err != nil {
+			return rpcError("add", err)
 		}
-	}
+		return nil
+	})
 	if err != nil {
 		// Leave nothing behind: the address goes back only if this ADD
 		// allocated it, so a failed second ADD keeps the first intact,

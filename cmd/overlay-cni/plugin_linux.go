@@ -23,8 +23,9 @@ import (
 )
 
 // attach creates the veth pair with its container end born in the
-// container's namespace, then sets address, MTU and routes there.
-func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
+// container's namespace, sets address and routes there, then calls
+// confirm. When configuring or confirm fails, it removes the pair.
+func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment, confirm func() error) (*current.Result, error) {
 	target, err := netns.GetFromPath(args.Netns)
 	if err != nil {
 		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
@@ -56,6 +57,9 @@ func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment) (*current.
 		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("create veth %s/%s", hostName, args.IfName), err.Error())
 	}
 	result, err := configure(cont, hostName, hostMAC, args, att)
+	if err == nil {
+		err = confirm()
+	}
 	if err != nil {
 		if derr := deleteHostVeth(hostName); derr != nil {
 			// The veth may still hold the address: keep it allocated.

@@ -16,7 +16,7 @@ import (
 // errNotLinux is the answer of every verb that touches the kernel.
 var errNotLinux = fmt.Errorf("overlay-cni runs only on Linux: %w", errors.ErrUnsupported)
 
-func attach(*NetConf, *skel.CmdArgs, cnirpc.Attachment) (*current.Result, error) {
+func attach(*NetConf, *skel.CmdArgs, cnirpc.Attachment, func() error) (*current.Result, error) {
 	return nil, types.NewError(types.ErrInternal, errNotLinux.Error(), "")
 }
 
