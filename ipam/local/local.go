@@ -259,10 +259,10 @@ func (a *Allocator) Flush(ctx context.Context) error {
 // Held returns the blocks it allocates from: those the host holds.
 func (a *Allocator) Held() []netip.Prefix { return a.held() }
 
-// heldBlocks returns the held blocks as a set.
-func (a *Allocator) heldBlocks() map[netip.Prefix]bool {
-	out := make(map[netip.Prefix]bool)
-	for _, b := range a.held() {
+// blockSet returns blocks as a set.
+func blockSet(blocks []netip.Prefix) map[netip.Prefix]bool {
+	out := make(map[netip.Prefix]bool, len(blocks))
+	for _, b := range blocks {
 		out[b] = true
 	}
 	return out
@@ -291,11 +291,10 @@ func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (ov
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	held := a.heldBlocks()
-	if al, ok, err := a.existing(key, held); ok || err != nil {
+	blocks := a.held()
+	if al, ok, err := a.existing(key, blockSet(blocks)); ok || err != nil {
 		return al, err
 	}
-	blocks := a.held()
 	if len(blocks) == 0 {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, a.host, a.net.Name, overlay.ErrPoolExhausted)
 	}
@@ -323,7 +322,8 @@ func (a *Allocator) AllocateAddr(ctx context.Context, key overlay.AttachmentKey,
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	held := a.heldBlocks()
+	blocks := a.held()
+	held := blockSet(blocks)
 	al, ok, err := a.existing(key, held)
 	switch {
 	case err != nil:
@@ -335,7 +335,7 @@ func (a *Allocator) AllocateAddr(ctx context.Context, key overlay.AttachmentKey,
 	}
 	b := netip.PrefixFrom(addr, a.net.BlockBits).Masked()
 	if !held[b] || addr == b.Addr() || addr == overlay.Gateway(b) || addr == overlay.Broadcast(b) {
-		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: not a container address of this host's blocks %v: %w", addr, key, a.held(), overlay.ErrConflict)
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: not a container address of this host's blocks %v: %w", addr, key, blocks, overlay.ErrConflict)
 	}
 	if holder, taken := a.used[addr]; taken {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is in use by %s: %w", addr, key, holder, overlay.ErrConflict)
@@ -371,7 +371,7 @@ func (a *Allocator) Release(ctx context.Context, key overlay.AttachmentKey) erro
 func (a *Allocator) Lookup(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	al, ok, err := a.existing(key, a.heldBlocks())
+	al, ok, err := a.existing(key, blockSet(a.held()))
 	switch {
 	case err != nil:
 		return overlay.Allocation{}, fmt.Errorf("look up %s: %w", key, err)
