@@ -78,6 +78,19 @@ func (f *fakeHandler) Status(_ context.Context, network string) (cnirpc.Status, 
 	return cnirpc.Status{Network: network, Ready: true, FreeAddresses: 61}, nil
 }
 
+// socketPath returns a path for a Unix socket below a fresh directory of
+// /tmp, removed after the test: t.TempDir's paths can exceed the 108
+// bytes of a socket address.
+func socketPath(t *testing.T, elem ...string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "ovl-rpc-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return filepath.Join(append([]string{dir}, elem...)...)
+}
+
 func serve(t *testing.T) (socket string) {
 	t.Helper()
 	socket, _ = serveFake(t)
@@ -86,12 +99,7 @@ func serve(t *testing.T) (socket string) {
 
 func serveFake(t *testing.T) (socket string, h *fakeHandler) {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "ovl-rpc-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	socket = filepath.Join(dir, "run", "overlayd.sock")
+	socket = socketPath(t, "run", "overlayd.sock")
 	l, err := rpcserver.Listen(socket)
 	if err != nil {
 		t.Fatal(err)
@@ -136,12 +144,7 @@ func TestAddEarly(t *testing.T) {
 // TestAddEarlyFromOlderServer: a server that knows no early answers
 // answers once, durable; Wait then has nothing to wait for.
 func TestAddEarlyFromOlderServer(t *testing.T) {
-	dir, err := os.MkdirTemp("", "ovl-rpc-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	socket := filepath.Join(dir, "old.sock")
+	socket := socketPath(t, "old.sock")
 	l, err := net.Listen("unix", socket)
 	if err != nil {
 		t.Fatal(err)
@@ -345,12 +348,7 @@ func FuzzHandler(f *testing.F) {
 // its deadline, or less when the context is cancelled, and the error says
 // the request may have been acted on.
 func TestNoAnswer(t *testing.T) {
-	dir, err := os.MkdirTemp("", "ovl-rpc-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	socket := filepath.Join(dir, "silent.sock")
+	socket := socketPath(t, "silent.sock")
 	l, err := net.Listen("unix", socket)
 	if err != nil {
 		t.Fatal(err)
