@@ -141,7 +141,7 @@ func Run(ctx context.Context, cfg Config) error {
 	// entries of hosts whose overlayd is down right now.
 	remembered := d.remembered(ctx, hosts)
 
-	local := overlay.Local{Host: host, Underlay: ul.Addr, UnderlayLink: ul.Link, MTU: ul.MTU - vxlan.Overhead, VTEPMAC: mac}
+	local := overlay.Local{Host: host, Underlay: ul.Addr, UnderlayLink: ul.Link, MTU: ul.MTU - vxlan.Overhead, VTEPMAC: mac, BridgeMAC: BridgeMAC(host, network.Name)}
 	dp := vxlan.New(h, log.With("component", "dataplane"))
 	rec := overlay.NewReconciler(network, local, pool, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
 	d.rec = rec

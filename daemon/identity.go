@@ -73,7 +73,21 @@ func LoadIdentity(dir string) (overlay.HostID, error) {
 // VTEPMAC derives the MAC address of a host's VXLAN devices from its ID:
 // locally administered, unicast, and the same after every restart.
 func VTEPMAC(h overlay.HostID) net.HardwareAddr {
-	sum := sha256.Sum256([]byte("overlay-vtep:" + h))
+	return derivedMAC("overlay-vtep:" + string(h))
+}
+
+// BridgeMAC derives the MAC address of the bridge of network on host h,
+// the containers' gateway: locally administered, unicast, the same after
+// every restart, and different from every VTEP MAC and from the bridges
+// of the host's other networks.
+func BridgeMAC(h overlay.HostID, network string) net.HardwareAddr {
+	return derivedMAC("overlay-bridge:" + string(h) + "/" + network)
+}
+
+// derivedMAC returns a locally administered unicast MAC address that is a
+// hash of seed.
+func derivedMAC(seed string) net.HardwareAddr {
+	sum := sha256.Sum256([]byte(seed))
 	mac := net.HardwareAddr(sum[:6])
 	mac[0] = (mac[0] | 0x02) &^ 0x01
 	return mac

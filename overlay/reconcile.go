@@ -38,6 +38,8 @@ type Local struct {
 	MTU int
 	// VTEPMAC is the MAC address of this host's VXLAN devices.
 	VTEPMAC net.HardwareAddr
+	// BridgeMAC is the MAC address of the network's bridge on this host.
+	BridgeMAC net.HardwareAddr
 }
 
 // Rejection is a block a member claims over gossip that etcd says it does
@@ -64,6 +66,7 @@ func Desired(n Network, local Local, owners map[netip.Prefix]HostID, alive []Mem
 		UnderlayLink: local.UnderlayLink,
 		MTU:          local.MTU,
 		VTEPMAC:      local.VTEPMAC,
+		BridgeMAC:    local.BridgeMAC,
 	}
 	owned := make(map[HostID]bool)
 	for b, h := range owners {

@@ -46,6 +46,11 @@ type DataplaneConfig struct {
 	MTU int
 	// VTEPMAC is the MAC address of the local VXLAN device.
 	VTEPMAC net.HardwareAddr
+	// BridgeMAC is the MAC address of the bridge, the containers'
+	// gateway. It is fixed so that attaching or detaching a container
+	// never changes it (a bridge without one takes the lowest MAC of its
+	// ports); nil leaves the bridge's address alone.
+	BridgeMAC net.HardwareAddr
 	// Blocks are this host's blocks; their gateways go on the bridge.
 	Blocks []netip.Prefix
 	// Peers are the other hosts, sorted by host ID.

@@ -56,7 +56,10 @@ type Linux struct {
 	h   *netlink.Handle
 	log *slog.Logger
 
-	mu sync.Mutex // serializes the kernel work of Set, Delete and Text
+	mu sync.Mutex // serializes the kernel work of Set, Delete and Text; guards heldMTU
+	// heldMTU is the MTU each bridge was last found to need, by name, so
+	// that a bridge held below the network's MTU is logged once.
+	heldMTU map[string]int
 }
 
 var _ overlay.Dataplane = (*Linux)(nil)
@@ -68,7 +71,7 @@ func New(h *netlink.Handle, log *slog.Logger) *Linux {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Linux{h: h, log: log}
+	return &Linux{h: h, log: log, heldMTU: make(map[string]int)}
 }
 
 // mac is a comparable Ethernet address.

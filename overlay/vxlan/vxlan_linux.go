@@ -143,11 +143,18 @@ func (l *Linux) deleteLinkLocked(name string) error {
 	return nil
 }
 
-// ensureBridgeLocked creates the network's bridge or converges its MTU
-// and state, and returns it.
+// ensureBridgeLocked creates the network's bridge or converges its MAC
+// address, MTU and state, and returns it. The MAC address is set, never
+// left to the kernel: a bridge without one takes the lowest MAC address
+// of its ports, so a container's ADD or DEL would change the gateway's
+// address under every other container. The MTU is cfg.MTU, or lower while
+// a port has a lower one (see bridgeMTULocked).
 func (l *Linux) ensureBridgeLocked(cfg overlay.DataplaneConfig) (netlink.Link, error) {
 	name := cfg.Network.BridgeName()
-	want := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: cfg.MTU}}
+	if cfg.BridgeMAC != nil && len(cfg.BridgeMAC) != len(mac{}) {
+		return nil, fmt.Errorf("vxlan: bridge %s: MAC %q is not a 6-byte Ethernet address", name, cfg.BridgeMAC)
+	}
+	want := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: cfg.MTU, HardwareAddr: cfg.BridgeMAC}}
 	link, err := l.h.LinkByName(name)
 	switch {
 	case isLinkNotFound(err):
@@ -164,7 +171,45 @@ func (l *Linux) ensureBridgeLocked(cfg overlay.DataplaneConfig) (netlink.Link, e
 	if err != nil {
 		return nil, err
 	}
-	return link, l.convergeLinkLocked(link, cfg.MTU, nil)
+	mtu, err := l.bridgeMTULocked(link, cfg.MTU)
+	return link, errors.Join(err, l.convergeLinkLocked(link, mtu, cfg.BridgeMAC))
+}
+
+// bridgeMTULocked returns the MTU the bridge br should have: want, or the
+// lowest MTU of its ports when that is lower. A container keeps the MTU it
+// was created with; after the network's MTU was raised (the underlay's
+// went up and overlayd restarted), the bridge stays at the MTU of the
+// oldest containers until they are gone, so that a packet routed to one of
+// them that is too large for it gets an ICMP error from the host instead
+// of being dropped silently by its veth. It logs when that starts and
+// ends. An MTU of 0 is returned as it is.
+func (l *Linux) bridgeMTULocked(br netlink.Link, want int) (int, error) {
+	if want <= 0 {
+		return want, nil
+	}
+	links, err := retryDump(l.h.LinkList)
+	if err != nil {
+		err = fmt.Errorf("vxlan: list the ports of %s: %w", br.Attrs().Name, err)
+	}
+	lowest, ports := want, 0
+	for _, p := range links {
+		if a := p.Attrs(); a.MasterIndex == br.Attrs().Index && a.MTU > 0 && a.MTU < want {
+			lowest = min(lowest, a.MTU)
+			ports++
+		}
+	}
+	name := br.Attrs().Name
+	if l.heldMTU[name] != lowest {
+		switch {
+		case lowest < want:
+			l.log.Warn("holding the bridge at the MTU of containers created before the MTU was raised; recreate them to use the new MTU",
+				"device", name, "mtu", lowest, "network-mtu", want, "ports", ports)
+		case l.heldMTU[name] != 0:
+			l.log.Info("bridge back at the network's MTU: no container with a lower MTU is left", "device", name, "mtu", want)
+		}
+		l.heldMTU[name] = lowest
+	}
+	return lowest, err
 }
 
 // ensureVXLANLocked creates the network's VXLAN device, recreates it when

@@ -638,3 +638,70 @@ func TestIsGone(t *testing.T) {
 		}
 	}
 }
+
+// addPort adds a veth pair whose first end, with the given MAC and MTU,
+// is a port of the bridge br; the other end stays in the namespace.
+func (ns *testNS) addPort(t *testing.T, br, name string, hw net.HardwareAddr, mtu int) {
+	t.Helper()
+	ns.must(t, ns.h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name, HardwareAddr: hw, MTU: mtu, MasterIndex: ns.link(t, br).Attrs().Index}, PeerName: name + "p"}), "add port "+name)
+	ns.must(t, ns.h.LinkSetUp(ns.link(t, name)), "set "+name+" up")
+}
+
+// TestBridgeMACIsFixed: ports whose MACs sort below and above the
+// bridge's come and go, and the bridge (the containers' gateway) keeps
+// the MAC it was given; one set by hand is put back.
+func TestBridgeMACIsFixed(t *testing.T) {
+	requireRoot(t)
+	a := oneHost(t)
+	a.cfg.BridgeMAC = mustMAC("02:80:00:00:00:01")
+	a.set(t)
+	br := a.cfg.Network.BridgeName()
+	check := func(when string) {
+		t.Helper()
+		if got := a.link(t, br).Attrs().HardwareAddr.String(); got != a.cfg.BridgeMAC.String() {
+			t.Fatalf("%s: bridge MAC %s, want %s", when, got, a.cfg.BridgeMAC)
+		}
+	}
+	check("after Set")
+	a.addPort(t, br, "lo0", mustMAC("02:00:00:00:00:01"), testMTU)
+	check("after a port with a lower MAC joined")
+	a.addPort(t, br, "hi0", mustMAC("fe:ff:ff:ff:ff:fe"), testMTU)
+	check("after a port with a higher MAC joined")
+	a.must(t, a.h.LinkDel(a.link(t, "lo0")), "delete port lo0")
+	check("after the port with the lowest MAC left")
+	a.must(t, a.h.LinkSetHardwareAddr(a.link(t, br), mustMAC("02:00:00:00:00:99")), "change the bridge MAC by hand")
+	a.set(t)
+	check("after Set converged a MAC changed by hand")
+}
+
+// TestBridgeMTUFollowsPorts: after the network's MTU is raised, the
+// bridge stays at the MTU of the ports created before, and rises once
+// they are gone; new ports keep the raised MTU.
+func TestBridgeMTUFollowsPorts(t *testing.T) {
+	requireRoot(t)
+	a := oneHost(t)
+	a.set(t)
+	br := a.cfg.Network.BridgeName()
+	a.addPort(t, br, "old0", nil, testMTU)
+	// The underlay's MTU rises, and with it the network's.
+	a.must(t, a.h.LinkSetMTU(a.link(t, "ul0"), 9000), "raise the underlay MTU")
+	a.cfg.MTU = 8950
+	a.set(t)
+	mtu := func() int { return a.link(t, br).Attrs().MTU }
+	if got := mtu(); got != testMTU {
+		t.Fatalf("bridge MTU %d with a port at %d, want %d", got, testMTU, testMTU)
+	}
+	if got := a.link(t, a.cfg.Network.VXLANName()).Attrs().MTU; got != 8950 {
+		t.Fatalf("VXLAN MTU %d, want 8950", got)
+	}
+	a.addPort(t, br, "new0", nil, 8950)
+	a.set(t)
+	if got := mtu(); got != testMTU {
+		t.Fatalf("bridge MTU %d with an old and a new port, want %d", got, testMTU)
+	}
+	a.must(t, a.h.LinkDel(a.link(t, "old0")), "delete the old port")
+	a.set(t)
+	if got := mtu(); got != 8950 {
+		t.Fatalf("bridge MTU %d once the old port is gone, want 8950", got)
+	}
+}
