@@ -8,12 +8,15 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/overlaynet/overlay/cnirpc"
@@ -103,6 +106,77 @@ func TestCNIDelIsIdempotent(t *testing.T) {
 		t.Fatalf("DEL with the namespace gone: %v", err)
 	}
 	released(t, n, gone)
+}
+
+// TestCNINetNSNotANamespace: a CNI_NETNS that exists but is not a network
+// namespace (a regular file, a directory) gives code 8 naming it to ADD,
+// which allocates nothing and makes no veth, and to CHECK; DEL does not
+// open CNI_NETNS, so it succeeds and releases the address.
+func TestCNINetNSNotANamespace(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	c, err := n.AddContainer(ctx, h, "real")
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(n.Dir, "not-a-netns")
+	if err := os.WriteFile(file, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(n.Dir, "not-a-netns.d")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	cni, list, err := h.CNI()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantCode8 := func(t *testing.T, verb string, err error, path, what string) {
+		t.Helper()
+		var e *types.Error
+		if !errors.As(err, &e) || e.Code != types.ErrInvalidNetNS {
+			t.Fatalf("%s with CNI_NETNS %s = %v, want code 8", verb, what, err)
+		}
+		if want := fmt.Sprintf("CNI_NETNS %q is not a network namespace: it is %s", path, what); e.Msg != want {
+			t.Fatalf("%s with CNI_NETNS %s: message %q, want %q", verb, what, e.Msg, want)
+		}
+	}
+	for what, path := range map[string]string{"a regular file": file, "a directory": dir} {
+		t.Run(what, func(t *testing.T) {
+			bogus := &simnet.Container{ID: "notnetns", Host: h}
+			rc := &libcni.RuntimeConf{ContainerID: bogus.ID, NetNS: path, IfName: "eth0"}
+			err := h.InNS(func() error {
+				_, err := cni.AddNetworkList(ctx, list, rc)
+				return err
+			})
+			wantCode8(t, "ADD", err, path, what)
+			if allocated(t, n, bogus) {
+				t.Fatal("the refused ADD allocated an address")
+			}
+			veth := cnirpc.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: bogus.ID, IfName: "eth0"})
+			if out := ipOut(t, h, "ip", "-o", "link", "show"); strings.Contains(out, veth) {
+				t.Fatalf("the refused ADD left the veth %s:\n%s", veth, out)
+			}
+
+			rc = c.RuntimeConf()
+			rc.NetNS = path
+			wantCode8(t, "CHECK", h.InNS(func() error { return cni.CheckNetworkList(ctx, list, rc) }), path, what)
+		})
+	}
+	if err := n.CheckContainer(ctx, c); err != nil {
+		t.Fatalf("CHECK with the right CNI_NETNS: %v", err)
+	}
+
+	rc := c.RuntimeConf()
+	rc.NetNS = file
+	if err := h.InNS(func() error { return cni.DelNetworkList(ctx, list, rc) }); err != nil {
+		t.Fatalf("DEL with CNI_NETNS a regular file: %v", err)
+	}
+	released(t, n, c)
+	if out := ipOut(t, h, "ip", "-o", "link", "show"); strings.Contains(out, c.Result.Interfaces[0].Name) {
+		t.Fatalf("DEL with CNI_NETNS a regular file left the veth %s", c.Result.Interfaces[0].Name)
+	}
 }
 
 func TestCNIAddTwiceKeepsFirstAttachment(t *testing.T) {

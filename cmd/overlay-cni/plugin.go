@@ -145,6 +145,13 @@ func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 	if err := parseArgs(args.Args); err != nil {
 		return err
 	}
+	// The namespace before overlayd: a CNI_NETNS that is not one fails
+	// with code 8 before an address is allocated.
+	cont, err := openContainer(args.Netns)
+	if err != nil {
+		return err
+	}
+	defer cont.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	client := cnirpc.NewClient(conf.Socket)
@@ -156,7 +163,7 @@ func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 		return rpcError("add", err)
 	}
 	defer pending.Close()
-	result, err := attach(conf, args, att, func() error {
+	result, err := attach(conf, args, cont, att, func() error {
 		if err := pending.Wait(); err != nil {
 			return rpcError("add", err)
 		}
@@ -256,6 +263,11 @@ func (p *plugin) cmdCheck(args *skel.CmdArgs) error {
 	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
 		return types.NewError(types.ErrDecodingFailure, "decode prevResult", err.Error())
 	}
+	cont, err := openContainer(args.Netns)
+	if err != nil {
+		return err
+	}
+	defer cont.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), requestTimeout)
 	defer cancel()
 	att, err := cnirpc.NewClient(conf.Socket).Check(ctx, request(conf, args))
@@ -271,7 +283,7 @@ func (p *plugin) cmdCheck(args *skel.CmdArgs) error {
 			return types.NewError(types.ErrInternal, fmt.Sprintf("prevResult does not hold overlayd's address %s for this container", att.Addr), "")
 		}
 	}
-	return checkNamespace(args, att)
+	return checkNamespace(cont, args, att)
 }
 
 func hasIP(r *current.Result, p netip.Prefix) bool {

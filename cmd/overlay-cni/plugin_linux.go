@@ -23,40 +23,27 @@ import (
 )
 
 // attach creates the veth pair with its container end born in the
-// container's namespace, sets address and routes there, then calls
+// container's namespace cont, sets address and routes there, then calls
 // confirm. When configuring or confirm fails, it removes the pair.
-func attach(conf *NetConf, args *skel.CmdArgs, att cnirpc.Attachment, confirm func() error) (*current.Result, error) {
-	target, err := netns.GetFromPath(args.Netns)
-	if err != nil {
-		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
-	}
-	defer target.Close()
-	// A route socket only: a handle opens one socket per family it is
-	// given, each through a namespace switch.
-	cont, err := netlink.NewHandleAt(target, unix.NETLINK_ROUTE)
-	if err != nil {
-		return nil, types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
-	}
-	defer cont.Close()
-
+func attach(conf *NetConf, args *skel.CmdArgs, cont *container, att cnirpc.Attachment, confirm func() error) (*current.Result, error) {
 	bridge, err := ifIndex(att.Bridge)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
 	}
 	hostName := hostVethName(conf, args)
 	hostMAC := randomMAC()
-	if err := addVeth(hostName, hostMAC, bridge, att.MTU, args.IfName, conf.mac, target); err != nil {
+	if err := addVeth(hostName, hostMAC, bridge, att.MTU, args.IfName, conf.mac, cont.ns); err != nil {
 		// An existing interface is found out here rather than looked for
 		// beforehand: the lookup would cost every ADD a round trip.
 		if errors.Is(err, unix.EEXIST) {
-			if _, lerr := cont.LinkByName(args.IfName); lerr == nil {
+			if _, lerr := cont.handle.LinkByName(args.IfName); lerr == nil {
 				return nil, types.NewError(types.ErrInternal, fmt.Sprintf("interface %q already exists in the container", args.IfName), err.Error())
 			}
 			return nil, types.NewError(types.ErrInternal, fmt.Sprintf("host interface %s already exists: this container interface is attached already", hostName), err.Error())
 		}
 		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("create veth %s/%s", hostName, args.IfName), err.Error())
 	}
-	result, err := configure(cont, hostName, hostMAC, args, att)
+	result, err := configure(cont.handle, hostName, hostMAC, args, att)
 	if err == nil {
 		err = confirm()
 	}
@@ -162,20 +149,10 @@ func prefixIPNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
 }
 
-// checkNamespace opens the container's namespace and checks its
-// interface against overlayd's attachment.
-func checkNamespace(args *skel.CmdArgs, att cnirpc.Attachment) error {
-	target, err := netns.GetFromPath(args.Netns)
-	if err != nil {
-		return types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("open network namespace %q", args.Netns), err.Error())
-	}
-	defer target.Close()
-	cont, err := netlink.NewHandleAt(target, unix.NETLINK_ROUTE)
-	if err != nil {
-		return types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
-	}
-	defer cont.Close()
-	return checkContainer(cont, args.IfName, att)
+// checkNamespace checks the interface in the container's namespace cont
+// against overlayd's attachment.
+func checkNamespace(cont *container, args *skel.CmdArgs, att cnirpc.Attachment) error {
+	return checkContainer(cont.handle, args.IfName, att)
 }
 
 // checkContainer verifies that the container interface holds overlayd's

@@ -16,11 +16,21 @@ import (
 // errNotLinux is the answer of every verb that touches the kernel.
 var errNotLinux = fmt.Errorf("overlay-cni runs only on Linux: %w", errors.ErrUnsupported)
 
-func attach(*NetConf, *skel.CmdArgs, cnirpc.Attachment, func() error) (*current.Result, error) {
+// container stands for the container's network namespace.
+type container struct{}
+
+func openContainer(string) (*container, error) {
 	return nil, types.NewError(types.ErrInternal, errNotLinux.Error(), "")
 }
 
-func checkNamespace(*skel.CmdArgs, cnirpc.Attachment) error {
+// Close does nothing.
+func (*container) Close() {}
+
+func attach(*NetConf, *skel.CmdArgs, *container, cnirpc.Attachment, func() error) (*current.Result, error) {
+	return nil, types.NewError(types.ErrInternal, errNotLinux.Error(), "")
+}
+
+func checkNamespace(*container, *skel.CmdArgs, cnirpc.Attachment) error {
 	return types.NewError(types.ErrInternal, errNotLinux.Error(), "")
 }
 
