@@ -101,12 +101,14 @@ func (d *CNIHandler) Flush(ctx context.Context) error {
 }
 
 // Del detaches the container interface's host veth (down and off the
-// bridge: its traffic stops at once) and answers; the veth is deleted and
-// then the address released in the background. Deleting a veth waits on
-// the kernel for most of a DEL's time, and the address must not be free
-// while a veth may still hold it. A release that fails (a disk error) is
-// retried until it succeeds or overlayd stops; a restarted overlayd
-// finishes what was pending (ReleaseOrphans).
+// bridge: its traffic stops at once), releases its address and answers;
+// the veth is deleted, and the release made durable, in the background.
+// The address is free when DEL returns, so that a runtime that recreates
+// the container with the same static address (CNI "ips") gets it at once:
+// the old veth can carry no traffic while the kernel deletes it, which is
+// most of what a DEL would otherwise wait for. A release that fails (a
+// disk error) is retried in the background until it succeeds or overlayd
+// stops; a restarted overlayd finishes what was pending (ReleaseOrphans).
 func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
 	if err := d.checkNetwork(r.Network); err != nil {
 		return err
@@ -116,7 +118,13 @@ func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
 	if err := d.links.Detach(name); err != nil {
 		return &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: "del: detach the host veth " + name, Details: err.Error()}
 	}
-	d.deleteLater(key, name)
+	rctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	err := d.pool.Release(rctx, key)
+	cancel()
+	if err != nil {
+		d.log.Warn("releasing an address failed; retrying in the background", "container", key.ContainerID, "ifname", key.IfName, "err", err)
+	}
+	d.deleteLater(key, name, err == nil)
 	return nil
 }
 
@@ -136,12 +144,14 @@ func (d *CNIHandler) waitPending(ctx context.Context, key overlay.AttachmentKey)
 	}
 }
 
-// releaseRetry bounds the wait between two tries of a release.
+// releaseRetry bounds the wait between two tries of a release or of a
+// veth's deletion.
 const releaseRetry = 30 * time.Second
 
-// deleteLater deletes the host veth name, then releases key's address,
-// in the background, unless that is already under way.
-func (d *CNIHandler) deleteLater(key overlay.AttachmentKey, name string) {
+// deleteLater deletes the host veth name and makes the release of key's
+// address durable, releasing it first unless released, in the background,
+// unless that is already under way. An ADD of key waits for it.
+func (d *CNIHandler) deleteLater(key overlay.AttachmentKey, name string, released bool) {
 	d.mu.Lock()
 	if _, ok := d.pending[key]; ok {
 		d.mu.Unlock()
@@ -157,33 +167,42 @@ func (d *CNIHandler) deleteLater(key overlay.AttachmentKey, name string) {
 			d.mu.Unlock()
 			close(done)
 		}()
-		if err := d.links.Delete(name); err != nil {
-			// The address stays allocated: a veth may still hold it. The
-			// runtime's GC or the next start of overlayd finishes it.
-			d.log.Error("deleting the host veth failed; its address stays allocated", "container", key.ContainerID, "ifname", key.IfName, "veth", name, "err", err)
+		ok := d.retry(key, "releasing an address", func(ctx context.Context) error {
+			if !released {
+				if err := d.pool.Release(ctx, key); err != nil {
+					return err
+				}
+				released = true
+			}
+			return d.pool.Flush(ctx)
+		})
+		if !ok {
 			return
 		}
-		wait := time.Second
-		for {
-			ctx, cancel := context.WithTimeout(d.bg, storeTimeout)
-			err := d.pool.Release(ctx, key)
-			if err == nil {
-				err = d.pool.Flush(ctx)
-			}
-			cancel()
-			if err == nil {
-				d.log.Info("released", "container", key.ContainerID, "ifname", key.IfName)
-				return
-			}
-			d.log.Warn("releasing an address failed; retrying", "container", key.ContainerID, "ifname", key.IfName, "err", err, "retry", wait)
-			select {
-			case <-d.bg.Done():
-				return
-			case <-time.After(wait):
-			}
-			wait = min(2*wait, releaseRetry)
-		}
+		d.log.Info("released", "container", key.ContainerID, "ifname", key.IfName)
+		d.retry(key, "deleting the host veth "+name, func(context.Context) error { return d.links.Delete(name) })
 	}()
+}
+
+// retry calls fn until it succeeds, and reports true, or overlayd stops,
+// waiting longer after each failure, up to releaseRetry.
+func (d *CNIHandler) retry(key overlay.AttachmentKey, what string, fn func(context.Context) error) bool {
+	wait := time.Second
+	for {
+		ctx, cancel := context.WithTimeout(d.bg, storeTimeout)
+		err := fn(ctx)
+		cancel()
+		if err == nil {
+			return true
+		}
+		d.log.Warn(what+" failed; retrying", "container", key.ContainerID, "ifname", key.IfName, "err", err, "retry", wait)
+		select {
+		case <-d.bg.Done():
+			return false
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, releaseRetry)
+	}
 }
 
 // Check returns the container interface's attachment.
@@ -193,11 +212,29 @@ func (d *CNIHandler) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attach
 	}
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
-	al, err := d.pool.Lookup(ctx, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
+	key := overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}
+	al, err := d.pool.Lookup(ctx, key)
 	if err != nil {
 		return cnirpc.Attachment{}, storeError("check", err)
 	}
+	if mtu, err := d.links.MTU(cnirpc.HostVethName(d.network.Name, key)); err == nil && mtu != 0 && mtu != d.mtu {
+		return cnirpc.Attachment{}, &cnirpc.Error{Code: cnirpc.CodeInternal,
+			Msg: fmt.Sprintf("check: the container's interface has MTU %d but network %s now has %d (the underlay's MTU changed): recreate the container", mtu, d.network.Name, d.mtu)}
+	}
 	return d.attachment(al), nil
+}
+
+// StaleMTU returns the allocations of list whose veth has an MTU other
+// than the network's: containers created before the underlay's MTU
+// changed, which keep theirs until they are recreated.
+func (d *CNIHandler) StaleMTU(list []overlay.Allocation) map[overlay.AttachmentKey]int {
+	out := make(map[overlay.AttachmentKey]int)
+	for _, al := range list {
+		if mtu, err := d.links.MTU(cnirpc.HostVethName(d.network.Name, al.Key)); err == nil && mtu != 0 && mtu != d.mtu {
+			out[al.Key] = mtu
+		}
+	}
+	return out
 }
 
 // Status reports whether an ADD can be served: a block is held, the

@@ -37,6 +37,13 @@ type Config struct {
 	UnderlayAddr netip.Addr
 	// GossipPort is the TCP and UDP port of memberlist.
 	GossipPort int
+	// GossipKeyFile is the file of the keys that encrypt and authenticate
+	// gossip (see gossip.ParseKeys); "" leaves gossip unencrypted.
+	GossipKeyFile string
+	// ReloadKeys, when not nil, makes overlayd read GossipKeyFile again
+	// after every value it receives (overlayd sends SIGHUP there), so that
+	// keys rotate without a restart.
+	ReloadKeys <-chan struct{}
 	// MetricsAddr is where /metrics is served; "" disables it.
 	MetricsAddr string
 	// ResyncInterval is how often the dataplane is compared with the
@@ -106,6 +113,7 @@ func DefaultConfig() Config {
 		},
 		UnderlayAddr:   netip.Addr{},                  // from the default route
 		GossipPort:     gossip.DefaultPort,            // 7946, as Serf and Docker use
+		GossipKeyFile:  "",                            // unencrypted, with a warning at start
 		MetricsAddr:    "127.0.0.1:9476",              // loopback only; expose deliberately
 		ResyncInterval: overlay.DefaultResyncInterval, // 5s
 		RenewInterval:  time.Minute,                   // cheap CAS per block

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -41,15 +42,26 @@ const joinTimeout = 10 * time.Second
 const ipForwardPath = "/proc/sys/net/ipv4/ip_forward"
 
 // Run runs overlayd until ctx is done. It returns an error when it cannot
-// start (bad configuration, etcd unreachable, a network that differs from
-// etcd's) or when a component fails. On return the dataplane is left in
-// place, so that restarting overlayd does not cut established flows.
+// start (bad configuration, a socket or port it cannot open, etcd
+// unreachable, a network that differs from etcd's) or when a component
+// fails. Everything that can fail on this host alone is checked, and
+// every listener opened, before anything changes in etcd or the kernel,
+// so that a start that fails changes nothing. On return the dataplane is
+// left in place, so that restarting overlayd does not cut established
+// flows.
 func Run(ctx context.Context, cfg Config) error {
 	start := time.Now()
 	cfg = cfg.withDefaults()
 	log := cfg.Logger
 	if err := cfg.Network.Validate(); err != nil {
 		return fmt.Errorf("configuration: %w", err)
+	}
+	var keys [][]byte
+	if cfg.GossipKeyFile != "" {
+		var err error
+		if keys, err = gossip.LoadKeys(cfg.GossipKeyFile); err != nil {
+			return fmt.Errorf("--gossip-key-file: %w", err)
+		}
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
@@ -61,23 +73,19 @@ func Run(ctx context.Context, cfg Config) error {
 	mac := VTEPMAC(host)
 	log = log.With("host", host)
 	// The allocation file first: its lock keeps a second overlayd on this
-	// data directory from touching etcd or the kernel.
+	// data directory from touching etcd or the kernel; the namespace's
+	// lock keeps one with another data directory off this network's
+	// devices.
 	allocs, err := local.Open(filepath.Join(cfg.DataDir, AllocationsFile), host)
 	if err != nil {
 		return err
 	}
 	defer allocs.Close()
-
-	cli, emb, closeEtcd, err := connectEtcd(ctx, cfg)
+	lock, err := lockNetwork(cfg.Network.Name)
 	if err != nil {
 		return err
 	}
-	defer closeEtcd()
-	store := etcd.NewStore(cli, cfg.EtcdPrefix)
-	network, err := store.EnsureNetwork(ctx, cfg.Network)
-	if err != nil {
-		return err
-	}
+	defer lock.Unlock()
 
 	h, err := netlink.NewHandle()
 	if err != nil {
@@ -88,19 +96,28 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
-		return fmt.Errorf("enable IPv4 forwarding: %w", err)
-	}
 
-	pool := store.Pool(network, host)
-	blocks, err := pool.Lease(ctx)
+	// Every listener before a change: a socket path or a port that cannot
+	// be used fails the start here.
+	l, err := rpcserver.Listen(cfg.Socket)
 	if err != nil {
-		return err
+		return fmt.Errorf("CNI socket (--socket): %w", err)
 	}
-	log.Info("holding blocks", "network", network.Name, "blocks", blocks)
-	alloc, err := openAllocator(ctx, allocs, pool, network, host, log)
-	if err != nil {
-		return err
+	defer os.Remove(cfg.Socket)
+	cniLog := log.With("component", "cni")
+	var cniHandler switchHandler
+	cniHandler.Set(rpcserver.NewHandler(starting{network: cfg.Network.Name, links: hostlink.New(h)}, cniLog))
+	srv := &http.Server{Handler: &cniHandler, ReadHeaderTimeout: 5 * time.Second}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(l) }()
+	defer srv.Close()
+
+	var metricsListener net.Listener
+	if cfg.MetricsAddr != "" {
+		if metricsListener, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
+			return fmt.Errorf("metrics listener (--metrics-addr): %w", err)
+		}
+		defer metricsListener.Close()
 	}
 
 	m := metrics.New()
@@ -113,6 +130,7 @@ func Run(ctx context.Context, cfg Config) error {
 	gcfg.VTEPMAC = mac
 	gcfg.BindAddr = ul.Addr
 	gcfg.BindPort = cfg.GossipPort
+	gcfg.Keys = keys
 	gcfg.Logger = log.With("component", "gossip")
 	gcfg.OnChange = func() {
 		if r := recPtr.Load(); r != nil {
@@ -121,31 +139,57 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	g, err := gossip.New(gcfg)
 	if err != nil {
-		return err
+		return fmt.Errorf("gossip (--gossip-port %d): %w", cfg.GossipPort, err)
 	}
 	defer g.Shutdown()
-	if err := g.SetBlocks(map[string][]netip.Prefix{network.Name: blocks}); err != nil {
-		return fmt.Errorf("announce blocks: %w", err)
+	if !g.Encrypted() {
+		log.Warn("gossip is not encrypted: set --gossip-key-file so that hosts without the key cannot join")
 	}
+
+	cli, emb, closeEtcd, err := connectEtcd(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeEtcd()
+	store := etcd.NewStore(cli, cfg.EtcdPrefix)
+	network, err := store.EnsureNetwork(ctx, cfg.Network)
+	if err != nil {
+		return err
+	}
+
+	// From here on, etcd and the kernel change.
+	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
+		return fmt.Errorf("enable IPv4 forwarding: %w", err)
+	}
+	// The host record before the block: a peer that sees the block (its
+	// watch) finds the record that says where to send its traffic.
 	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
 	if err := store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()}); err != nil {
 		return err
 	}
+	pool := store.Pool(network, host)
+	blocks, err := pool.Lease(ctx)
+	if err != nil {
+		return err
+	}
+	log.Info("holding blocks", "network", network.Name, "blocks", blocks)
+	alloc, err := openAllocator(ctx, allocs, pool, network, host, log)
+	if err != nil {
+		return err
+	}
+	if err := g.SetBlocks(map[string][]netip.Prefix{network.Name: blocks}); err != nil {
+		return fmt.Errorf("announce blocks: %w", err)
+	}
 	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, alloc: alloc, gossip: g, network: network, metrics: m}
-	// Join before the first pass: a restarted overlayd must know its
-	// peers before it converges, or it would remove them.
-	hosts := d.hosts(ctx)
-	d.join(ctx, hosts)
 
-	// Remember every host etcd knows, so that the first pass keeps the
-	// entries of hosts whose overlayd is down right now.
-	remembered := d.remembered(ctx, hosts)
-
+	// The first pass needs no gossip: peers are programmed from their
+	// host records, so a restarted overlayd keeps every host that owns
+	// blocks, and a registered host that is gone does not hold up the
+	// start. Joining is the background loop's work.
 	local := overlay.Local{Host: host, Underlay: ul.Addr, UnderlayLink: ul.Link, MTU: ul.MTU - vxlan.Overhead, VTEPMAC: mac, BridgeMAC: BridgeMAC(host, network.Name)}
 	dp := vxlan.New(h, log.With("component", "dataplane"))
-	rec := overlay.NewReconciler(network, local, pool, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
+	rec := overlay.NewReconciler(network, local, pool, &hostDirectory{store: store, log: log.With("component", "reconcile")}, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
 	d.rec = rec
-	rec.Remember(remembered)
 	recPtr.Store(rec)
 	if err := rec.Pass(ctx); err != nil {
 		// Not fatal: one failing entry must not crash-loop overlayd. The
@@ -154,26 +198,23 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	d.registerMetrics()
 
-	var metricsListener net.Listener
-	if cfg.MetricsAddr != "" {
-		if metricsListener, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
-			return fmt.Errorf("metrics listener (--metrics-addr): %w", err)
-		}
-		defer metricsListener.Close()
-	}
-	l, err := rpcserver.Listen(cfg.Socket)
-	if err != nil {
-		return err
-	}
-	cniLog := log.With("component", "cni")
 	handler := NewCNIHandler(ctx, network, local.MTU, alloc, rec.Status, func() int { return g.Stats().Members }, hostlink.New(h), cniLog)
 	before, err := handler.Allocations(ctx)
 	if err != nil {
 		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
 	}
-	srv := &http.Server{Handler: d.instrument(rpcserver.NewHandler(handler, cniLog)), ReadHeaderTimeout: 5 * time.Second}
+	if stale := handler.StaleMTU(before); len(stale) > 0 {
+		var ids []string
+		for k, mtu := range stale {
+			ids = append(ids, fmt.Sprintf("%s (%d)", k, mtu))
+		}
+		slices.Sort(ids)
+		log.Warn("containers created before the MTU changed keep their old MTU, and CHECK fails for them: recreate them",
+			"network", network.Name, "mtu", local.MTU, "containers", ids)
+	}
+	cniHandler.Set(d.instrument(rpcserver.NewHandler(handler, cniLog)))
 	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac.String(), "mtu", local.MTU,
-		"socket", cfg.Socket, "gossip", gossipAddr, "startup", time.Since(start).Round(time.Millisecond))
+		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
 	eg, ctx := errgroup.WithContext(ctx)
 	eg.Go(func() error { return rec.Run(ctx) })
@@ -181,20 +222,25 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return store.WatchNetwork(ctx, network.Name, rec.Kick) })
 	eg.Go(func() error { return every(ctx, cfg.RenewInterval, d.renew) })
 	eg.Go(func() error { return d.mirror(ctx) })
-	eg.Go(func() error { return every(ctx, cfg.RejoinInterval, d.rejoin) })
 	eg.Go(func() error {
-		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			return fmt.Errorf("serve CNI socket: %w", err)
-		}
-		return nil
+		d.rejoin(ctx)
+		return every(ctx, cfg.RejoinInterval, d.rejoin)
 	})
+	if cfg.ReloadKeys != nil {
+		eg.Go(func() error { return d.reloadKeys(ctx, cfg.ReloadKeys) })
+	}
 	eg.Go(func() error {
-		<-ctx.Done()
+		select {
+		case err := <-serveErr:
+			if err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("serve CNI socket: %w", err)
+			}
+			return nil
+		case <-ctx.Done():
+		}
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
-		err := srv.Shutdown(sctx)
-		os.Remove(cfg.Socket)
-		return err
+		return srv.Shutdown(sctx)
 	})
 	if metricsListener != nil {
 		eg.Go(func() error { return m.Serve(ctx, metricsListener) })
@@ -392,32 +438,6 @@ func (d *daemon) mirror(ctx context.Context) error {
 	}
 }
 
-// remembered returns what the host records say of every other host that
-// owns blocks of the network, in the form gossip would have said it.
-func (d *daemon) remembered(ctx context.Context, hosts []etcd.HostRecord) []overlay.Member {
-	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
-	defer cancel()
-	owners, err := d.pool.Owners(ctx)
-	if err != nil {
-		d.log.Warn("reading block owners", "err", err)
-		return nil
-	}
-	blocks := make(map[overlay.HostID][]netip.Prefix)
-	for b, h := range owners {
-		blocks[h] = append(blocks[h], b)
-	}
-	var out []overlay.Member
-	for _, h := range hosts {
-		mac, err := h.MAC()
-		if h.Host == d.host || len(blocks[h.Host]) == 0 || err != nil {
-			continue
-		}
-		out = append(out, overlay.Member{Host: h.Host, Underlay: h.Underlay, VTEPMAC: mac,
-			Blocks: map[string][]netip.Prefix{d.network.Name: blocks[h.Host]}})
-	}
-	return out
-}
-
 // rejoin joins the hosts registered in etcd that gossip does not know: run
 // periodically, it heals partitions and hosts that started at the same
 // moment and found nobody.
@@ -480,8 +500,11 @@ func (d *daemon) registerMetrics() {
 	m.CounterFunc("reconcile", "failures_total", "Reconcile passes that failed.", lbl, func() float64 {
 		return float64(d.rec.Status().Failures)
 	})
-	m.GaugeFunc("reconcile", "rejected_claims", "Gossip block claims that etcd denies.", lbl, func() float64 {
-		return float64(len(d.rec.Status().Rejected))
+	m.GaugeFunc("gossip", "disagreements", "Fields of live members' gossip metadata that differ from etcd in the last pass (ignored).", lbl, func() float64 {
+		return float64(len(d.rec.Status().Disagreements))
+	})
+	m.CounterFunc("gossip", "disagreeing_members_total", "Times a live member's gossip metadata came to differ from etcd (each logged once at WARN).", lbl, func() float64 {
+		return float64(d.rec.Status().DisagreeingMembers)
 	})
 	m.GaugeFunc("gossip", "members", "Other live hosts with valid metadata.", nil, func() float64 {
 		return float64(d.gossip.Stats().Members)

@@ -83,6 +83,9 @@ func TestVTEPMAC(t *testing.T) {
 	}
 }
 
+// testMTU is the MTU of testNet's containers.
+const testMTU = 1450
+
 var testNet = overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("198.19.0.0/28"), BlockBits: 29, VNI: 1, Port: 4789}
 
 // fakeLinks is HostLinks in memory. Delete waits for release, when set.
@@ -91,12 +94,25 @@ type fakeLinks struct {
 	state   map[string]hostlink.State
 	deleted []string
 	release chan struct{}
+	mtu     map[string]int // MTU by name; testMTU when absent
 }
 
 func (f *fakeLinks) State(name string) (hostlink.State, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.state[name], nil
+}
+
+func (f *fakeLinks) MTU(name string) (int, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.state[name] == hostlink.Gone {
+		return 0, nil
+	}
+	if mtu, ok := f.mtu[name]; ok {
+		return mtu, nil
+	}
+	return testMTU, nil
 }
 
 func (f *fakeLinks) Detach(name string) error {
@@ -141,7 +157,7 @@ func newHandlerLinks(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.St
 	links := &fakeLinks{state: map[string]hostlink.State{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	h := NewCNIHandler(ctx, testNet, 1450, pool, func() overlay.Status { return *st }, func() int { return len(st.Config.Peers) }, links, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	h := NewCNIHandler(ctx, testNet, testMTU, pool, func() overlay.Status { return *st }, func() int { return len(st.Config.Peers) }, links, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	return h, store, st, links
 }
 
@@ -309,14 +325,16 @@ func TestReleaseOrphans(t *testing.T) {
 	}
 }
 
-// TestDelDetachesThenDeletesThenReleases: DEL answers once the veth is
-// detached; the address is released only after the veth is deleted, and
-// an ADD of the same interface waits for that.
-func TestDelDetachesThenDeletesThenReleases(t *testing.T) {
+// TestDelReleasesBeforeItAnswers: DEL answers once the veth is detached
+// and the address released, so that the same static address can be given
+// at once to a container recreated with it, while the kernel still
+// deletes the old veth; an ADD of the same interface waits for that.
+func TestDelReleasesBeforeItAnswers(t *testing.T) {
 	ctx := context.Background()
 	h, _, _, links := newHandlerLinks(t)
 	req := cnirpc.Request{Network: "default", ContainerID: "c", IfName: "eth0"}
-	if _, err := h.Add(ctx, req); err != nil {
+	a, err := h.Add(ctx, req)
+	if err != nil {
 		t.Fatal(err)
 	}
 	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
@@ -328,8 +346,13 @@ func TestDelDetachesThenDeletesThenReleases(t *testing.T) {
 	if st, _ := links.State(name); st != hostlink.Detached {
 		t.Fatalf("after DEL the veth is %v, want detached", st)
 	}
-	if _, err := h.Check(ctx, req); err != nil {
-		t.Fatalf("address released before the veth was deleted: %v", err)
+	if _, err := h.Check(ctx, req); code(err) != cnirpc.CodeUnknownContainer {
+		t.Fatalf("CHECK after DEL = %v, want the address released", err)
+	}
+	// The container is recreated under a new ID with its static address.
+	again := cnirpc.Request{Network: "default", ContainerID: "c2", IfName: "eth0", IP: a.Addr.Addr()}
+	if b, err := h.Add(ctx, again); err != nil || b.Addr != a.Addr {
+		t.Fatalf("ADD of the static address right after DEL = %+v, %v; want %s", b, err, a.Addr)
 	}
 	added := make(chan cnirpc.Attachment, 1)
 	go func() {
@@ -338,12 +361,38 @@ func TestDelDetachesThenDeletesThenReleases(t *testing.T) {
 	}()
 	select {
 	case <-added:
-		t.Fatal("ADD did not wait for the pending deletion")
+		t.Fatal("ADD of the same interface did not wait for the pending deletion")
 	case <-time.After(50 * time.Millisecond):
 	}
 	close(links.release)
-	a := <-added
-	if !a.New {
-		t.Fatalf("ADD after the deletion = %+v, want a new allocation (the old one released first)", a)
+	if a := <-added; !a.New {
+		t.Fatalf("ADD after the deletion = %+v, want a new allocation", a)
+	}
+}
+
+// TestCheckFailsForStaleMTU: a container created before the network's
+// MTU changed fails CHECK with a message that says to recreate it.
+func TestCheckFailsForStaleMTU(t *testing.T) {
+	ctx := context.Background()
+	h, _, _, links := newHandlerLinks(t)
+	req := cnirpc.Request{Network: "default", ContainerID: "old", IfName: "eth0"}
+	al, err := h.Add(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "old", IfName: "eth0"})
+	links.set(name, hostlink.Attached)
+	if _, err := h.Check(ctx, req); err != nil {
+		t.Fatalf("CHECK at the network's MTU: %v", err)
+	}
+	links.mu.Lock()
+	links.mtu = map[string]int{name: testMTU - 100}
+	links.mu.Unlock()
+	if _, err := h.Check(ctx, req); err == nil || !strings.Contains(err.Error(), "recreate the container") {
+		t.Fatalf("CHECK with a stale MTU = %v, want a failure saying to recreate it", err)
+	}
+	stale := h.StaleMTU([]overlay.Allocation{{Key: overlay.AttachmentKey{ContainerID: "old", IfName: "eth0"}, Addr: al.Addr}})
+	if len(stale) != 1 {
+		t.Fatalf("StaleMTU = %v, want the old container", stale)
 	}
 }

@@ -34,6 +34,14 @@ func Teardown(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cfg = cfg.withDefaults()
+	// An overlayd of this network in this namespace, whatever its data
+	// directory and socket, holds the lock: its devices are not ours to
+	// remove.
+	lock, err := lockNetwork(cfg.Network.Name)
+	if err != nil {
+		return fmt.Errorf("teardown: %w: stop it first", err)
+	}
+	defer lock.Unlock()
 	allocs, err := local.Open(filepath.Join(cfg.DataDir, AllocationsFile), host)
 	if err != nil {
 		return fmt.Errorf("teardown: %w", err)

@@ -77,9 +77,12 @@ type Config struct {
 	// AdvertisePort is the port the other hosts reach this one at; 0
 	// means the bound port.
 	AdvertisePort int
-	// SecretKey, when set, encrypts gossip with AES; it must be 16, 24 or
-	// 32 bytes long and the same on every host. Nil means no encryption.
-	SecretKey []byte
+	// Keys, when set, encrypt and authenticate gossip (AES-GCM): the
+	// first key encrypts what this host sends, and a message is accepted
+	// only when one of the keys decrypts it, so that a member without a
+	// key can neither join nor inject. Each must be 16, 24 or 32 bytes
+	// long (see ParseKeys). Nil means no encryption.
+	Keys [][]byte
 
 	// ProbeInterval is how often a random member is probed for failure
 	// detection; 0 means memberlist's LAN default (1s).
@@ -132,7 +135,7 @@ func DefaultConfig() Config {
 		BindPort:         DefaultPort,             // Serf's LAN port
 		AdvertiseAddr:    netip.Addr{},            // BindAddr if specific, else Underlay
 		AdvertisePort:    0,                       // the bound port
-		SecretKey:        nil,                     // no encryption
+		Keys:             nil,                     // no encryption
 		ProbeInterval:    lan.ProbeInterval,       // 1s
 		ProbeTimeout:     lan.ProbeTimeout,        // 500ms, a LAN round trip with margin
 		GossipInterval:   lan.GossipInterval,      // 200ms
@@ -176,6 +179,10 @@ type Gossip struct {
 	metaMu sync.Mutex // guards meta
 	// meta is this host's encoded metadata, at most MetaMaxSize bytes.
 	meta []byte
+
+	// keyring holds the gossip keys, nil without encryption; memberlist
+	// reads it concurrently, and it locks itself.
+	keyring *memberlist.Keyring
 
 	lifeMu sync.Mutex // serializes Leave and Shutdown; guards closed
 	closed bool
@@ -237,6 +244,11 @@ func New(cfg Config) (*Gossip, error) {
 		return nil, err
 	}
 	g.meta = meta
+	if len(cfg.Keys) > 0 {
+		if g.keyring, err = memberlist.NewKeyring(cfg.Keys, cfg.Keys[0]); err != nil {
+			return nil, fmt.Errorf("gossip: config: keys: %w", err)
+		}
+	}
 
 	mc := g.memberlistConfig(cfg)
 	go g.notifyLoop()
@@ -274,7 +286,11 @@ func (g *Gossip) memberlistConfig(cfg Config) *memberlist.Config {
 	// memberlist replaces AdvertisePort with the bound port when BindPort
 	// is 0.
 	mc.AdvertisePort = cmp.Or(cfg.AdvertisePort, cfg.BindPort)
-	mc.SecretKey = cfg.SecretKey
+	mc.Keyring = g.keyring
+	// memberlist's defaults, spelled out: with a keyring, nothing
+	// unencrypted is sent or accepted.
+	mc.GossipVerifyIncoming = true
+	mc.GossipVerifyOutgoing = true
 	mc.ProbeInterval = cmp.Or(cfg.ProbeInterval, mc.ProbeInterval)
 	mc.ProbeTimeout = cmp.Or(cfg.ProbeTimeout, mc.ProbeTimeout)
 	mc.GossipInterval = cmp.Or(cfg.GossipInterval, mc.GossipInterval)
@@ -396,6 +412,43 @@ func (g *Gossip) SetBlocks(blocks map[string][]netip.Prefix) error {
 	}
 	return nil
 }
+
+// ErrNotEncrypted is returned by SetKeys for a Gossip started without
+// keys: encryption cannot be turned on while running.
+var ErrNotEncrypted = errors.New("gossip: started without keys: restart to encrypt")
+
+// SetKeys replaces the gossip keys while running: keys[0] becomes the key
+// this host encrypts with, and messages are accepted under any of keys.
+// It does not block on the network. See ParseKeys for rotating a key.
+func (g *Gossip) SetKeys(keys [][]byte) error {
+	if g.keyring == nil {
+		return ErrNotEncrypted
+	}
+	if len(keys) == 0 {
+		return fmt.Errorf("gossip: set keys: %w", ErrNoKeys)
+	}
+	// Add before use before remove: a message is never refused that
+	// either the old or the new set accepts.
+	for _, k := range keys {
+		if err := g.keyring.AddKey(k); err != nil {
+			return fmt.Errorf("gossip: set keys: %w", err)
+		}
+	}
+	if err := g.keyring.UseKey(keys[0]); err != nil {
+		return fmt.Errorf("gossip: set keys: %w", err)
+	}
+	for _, old := range g.keyring.GetKeys() {
+		if !slices.ContainsFunc(keys, func(k []byte) bool { return string(k) == string(old) }) {
+			if err := g.keyring.RemoveKey(old); err != nil {
+				return fmt.Errorf("gossip: set keys: %w", err)
+			}
+		}
+	}
+	return nil
+}
+
+// Encrypted reports whether gossip is encrypted.
+func (g *Gossip) Encrypted() bool { return g.keyring != nil }
 
 // Join contacts the given host:port addresses, a few at a time, and
 // merges their view of the cluster. Addresses equal to LocalAddr are

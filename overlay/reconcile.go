@@ -1,8 +1,11 @@
 package overlay
 
 import (
+	"bytes"
 	"cmp"
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -42,24 +45,37 @@ type Local struct {
 	BridgeMAC net.HardwareAddr
 }
 
-// Rejection is a block a member claims over gossip that etcd says it does
-// not own. The block gets no route to that member.
-type Rejection struct {
-	// Host is the member that claims the block.
+// Disagreement is a field of a live member's gossip metadata that
+// differs from what the store says of it. The member is programmed (or
+// not) from the store alone; the gossip value is ignored.
+type Disagreement struct {
+	// Host is the member, as it names itself over gossip.
 	Host HostID
-	// Block is the block it claims.
-	Block netip.Prefix
-	// Owner is the block's owner in etcd, "" when unowned.
-	Owner HostID
+	// Field is what differs: "host record" (the store knows no such
+	// host), "underlay", "vtep-mac" or "block".
+	Field string
+	// Gossip is the member's value, Store the store's ("" for none).
+	Gossip, Store string
 }
 
-// Desired computes the dataplane configuration of network n: the local
-// blocks are those owners assigns to local.Host; a peer is every other
-// host whose gossip claims agree with owners, with a route for each
-// agreeing block. known holds the last gossip state of hosts that are no
-// longer alive: a host whose overlayd is restarting keeps its entries as
-// long as etcd says it owns blocks. Desired is a pure function.
-func Desired(n Network, local Local, owners map[netip.Prefix]HostID, alive []Member, known map[HostID]Member) (DataplaneConfig, []Rejection) {
+// String describes d for a log line.
+func (d Disagreement) String() string {
+	return fmt.Sprintf("%s: gossip says %q, the store %q", d.Field, d.Gossip, d.Store)
+}
+
+// Desired computes the dataplane configuration of network n from the
+// store alone: the local blocks are those owners assigns to local.Host,
+// and every other host that owns blocks and has a host record is a peer,
+// reached at the underlay address and VTEP MAC of its record, with a route
+// per block. A host that is down keeps its entries as long as it owns
+// blocks: its containers may still forward. When several records claim one
+// underlay address, the latest registered wins, and a record claiming this
+// host's own underlay address is left out.
+//
+// alive are the members gossip says are up. They change nothing in the
+// configuration: what their metadata says that differs from the store is
+// returned as disagreements. Desired is a pure function.
+func Desired(n Network, local Local, owners map[netip.Prefix]HostID, hosts []HostInfo, alive []Member) (DataplaneConfig, []Disagreement) {
 	cfg := DataplaneConfig{
 		Network:      n,
 		Underlay:     local.Underlay,
@@ -68,53 +84,70 @@ func Desired(n Network, local Local, owners map[netip.Prefix]HostID, alive []Mem
 		VTEPMAC:      local.VTEPMAC,
 		BridgeMAC:    local.BridgeMAC,
 	}
-	owned := make(map[HostID]bool)
+	blocks := make(map[HostID][]netip.Prefix)
 	for b, h := range owners {
 		if h == local.Host {
 			cfg.Blocks = append(cfg.Blocks, b)
+		} else {
+			blocks[h] = append(blocks[h], b)
 		}
-		owned[h] = true
 	}
 	slices.SortFunc(cfg.Blocks, comparePrefix)
 
-	members := make(map[HostID]Member, len(alive)+len(known))
-	liveUnderlay := make(map[netip.Addr]bool, len(alive))
-	for _, m := range alive {
-		members[m.Host] = m
-		liveUnderlay[m.Underlay] = true
-	}
-	for h, m := range known {
-		// A live host always wins: a remembered host whose underlay
-		// address now belongs to a live one (a machine reinstalled with
-		// a new host ID) is left out.
-		if _, live := members[h]; !live && owned[h] && !liveUnderlay[m.Underlay] {
-			members[h] = m
-		}
-	}
-	var rejected []Rejection
-	for h, m := range members {
-		if h == local.Host || !m.Underlay.Is4() || len(m.VTEPMAC) != 6 {
+	records := make(map[HostID]HostInfo, len(hosts))
+	byUnderlay := make(map[netip.Addr]HostInfo)
+	for _, h := range hosts {
+		records[h.Host] = h
+		if h.Host == local.Host || len(blocks[h.Host]) == 0 || !h.Underlay.Is4() || len(h.VTEPMAC) != 6 || h.Underlay == local.Underlay {
 			continue
 		}
-		p := Peer{Host: h, Underlay: m.Underlay, VTEPMAC: m.VTEPMAC}
-		for _, b := range m.Blocks[n.Name] {
-			if owner := owners[b]; owner != h {
-				rejected = append(rejected, Rejection{Host: h, Block: b, Owner: owner})
-				continue
-			}
-			p.Blocks = append(p.Blocks, b)
-		}
-		if len(p.Blocks) == 0 {
+		if prev, ok := byUnderlay[h.Underlay]; ok && !laterRecord(h, prev) {
 			continue
 		}
+		byUnderlay[h.Underlay] = h
+	}
+	for _, h := range byUnderlay {
+		p := Peer{Host: h.Host, Underlay: h.Underlay, VTEPMAC: h.VTEPMAC, Blocks: blocks[h.Host]}
 		slices.SortFunc(p.Blocks, comparePrefix)
 		cfg.Peers = append(cfg.Peers, p)
 	}
 	slices.SortFunc(cfg.Peers, func(a, b Peer) int { return cmp.Compare(a.Host, b.Host) })
-	slices.SortFunc(rejected, func(a, b Rejection) int {
-		return cmp.Or(cmp.Compare(a.Host, b.Host), comparePrefix(a.Block, b.Block))
+
+	var disagree []Disagreement
+	for _, m := range alive {
+		if m.Host == local.Host {
+			continue
+		}
+		rec, ok := records[m.Host]
+		if !ok {
+			disagree = append(disagree, Disagreement{Host: m.Host, Field: "host record", Gossip: m.Underlay.String()})
+			continue
+		}
+		if m.Underlay != rec.Underlay {
+			disagree = append(disagree, Disagreement{Host: m.Host, Field: "underlay", Gossip: m.Underlay.String(), Store: rec.Underlay.String()})
+		}
+		if !bytes.Equal(m.VTEPMAC, rec.VTEPMAC) {
+			disagree = append(disagree, Disagreement{Host: m.Host, Field: "vtep-mac", Gossip: m.VTEPMAC.String(), Store: rec.VTEPMAC.String()})
+		}
+		for _, b := range m.Blocks[n.Name] {
+			if owner := owners[b]; owner != m.Host {
+				disagree = append(disagree, Disagreement{Host: m.Host, Field: "block", Gossip: b.String(), Store: string(owner)})
+			}
+		}
+	}
+	slices.SortFunc(disagree, func(a, b Disagreement) int {
+		return cmp.Or(cmp.Compare(a.Host, b.Host), cmp.Compare(a.Field, b.Field), cmp.Compare(a.Gossip, b.Gossip))
 	})
-	return cfg, rejected
+	return cfg, disagree
+}
+
+// laterRecord reports whether a was registered after b, breaking a tie by
+// host ID so that every host picks the same one.
+func laterRecord(a, b HostInfo) bool {
+	if c := a.Registered.Compare(b.Registered); c != 0 {
+		return c > 0
+	}
+	return a.Host > b.Host
 }
 
 func comparePrefix(a, b netip.Prefix) int {
@@ -133,19 +166,28 @@ type Status struct {
 	LastErr error
 	// Config is the configuration last given to the dataplane.
 	Config DataplaneConfig
-	// Rejected are the gossip claims of the last pass that etcd denied.
-	Rejected []Rejection
+	// Disagreements are what the live members' gossip said on the last
+	// pass that differs from the store, and was ignored.
+	Disagreements []Disagreement
+	// DisagreeingMembers counts, since the reconciler started, each time
+	// a live member's gossip came to differ from the store in a new way:
+	// a member is counted (and logged) once per disagreement, not once
+	// per pass.
+	DisagreeingMembers uint64
 }
 
-// Reconciler keeps one network's dataplane converged with block ownership
-// in etcd and the peers learned over gossip. It is level-triggered: each
-// pass computes the whole desired state and hands it to the dataplane, so
-// a failed pass is repaired by the next one. Its methods are safe for
-// concurrent use.
+// Reconciler keeps one network's dataplane converged with what the store
+// says: block ownership and the host records. Gossip only wakes it: its
+// members' metadata never changes what is programmed, and where it differs
+// from the store it is logged at WARN, once per member and disagreement,
+// and counted. It is level-triggered: each pass computes the whole desired
+// state and hands it to the dataplane, so a failed pass is repaired by the
+// next one. Its methods are safe for concurrent use.
 type Reconciler struct {
 	network   Network
 	local     Local
 	owners    BlockOwners
+	hosts     HostDirectory
 	members   Membership
 	dataplane Dataplane
 	interval  time.Duration
@@ -154,17 +196,19 @@ type Reconciler struct {
 	kick chan struct{}
 
 	mu sync.Mutex // guards the fields below
-	// lastOwners is the last block ownership read from the store; it is
-	// used while the store cannot be read, so that an etcd outage never
-	// removes a peer.
+	// lastOwners and lastHosts are the last block ownership and host
+	// records read from the store; they are used while the store cannot
+	// be read, so that an etcd outage never removes a peer.
 	lastOwners map[netip.Prefix]HostID
-	known      map[HostID]Member
-	status     Status
+	lastHosts  []HostInfo
+	// warned holds, per member, the disagreements last logged for it.
+	warned map[HostID]string
+	status Status
 }
 
 // NewReconciler returns a reconciler for network n. interval is the
 // resync period; zero means DefaultResyncInterval.
-func NewReconciler(n Network, local Local, owners BlockOwners, members Membership, dp Dataplane, interval time.Duration, log *slog.Logger) *Reconciler {
+func NewReconciler(n Network, local Local, owners BlockOwners, hosts HostDirectory, members Membership, dp Dataplane, interval time.Duration, log *slog.Logger) *Reconciler {
 	if interval <= 0 {
 		interval = DefaultResyncInterval
 	}
@@ -172,12 +216,13 @@ func NewReconciler(n Network, local Local, owners BlockOwners, members Membershi
 		network:   n,
 		local:     local,
 		owners:    owners,
+		hosts:     hosts,
 		members:   members,
 		dataplane: dp,
 		interval:  interval,
 		log:       log.With("network", n.Name),
 		kick:      make(chan struct{}, 1),
-		known:     make(map[HostID]Member),
+		warned:    make(map[HostID]string),
 	}
 }
 
@@ -187,22 +232,6 @@ func (r *Reconciler) Kick() {
 	select {
 	case r.kick <- struct{}{}:
 	default:
-	}
-}
-
-// Remember records what the hosts in members last said, as if they had
-// gossiped it, unless gossip has told more already. A daemon calls it
-// before its first pass with what etcd knows of every host, so that a
-// restarted overlayd keeps the entries of hosts whose own overlayd is down
-// at that moment: their kernels still forward. Their claims are still
-// checked against block ownership in etcd.
-func (r *Reconciler) Remember(members []Member) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, m := range members {
-		if _, ok := r.known[m.Host]; !ok {
-			r.known[m.Host] = m
-		}
 	}
 }
 
@@ -241,51 +270,41 @@ func (r *Reconciler) Run(ctx context.Context) error {
 func (r *Reconciler) Pass(ctx context.Context) error {
 	octx, cancel := context.WithTimeout(ctx, min(ownersTimeout, r.interval))
 	owners, ownersErr := r.owners.Owners(octx)
+	var hosts []HostInfo
+	var hostsErr error
+	if ownersErr == nil {
+		hosts, hostsErr = r.hosts.Hosts(octx)
+	}
 	cancel()
+	readErr := errors.Join(ownersErr, hostsErr)
 	alive := r.members.Members()
 
 	r.mu.Lock()
-	if ownersErr != nil {
-		owners = r.lastOwners
+	if readErr != nil {
+		owners, hosts = r.lastOwners, r.lastHosts
 	} else {
-		r.lastOwners = owners
+		r.lastOwners, r.lastHosts = owners, hosts
 	}
 	if owners == nil {
-		// Never read ownership: programming now would remove every peer.
+		// Never read the store: programming now would remove every peer.
 		r.status.Passes++
 		r.status.Failures++
-		r.status.LastErr = ownersErr
+		r.status.LastErr = readErr
 		r.status.LastPass = time.Now()
 		r.mu.Unlock()
-		return ownersErr
+		return readErr
 	}
-	for _, m := range alive {
-		r.known[m.Host] = m
-	}
-	cfg, rejected := Desired(r.network, r.local, owners, alive, r.known)
-	// Forget hosts that own nothing any more, so a host removed for good
-	// does not come back from memory.
-	ownerSet := make(map[HostID]bool, len(owners))
-	for _, h := range owners {
-		ownerSet[h] = true
-	}
-	for h := range r.known {
-		if !ownerSet[h] {
-			delete(r.known, h)
-		}
-	}
-	prevRejected := r.status.Rejected
+	cfg, disagree := Desired(r.network, r.local, owners, hosts, alive)
+	fresh := r.newDisagreementsLocked(disagree)
 	r.mu.Unlock()
 
-	if !slices.Equal(rejected, prevRejected) {
-		for _, rj := range rejected {
-			r.log.Warn("peer claims a block etcd does not give it; not routing it", "peer", rj.Host, "block", rj.Block, "owner", rj.Owner)
-		}
+	for _, d := range fresh {
+		r.log.Warn("ignoring gossip metadata that differs from the store; the peer is programmed from its host record", "member", d[0].Host, "differs", d)
 	}
 
 	err := r.dataplane.Set(ctx, cfg)
-	if err == nil && ownersErr != nil {
-		err = ownersErr
+	if err == nil && readErr != nil {
+		err = readErr
 	}
 
 	r.mu.Lock()
@@ -297,6 +316,32 @@ func (r *Reconciler) Pass(ctx context.Context) error {
 	r.status.LastErr = err
 	r.status.LastPass = time.Now()
 	r.status.Config = cfg
-	r.status.Rejected = rejected
+	r.status.Disagreements = disagree
 	return err
+}
+
+// newDisagreementsLocked returns, per member, the disagreements that
+// differ from those last logged for it, counts them, and forgets members
+// that agree again.
+func (r *Reconciler) newDisagreementsLocked(all []Disagreement) [][]Disagreement {
+	byHost := make(map[HostID][]Disagreement)
+	for _, d := range all {
+		byHost[d.Host] = append(byHost[d.Host], d)
+	}
+	var fresh [][]Disagreement
+	for h, list := range byHost {
+		text := fmt.Sprint(list)
+		if r.warned[h] != text {
+			r.warned[h] = text
+			r.status.DisagreeingMembers++
+			fresh = append(fresh, list)
+		}
+	}
+	for h := range r.warned {
+		if _, ok := byHost[h]; !ok {
+			delete(r.warned, h)
+		}
+	}
+	slices.SortFunc(fresh, func(a, b []Disagreement) int { return cmp.Compare(a[0].Host, b[0].Host) })
+	return fresh
 }

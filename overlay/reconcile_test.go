@@ -3,10 +3,12 @@ package overlay_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -45,48 +47,163 @@ func localA() overlay.Local {
 
 func discard() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
-func TestDesiredRejectsClaimsEtcdDenies(t *testing.T) {
-	owners := map[netip.Prefix]overlay.HostID{blockA: "a", blockB: "b", blockC: "c"}
-	alive := []overlay.Member{
-		member("b", "198.18.0.2", blockB, blockC), // claims c's block too
-		member("d", "198.18.0.4", blockA),         // owns nothing
+// record is the host record of the member host would be.
+func record(host, underlay string) overlay.HostInfo {
+	m := member(host, underlay)
+	return overlay.HostInfo{Host: m.Host, Underlay: m.Underlay, VTEPMAC: m.VTEPMAC, Registered: time.Unix(1, 0)}
+}
+
+// newStore returns a store where a, b and c own blockA, blockB and blockC
+// and have host records at 198.18.0.1, .2 and .3.
+func newStore() *overlaytest.Store {
+	store := overlaytest.NewStore(testNet)
+	for i, h := range []string{"a", "b", "c"} {
+		store.SetOwner([]netip.Prefix{blockA, blockB, blockC}[i], overlay.HostID(h))
+		store.SetHost(record(h, fmt.Sprintf("198.18.0.%d", i+1)))
 	}
-	cfg, rejected := overlay.Desired(testNet, localA(), owners, alive, nil)
-	want := strings.Join([]string{
-		"fdb 02:00:00:00:00:20 dst 198.18.0.2",
-		"gateway 198.19.0.1/26",
-		"neigh 198.18.0.2 lladdr 02:00:00:00:00:20",
-		"route 198.19.0.64/26 via 198.18.0.2",
+	return store
+}
+
+// wantBC is the dataplane of a with b and c programmed from their records.
+var wantBC = strings.Join([]string{
+	"fdb 02:00:00:00:00:20 dst 198.18.0.2",
+	"fdb 02:00:00:00:00:30 dst 198.18.0.3",
+	"gateway 198.19.0.1/26",
+	"neigh 198.18.0.2 lladdr 02:00:00:00:00:20",
+	"neigh 198.18.0.3 lladdr 02:00:00:00:00:30",
+	"route 198.19.0.128/26 via 198.18.0.3",
+	"route 198.19.0.64/26 via 198.18.0.2",
+}, "\n")
+
+func desired(t *testing.T, store *overlaytest.Store, alive ...overlay.Member) (string, []overlay.Disagreement) {
+	t.Helper()
+	owners, err := store.Owners(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts, err := store.Hosts(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, d := overlay.Desired(testNet, localA(), owners, hosts, alive)
+	return overlaytest.ConfigText(cfg), d
+}
+
+// TestDesiredProgramsFromTheStore: every host that owns blocks and has a
+// record is a peer, whether gossip says it is alive or not.
+func TestDesiredProgramsFromTheStore(t *testing.T) {
+	store := newStore()
+	for _, alive := range [][]overlay.Member{
+		nil, // nobody gossips: overlayd restarting everywhere
+		{member("b", "198.18.0.2", blockB), member("c", "198.18.0.3", blockC)},
+		{member("c", "198.18.0.3", blockC)},
+	} {
+		got, d := desired(t, store, alive...)
+		if got != wantBC {
+			t.Errorf("alive %v: desired:\n%s\nwant:\n%s", alive, got, wantBC)
+		}
+		if len(d) != 0 {
+			t.Errorf("alive %v: disagreements %v, want none", alive, d)
+		}
+	}
+	// A host without blocks, or without a record, is no peer.
+	store.SetOwner(blockC, "")
+	store.DeleteHost("b")
+	if got, _ := desired(t, store); got != "gateway 198.19.0.1/26" {
+		t.Errorf("with c owning nothing and b unregistered:\n%s", got)
+	}
+}
+
+// TestDesiredIgnoresImpersonation replays what a hostile or confused
+// gossip member can say, and checks that no route moves.
+func TestDesiredIgnoresImpersonation(t *testing.T) {
+	evil := func(host string) overlay.Member {
+		m := member(host, "198.18.0.66", blockA, blockB, blockC)
+		m.VTEPMAC = mac("02:66:66:66:66:66")
+		return m
+	}
+	store := newStore()
+	store.SetOwner(netip.MustParsePrefix("198.19.0.192/26"), "d")
+	store.SetHost(record("d", "198.18.0.4"))
+	wantBCD := wantBC + "\n" + strings.Join([]string{
+		"fdb 02:00:00:00:00:40 dst 198.18.0.4",
+		"neigh 198.18.0.4 lladdr 02:00:00:00:00:40",
+		"route 198.19.0.192/26 via 198.18.0.4",
 	}, "\n")
-	if got := overlaytest.ConfigText(cfg); got != want {
-		t.Errorf("desired:\n%s\nwant:\n%s", got, want)
+	wantBCD = sortLines(wantBCD)
+	for _, tc := range []struct {
+		name  string
+		alive []overlay.Member
+		want  []string // fields of the disagreements, in order
+	}{
+		{"takes b's ID and claims every block", []overlay.Member{evil("b")},
+			[]string{"b block 198.19.0.0/26", "b block 198.19.0.128/26", "b underlay", "b vtep-mac"}},
+		{"registered d gossips b's underlay while b is down",
+			[]overlay.Member{member("d", "198.18.0.2", netip.MustParsePrefix("198.19.0.192/26"))},
+			[]string{"d underlay", "d vtep-mac"}},
+		{"unregistered member", []overlay.Member{evil("e")}, []string{"e host record"}},
+		{"takes this host's ID", []overlay.Member{evil("a")}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, d := desired(t, store, tc.alive...)
+			if got != wantBCD {
+				t.Errorf("desired:\n%s\nwant:\n%s", got, wantBCD)
+			}
+			var fields []string
+			for _, x := range d {
+				f := string(x.Host) + " " + x.Field
+				if x.Field == "block" {
+					f += " " + x.Gossip
+				}
+				fields = append(fields, f)
+			}
+			if !slices.Equal(fields, tc.want) {
+				t.Errorf("disagreements %v, want %v", fields, tc.want)
+			}
+		})
 	}
-	if len(rejected) != 2 {
-		t.Fatalf("rejected = %v, want 2", rejected)
+}
+
+// sortLines sorts the lines of a golden text, as ConfigText does.
+func sortLines(s string) string {
+	lines := strings.Split(s, "\n")
+	slices.Sort(lines)
+	return strings.Join(lines, "\n")
+}
+
+// TestDesiredUnderlayConflict: of two records on one underlay address the
+// later wins, and one on this host's own address is left out.
+func TestDesiredUnderlayConflict(t *testing.T) {
+	store := newStore()
+	blockD := netip.MustParsePrefix("198.19.0.192/26")
+	store.SetOwner(blockD, "new")
+	reinstalled := record("new", "198.18.0.3")
+	reinstalled.Registered = time.Unix(2, 0)
+	store.SetHost(reinstalled)
+	got, _ := desired(t, store)
+	if strings.Contains(got, "route 198.19.0.128/26") || !strings.Contains(got, "route 198.19.0.192/26 via 198.18.0.3") {
+		t.Fatalf("the later record did not win its underlay address:\n%s", got)
 	}
-	if rejected[0].Host != "b" || rejected[0].Block != blockC || rejected[0].Owner != "c" {
-		t.Errorf("rejected[0] = %+v", rejected[0])
-	}
-	if rejected[1].Host != "d" || rejected[1].Owner != "a" {
-		t.Errorf("rejected[1] = %+v", rejected[1])
+	stale := record("stale", "198.18.0.1") // this host's address
+	store.SetOwner(blockD, "stale")
+	store.SetHost(stale)
+	if got, _ := desired(t, store); strings.Contains(got, "198.19.0.192/26") {
+		t.Fatalf("a record on this host's own underlay address was programmed:\n%s", got)
 	}
 }
 
 func TestReconcilerConvergesAndRemovesPeers(t *testing.T) {
 	ctx := context.Background()
-	store := overlaytest.NewStore(testNet)
-	store.SetOwner(blockA, "a")
-	store.SetOwner(blockB, "b")
-	store.SetOwner(blockC, "c")
+	store := newStore()
 	members := &overlaytest.Membership{}
 	members.Set(member("b", "198.18.0.2", blockB), member("c", "198.18.0.3", blockC))
 	dp := &overlaytest.Dataplane{}
-	r := overlay.NewReconciler(testNet, localA(), store, members, dp, time.Hour, discard())
+	r := overlay.NewReconciler(testNet, localA(), store, store, members, dp, time.Hour, discard())
 
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got := dp.Text("default"); strings.Count(got, "route ") != 2 {
+	if got := dp.Text("default"); got != wantBC {
 		t.Fatalf("after first pass:\n%s", got)
 	}
 
@@ -96,8 +213,8 @@ func TestReconcilerConvergesAndRemovesPeers(t *testing.T) {
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got := dp.Text("default"); !strings.Contains(got, "route 198.19.0.128/26 via 198.18.0.3") {
-		t.Fatalf("a host that is restarting lost its route:\n%s", got)
+	if got := dp.Text("default"); got != wantBC {
+		t.Fatalf("a host that is restarting lost its entries:\n%s", got)
 	}
 
 	// c is removed for good: its block is released in etcd.
@@ -110,36 +227,43 @@ func TestReconcilerConvergesAndRemovesPeers(t *testing.T) {
 	}
 }
 
-// TestRestartedReconcilerKeepsHostsThatAreDown: a reconciler that starts
-// while another host's overlayd is down keeps that host's entries from
-// what it remembers, and a live host on the same underlay address wins
-// over a remembered one.
-func TestRestartedReconcilerKeepsHostsThatAreDown(t *testing.T) {
+// TestReconcilerWarnsOncePerMember: a member whose gossip differs from
+// the store is logged and counted once, however many passes see it, and
+// again when it differs in a new way.
+func TestReconcilerWarnsOncePerMember(t *testing.T) {
 	ctx := context.Background()
-	store := overlaytest.NewStore(testNet)
-	store.SetOwner(blockA, "a")
-	store.SetOwner(blockB, "b")
-	store.SetOwner(blockC, "old")
-	dp := &overlaytest.Dataplane{}
-	members := &overlaytest.Membership{} // nobody alive on gossip
-	r := overlay.NewReconciler(testNet, localA(), store, members, dp, time.Hour, discard())
-	r.Remember([]overlay.Member{member("b", "198.18.0.2", blockB), member("old", "198.18.0.3", blockC)})
+	store := newStore()
+	members := &overlaytest.Membership{}
+	var logs strings.Builder
+	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	r := overlay.NewReconciler(testNet, localA(), store, store, members, &overlaytest.Dataplane{}, time.Hour, log)
+	liar := member("b", "198.18.0.9", blockB)
+	members.Set(liar)
+	for range 3 {
+		if err := r.Pass(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := strings.Count(logs.String(), "ignoring gossip metadata"); n != 1 {
+		t.Fatalf("%d warnings over 3 passes, want 1:\n%s", n, logs.String())
+	}
+	if st := r.Status(); st.DisagreeingMembers != 1 || len(st.Disagreements) != 2 {
+		t.Fatalf("status: %d disagreeing, disagreements %v", st.DisagreeingMembers, st.Disagreements)
+	}
+	liar.Underlay = netip.MustParseAddr("198.18.0.10")
+	members.Set(liar)
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if got := dp.Text("default"); !strings.Contains(got, "route 198.19.0.64/26 via 198.18.0.2") || !strings.Contains(got, "via 198.18.0.3") {
-		t.Fatalf("remembered hosts not programmed:\n%s", got)
+	if n := strings.Count(logs.String(), "level=WARN"); n != 2 || r.Status().DisagreeingMembers != 2 {
+		t.Fatalf("a new disagreement: %d warnings, %d counted; want 2 and 2:\n%s", n, r.Status().DisagreeingMembers, logs.String())
 	}
-
-	// A new host takes 198.18.0.3 and gossips: it wins over "old".
-	store.SetOwner(netip.MustParsePrefix("198.19.0.192/26"), "new")
-	members.Set(member("new", "198.18.0.3", netip.MustParsePrefix("198.19.0.192/26")))
+	members.Set(member("b", "198.18.0.2", blockB))
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
-	got := dp.Text("default")
-	if strings.Contains(got, "route 198.19.0.128/26") || !strings.Contains(got, "route 198.19.0.192/26 via 198.18.0.3") {
-		t.Fatalf("live host did not win its underlay address:\n%s", got)
+	if st := r.Status(); len(st.Disagreements) != 0 {
+		t.Fatalf("disagreements %v once the member agrees", st.Disagreements)
 	}
 }
 
@@ -151,7 +275,7 @@ func TestReconcilerKeepsStateWhileEtcdIsDown(t *testing.T) {
 	members := &overlaytest.Membership{}
 	members.Set(member("b", "198.18.0.2", blockB))
 	dp := &overlaytest.Dataplane{}
-	r := overlay.NewReconciler(testNet, localA(), store, members, dp, time.Hour, discard())
+	r := overlay.NewReconciler(testNet, localA(), store, store, members, dp, time.Hour, discard())
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +298,7 @@ func TestReconcilerNeverProgramsWithoutOwnership(t *testing.T) {
 	store := overlaytest.NewStore(testNet)
 	store.SetErr(errors.New("etcd down"))
 	dp := &overlaytest.Dataplane{}
-	r := overlay.NewReconciler(testNet, localA(), store, &overlaytest.Membership{}, dp, time.Hour, discard())
+	r := overlay.NewReconciler(testNet, localA(), store, store, &overlaytest.Membership{}, dp, time.Hour, discard())
 	if err := r.Pass(context.Background()); err == nil {
 		t.Fatal("Pass succeeded without ever reading ownership")
 	}
@@ -190,7 +314,7 @@ func TestReconcilerRunRetriesFailedPass(t *testing.T) {
 	store.SetOwner(blockA, "a")
 	dp := &overlaytest.Dataplane{}
 	dp.SetErr(errors.New("netlink busy"))
-	r := overlay.NewReconciler(testNet, localA(), store, &overlaytest.Membership{}, dp, time.Hour, discard())
+	r := overlay.NewReconciler(testNet, localA(), store, store, &overlaytest.Membership{}, dp, time.Hour, discard())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
 
@@ -232,7 +356,7 @@ func TestReconcilerDoesNotHangOnUnreachableStore(t *testing.T) {
 	members.Set(member("b", "198.18.0.2", blockB))
 	dp := &overlaytest.Dataplane{}
 	owners := &switchOwners{BlockOwners: store}
-	r := overlay.NewReconciler(testNet, localA(), owners, members, dp, 200*time.Millisecond, discard())
+	r := overlay.NewReconciler(testNet, localA(), owners, store, members, dp, 200*time.Millisecond, discard())
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"time"
 )
 
 // Sentinel errors shared by the implementations of the seams.
@@ -78,6 +79,31 @@ type BlockOwners interface {
 	Owners(ctx context.Context) (map[netip.Prefix]HostID, error)
 }
 
+// HostInfo is what the store knows of a host: where the dataplane sends
+// its traffic. It is the only source of a peer's underlay address and VTEP
+// MAC; gossip is never trusted for them.
+type HostInfo struct {
+	// Host is the host's ID.
+	Host HostID
+	// Underlay is the host's underlay address, the VXLAN destination.
+	Underlay netip.Addr
+	// VTEPMAC is the MAC address of the host's VXLAN devices.
+	VTEPMAC net.HardwareAddr
+	// Registered is when the host last registered. Of two hosts that
+	// claim one underlay address (a machine reinstalled with a new host
+	// ID, or an address moved to another machine), the later wins.
+	Registered time.Time
+}
+
+// HostDirectory reports the hosts registered in the store.
+type HostDirectory interface {
+	// Hosts returns every registered host. It blocks on the store and
+	// fails only when the store cannot be read: a record that cannot be
+	// decoded is left out (and reported by the implementation), so that
+	// one bad record does not stop every other host being programmed.
+	Hosts(ctx context.Context) ([]HostInfo, error)
+}
+
 // BlockLeaser leases blocks of one network for this host.
 type BlockLeaser interface {
 	BlockOwners
@@ -141,7 +167,8 @@ type Allocator interface {
 	List(ctx context.Context) ([]Allocation, error)
 }
 
-// Member is what a host says about itself over gossip.
+// Member is what a host says about itself over gossip. Only its presence
+// is trusted (the host is alive); the rest is checked against the store.
 type Member struct {
 	// Host is the member's host ID.
 	Host HostID

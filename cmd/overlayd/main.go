@@ -54,6 +54,21 @@ func run(args []string, stderr io.Writer) int {
 	if cmd == "teardown" {
 		err = daemon.Teardown(ctx, cfg)
 	} else {
+		// SIGHUP reloads the gossip keys, rather than ending overlayd as
+		// it would by default.
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		reload := make(chan struct{}, 1)
+		go func() {
+			for range hup {
+				select {
+				case reload <- struct{}{}:
+				default:
+				}
+			}
+		}()
+		cfg.ReloadKeys = reload
 		err = daemon.Run(ctx, cfg)
 	}
 	if err != nil {
@@ -84,6 +99,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	port := fs.Uint("vxlan-port", uint(cfg.Network.Port), "VXLAN UDP port")
 	underlay := fs.String("underlay-addr", "", "local underlay address; empty takes the address of the default route's interface")
 	fs.IntVar(&cfg.GossipPort, "gossip-port", cfg.GossipPort, "TCP and UDP port for gossip")
+	fs.StringVar(&cfg.GossipKeyFile, "gossip-key-file", cfg.GossipKeyFile, "file of base64 keys that encrypt gossip, the first one used to send (mode 0600; SIGHUP reloads it); empty leaves gossip unencrypted")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "host:port serving /metrics; empty disables it")
 	fs.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "how often the dataplane is checked when nothing changed")
 	fs.DurationVar(&cfg.OrphanGrace, "orphan-grace", cfg.OrphanGrace, "how long after start to wait before releasing the addresses of containers whose veth is gone")

@@ -68,6 +68,15 @@ func (l Links) State(name string) (State, error) {
 	return Attached, nil
 }
 
+// MTU returns the MTU of the link, or 0 when it does not exist.
+func (l Links) MTU(name string) (int, error) {
+	link, err := l.find(name)
+	if err != nil || link == nil {
+		return 0, err
+	}
+	return link.Attrs().MTU, nil
+}
+
 // Detach sets the link down and takes it off its bridge: its traffic
 // stops at once.
 func (l Links) Detach(name string) error {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 
 	"github.com/overlaynet/overlay/overlay"
@@ -17,12 +19,18 @@ type Store struct {
 
 	mu     sync.Mutex // guards the fields below
 	owners map[netip.Prefix]overlay.HostID
+	hosts  map[overlay.HostID]overlay.HostInfo
 	addrs  map[netip.Addr]overlay.Allocation
 	// Err, when set, makes every call fail, as an etcd outage would.
 	err error
 	// flushErr, when set, makes Flush fail, as a failing disk would.
 	flushErr error
 }
+
+var (
+	_ overlay.BlockOwners   = (*Store)(nil)
+	_ overlay.HostDirectory = (*Store)(nil)
+)
 
 // NewStore returns an empty store for network n.
 func NewStore(n overlay.Network) *Store {
@@ -262,5 +270,38 @@ func (p *Pool) List(context.Context) ([]overlay.Allocation, error) {
 			out = append(out, al)
 		}
 	}
+	return out, nil
+}
+
+// SetHost records h as a registered host, replacing its earlier record.
+func (s *Store) SetHost(h overlay.HostInfo) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.hosts == nil {
+		s.hosts = make(map[overlay.HostID]overlay.HostInfo)
+	}
+	s.hosts[h.Host] = h
+}
+
+// DeleteHost removes the record of h.
+func (s *Store) DeleteHost(h overlay.HostID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.hosts, h)
+}
+
+// Hosts returns the registered hosts, sorted by host ID: the store's
+// overlay.HostDirectory.
+func (s *Store) Hosts(context.Context) ([]overlay.HostInfo, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return nil, s.err
+	}
+	out := make([]overlay.HostInfo, 0, len(s.hosts))
+	for _, h := range s.hosts {
+		out = append(out, h)
+	}
+	slices.SortFunc(out, func(a, b overlay.HostInfo) int { return strings.Compare(string(a.Host), string(b.Host)) })
 	return out, nil
 }
