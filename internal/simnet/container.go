@@ -277,9 +277,15 @@ type Binaries struct {
 	Overlayd, CNI string
 }
 
+// ToolsDirEnv names the environment variable that points BuildAll at a
+// directory already holding the tools BuildTools would build, so that a
+// run that built them once (scripts/test) does not build them again.
+const ToolsDirEnv = "SIMNET_TOOLS_DIR"
+
 // BuildAll compiles overlayd and overlay-cni, and with tools the pinned
-// reference plugins and cnitool too (BuildTools), into a new directory
-// named for this run, so that SweepStale removes it if the run is killed.
+// reference plugins and cnitool too (BuildTools, or LinkTools from the
+// directory $SIMNET_TOOLS_DIR when it is set), into a new directory named
+// for this run, so that SweepStale removes it if the run is killed.
 // Remove deletes it.
 func BuildAll(ctx context.Context, tools bool) (Binaries, error) {
 	dir, err := os.MkdirTemp("", fmt.Sprintf("%s%d-bin-", namePrefix, os.Getpid()))
@@ -289,13 +295,41 @@ func BuildAll(ctx context.Context, tools bool) (Binaries, error) {
 	b := Binaries{Dir: dir}
 	b.Overlayd, b.CNI, err = Build(ctx, dir)
 	if err == nil && tools {
-		err = BuildTools(ctx, dir)
+		if from := os.Getenv(ToolsDirEnv); from != "" {
+			err = LinkTools(from, dir)
+		} else {
+			err = BuildTools(ctx, dir)
+		}
 	}
 	if err != nil {
 		b.Remove()
 		return Binaries{}, err
 	}
 	return b, nil
+}
+
+// LinkTools links every file of the directory from, where BuildTools or
+// the equivalent `go -C tools build -o from/ tool` put the tools, into
+// dir by a symbolic link of the same name. A name dir already holds is an
+// error: the tools must not shadow overlayd or overlay-cni.
+func LinkTools(from, dir string) error {
+	from, err := filepath.Abs(from)
+	if err != nil {
+		return fmt.Errorf("link the tools: %w", err)
+	}
+	entries, err := os.ReadDir(from)
+	if err != nil {
+		return fmt.Errorf("link the tools: %w", err)
+	}
+	if len(entries) == 0 {
+		return fmt.Errorf("link the tools: %s is empty (unset %s to build them)", from, ToolsDirEnv)
+	}
+	for _, e := range entries {
+		if err := os.Symlink(filepath.Join(from, e.Name()), filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("link the tools: %w", err)
+		}
+	}
+	return nil
 }
 
 // Remove deletes the binaries' directory.
