@@ -1,0 +1,340 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/daemon"
+	"github.com/overlaynet/overlay/internal/simnet"
+	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// echoStream runs TCP echo round trips from client to server in the
+// background. stop ends it and returns the first failure: a broken
+// connection, or a round trip slower than maxRTT (the flow was cut for a
+// while, even if TCP's retransmissions then hid it).
+func echoStream(t *testing.T, client, server *simnet.Container, port int, maxRTT time.Duration) (rounds *atomic.Int64, stop func() error) {
+	t.Helper()
+	ctx := context.Background()
+	l, err := server.Listen(port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		io.Copy(c, c)
+	}()
+	conn, err := client.Dial(ctx, netip.AddrPortFrom(server.Addr.Addr(), uint16(port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	done := make(chan struct{})
+	result := make(chan error, 1)
+	rounds = new(atomic.Int64)
+	go func() {
+		msg := []byte(strings.Repeat("x", 1024))
+		buf := make([]byte, len(msg))
+		for {
+			select {
+			case <-done:
+				result <- nil
+				return
+			default:
+			}
+			start := time.Now()
+			conn.SetDeadline(start.Add(20 * time.Second))
+			if _, err := conn.Write(msg); err != nil {
+				result <- fmt.Errorf("write after %d rounds: %w", rounds.Load(), err)
+				return
+			}
+			if _, err := io.ReadFull(conn, buf); err != nil {
+				result <- fmt.Errorf("read after %d rounds: %w", rounds.Load(), err)
+				return
+			}
+			if rtt := time.Since(start); rtt > maxRTT {
+				result <- fmt.Errorf("round trip %d took %s: the flow was cut", rounds.Load(), rtt)
+				return
+			}
+			rounds.Add(1)
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	return rounds, func() error {
+		close(done)
+		return <-result
+	}
+}
+
+// hostVeth returns the name of c's host veth.
+func hostVeth(n *simnet.Net, c *simnet.Container) string {
+	return cnirpc.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: c.ID, IfName: "eth0"})
+}
+
+// TestGatewayMACSurvivesAddAndDel: containers whose host veths' MACs sort
+// below and above every other are added and deleted on host 1 while a
+// ping and a TCP stream run from another container there to host 2; the
+// gateway's MAC never changes and nothing is lost. Before the bridge had
+// a MAC of its own, the DEL of the port holding the lowest MAC cut the
+// stream until the container's ARP entry aged out.
+func TestGatewayMACSurvivesAddAndDel(t *testing.T) {
+	n := newNet(t, 2)
+	ctx := context.Background()
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	client, err := n.AddContainer(ctx, h1, "client")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := n.AddContainer(ctx, h2, "server")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "ping across hosts", func() error { return client.Ping(ctx, server.Addr.Addr(), 1) })
+	bridgeMAC := func() string {
+		out := ipOut(t, h1, "cat", "/sys/class/net/"+n.Network.BridgeName()+"/address")
+		return strings.TrimSpace(out)
+	}
+	before := bridgeMAC()
+
+	// Two containers whose host ends take the lowest and the highest MAC
+	// on the bridge; the client then learns the gateway's MAC afresh, as
+	// it would once its entry aged out.
+	low, err := n.AddContainer(ctx, h1, "low")
+	if err != nil {
+		t.Fatal(err)
+	}
+	high, err := n.AddContainer(ctx, h1, "high")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ipOut(t, h1, "ip", "link", "set", "dev", hostVeth(n, low), "address", "02:00:00:00:00:01")
+	ipOut(t, h1, "ip", "link", "set", "dev", hostVeth(n, high), "address", "fe:ff:ff:ff:ff:fe")
+	if _, err := client.Exec(ctx, "ip", "neigh", "flush", "dev", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := client.Ping(ctx, server.Addr.Addr(), 1); err != nil {
+		t.Fatal(err)
+	}
+
+	rounds, stop := echoStream(t, client, server, 5002, time.Second)
+	pinged := make(chan error, 1)
+	go func() {
+		// 40 pings 50 ms apart, each given a second: any lost one fails.
+		out, err := client.Exec(ctx, "ping", "-n", "-q", "-i", "0.05", "-c", "40", "-W", "1", server.Addr.Addr().String())
+		if err == nil && !strings.Contains(string(out), " 0% packet loss") {
+			err = fmt.Errorf("pings lost:\n%s", out)
+		}
+		pinged <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	for _, c := range []*simnet.Container{low, high} {
+		if err := n.DelContainer(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	again, err := n.AddContainer(ctx, h1, "again")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ipOut(t, h1, "ip", "link", "set", "dev", hostVeth(n, again), "address", "02:00:00:00:00:02")
+	time.Sleep(200 * time.Millisecond)
+	if err := n.DelContainer(ctx, again); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-pinged; err != nil {
+		t.Errorf("ping while containers came and went: %v", err)
+	}
+	if err := stop(); err != nil {
+		t.Errorf("TCP stream while containers came and went: %v", err)
+	}
+	if after := bridgeMAC(); after != before {
+		t.Errorf("gateway MAC changed from %s to %s", before, after)
+	}
+	t.Logf("%d echo round trips; gateway MAC %s throughout", rounds.Load(), before)
+}
+
+// hostRecords returns the host IDs registered in etcd and the owners of
+// the network's blocks.
+func hostRecords(t *testing.T, n *simnet.Net) (hosts []overlay.HostID, owners map[netip.Prefix]overlay.HostID) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{n.EtcdEndpoint()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	store := etcd.NewStore(cli, "")
+	recs, err := store.Hosts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range recs {
+		hosts = append(hosts, r.Host)
+	}
+	network, err := store.Network(ctx, n.Network.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if owners, err = store.Pool(network, "").Owners(ctx); err != nil {
+		t.Fatal(err)
+	}
+	return hosts, owners
+}
+
+// TestFailedStartChangesNothing: a socket path that cannot be used, a
+// gossip port or metrics address already taken fail the start before the
+// host registers in etcd, leases a block or touches the kernel; and
+// teardown refuses to touch the devices of an overlayd that is running,
+// whatever data directory and socket it is given.
+func TestFailedStartChangesNothing(t *testing.T) {
+	n := newStoppedNet(t, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	if err := h1.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	hostsBefore, ownersBefore := hostRecords(t, n)
+
+	notADir := filepath.Join(n.Dir, "plain-file")
+	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Ports taken inside h2's namespace, by sockets this test holds.
+	var gossipTaken, metricsTaken net.Listener
+	if err := h2.InNS(func() (err error) {
+		if gossipTaken, err = net.Listen("tcp", netip.AddrPortFrom(h2.Underlay, 7946).String()); err != nil {
+			return err
+		}
+		metricsTaken, err = net.Listen("tcp", "127.0.0.1:9476")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer gossipTaken.Close()
+	defer metricsTaken.Close()
+
+	for _, tc := range []struct {
+		name  string
+		extra []string
+		want  string
+	}{
+		{"socket path under a file", []string{"--socket", filepath.Join(notADir, "overlayd.sock")}, "--socket"},
+		{"gossip port in use", []string{"--metrics-addr", "127.0.0.1:9477"}, "--gossip-port 7946"},
+		{"metrics address in use", []string{"--gossip-port", "7947"}, "--metrics-addr"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			args := append(append([]string{bins.overlayd}, h2.Args()...), tc.extra...)
+			out, err := h2.Exec(ctx, args...)
+			if err == nil {
+				t.Fatalf("overlayd started:\n%s", out)
+			}
+			if !strings.Contains(string(out), tc.want) {
+				t.Fatalf("error does not name %q:\n%s", tc.want, out)
+			}
+			links := ipOut(t, h2, "ip", "-o", "link", "show")
+			if strings.Contains(links, n.Network.BridgeName()) || strings.Contains(links, n.Network.VXLANName()) {
+				t.Fatalf("refused start changed the kernel:\n%s", links)
+			}
+			if fwd := ipOut(t, h2, "cat", "/proc/sys/net/ipv4/ip_forward"); strings.TrimSpace(fwd) != "0" {
+				t.Fatalf("refused start turned on forwarding")
+			}
+			hosts, owners := hostRecords(t, n)
+			if fmt.Sprint(hosts) != fmt.Sprint(hostsBefore) || fmt.Sprint(owners) != fmt.Sprint(ownersBefore) {
+				t.Fatalf("refused start changed etcd: hosts %v (was %v), blocks %v (was %v)", hosts, hostsBefore, owners, ownersBefore)
+			}
+		})
+	}
+
+	t.Run("teardown of a running overlayd", func(t *testing.T) {
+		// Another data directory with an identity of its own, and a
+		// socket nobody serves: only the namespace's lock stops it.
+		other := filepath.Join(n.Dir, "other")
+		if err := os.MkdirAll(other, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := daemon.LoadIdentity(other); err != nil {
+			t.Fatal(err)
+		}
+		args := []string{bins.overlayd, "teardown", "--data-dir", other, "--socket", filepath.Join(other, "none.sock"),
+			"--etcd-endpoints", n.EtcdEndpoint(), "--network", n.Network.Name}
+		out, err := h1.Exec(ctx, args...)
+		if err == nil || !strings.Contains(string(out), "is running") {
+			t.Fatalf("teardown beside a running overlayd = %v:\n%s", err, out)
+		}
+		links := ipOut(t, h1, "ip", "-o", "link", "show")
+		if !strings.Contains(links, n.Network.BridgeName()) || !strings.Contains(links, n.Network.VXLANName()) {
+			t.Fatalf("teardown removed the devices of a running overlayd:\n%s", links)
+		}
+	})
+}
+
+// startupRE finds the start-up time in overlayd's "ready" log line.
+var startupRE = regexp.MustCompile(`msg=ready .*startup=([0-9.]+m?s)`)
+
+// TestDeadHostsDoNotDelayStart: two registered hosts that no longer exist
+// (their gossip addresses answer nothing) do not hold up a restart: it is
+// ready well within one join timeout, and serves ADD at once. Before, a
+// start joined every registered host first and waited for each to time
+// out (3.2 s with one, 10.2 s with two).
+func TestDeadHostsDoNotDelayStart(t *testing.T) {
+	n := newNet(t, 2)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{n.EtcdEndpoint()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	store := etcd.NewStore(cli, "")
+	for i, addr := range []string{"198.18.0.201", "198.18.0.202"} {
+		id := overlay.HostID(fmt.Sprintf("gone%d", i))
+		if err := store.RegisterHost(ctx, etcd.HostRecord{Host: id, Underlay: netip.MustParseAddr(addr),
+			VTEPMAC: daemon.VTEPMAC(id).String(), Gossip: addr + ":7946", Updated: time.Now().UTC()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := h2.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := h2.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ready := time.Since(start)
+	if _, err := n.AddContainer(ctx, h2, "right-away"); err != nil {
+		t.Fatalf("ADD right after the start: %v", err)
+	}
+	// Well within the join timeout of 10 s: the start did not wait for
+	// the dead hosts to time out.
+	if ready > 5*time.Second {
+		t.Fatalf("start to ready took %s with two dead hosts registered", ready)
+	}
+	logs, _ := os.ReadFile(filepath.Join(h2.DataDir, "overlayd.log"))
+	m := startupRE.FindAllSubmatch(logs, -1)
+	if len(m) < 2 {
+		t.Fatalf("no ready line for the restart in the log:\n%s", logs)
+	}
+	t.Logf("start to ready %s; overlayd's own figure %s", ready.Round(time.Millisecond), m[len(m)-1][1])
+	_ = h1
+}
