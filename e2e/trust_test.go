@@ -338,3 +338,92 @@ func TestDeadHostsDoNotDelayStart(t *testing.T) {
 	t.Logf("start to ready %s; overlayd's own figure %s", ready.Round(time.Millisecond), m[len(m)-1][1])
 	_ = h1
 }
+
+// TestStaticAddressFreeWhenDelReturns: a runtime that recreates a
+// container with its static address (CNI "ips") right after DEL gets it.
+func TestStaticAddressFreeWhenDelReturns(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	first, err := n.AddContainer(ctx, h, "first")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ips := map[string]any{"ips": []string{first.Addr.String()}}
+	for i := range 5 {
+		if err := n.DelContainer(ctx, first); err != nil {
+			t.Fatal(err)
+		}
+		next, err := n.NewContainer(ctx, h, fmt.Sprintf("again%d", i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		next.CapabilityArgs = ips
+		if err := n.Attach(ctx, next); err != nil {
+			t.Fatalf("round %d: ADD of the static address right after DEL: %v", i, err)
+		}
+		if next.Addr != first.Addr {
+			t.Fatalf("round %d: got %s, asked for %s", i, next.Addr, first.Addr)
+		}
+		first = next
+	}
+}
+
+// TestMTUChangeReachesAttachments: the underlay's MTU rises and overlayd
+// restarts. The VXLAN device follows; the bridge stays at the MTU of the
+// containers created before, so that a packet too large for them gets an
+// ICMP error rather than a silent drop; a new container gets the new MTU;
+// CHECK fails for the old one, saying to recreate it; and the log names
+// it.
+func TestMTUChangeReachesAttachments(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	old, err := n.AddContainer(ctx, h, "old")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	ipOut(t, h, "ip", "link", "set", "dev", "eth0", "mtu", "9000")
+	if err := h.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mtu := func(dev string) string {
+		return strings.TrimSpace(ipOut(t, h, "cat", "/sys/class/net/"+dev+"/mtu"))
+	}
+	if got := mtu(n.Network.VXLANName()); got != "8950" {
+		t.Errorf("VXLAN MTU %s after the underlay went to 9000, want 8950", got)
+	}
+	if got := mtu(n.Network.BridgeName()); got != "1450" {
+		t.Errorf("bridge MTU %s with a container at 1450, want 1450", got)
+	}
+	fresh, err := n.AddContainer(ctx, h, "fresh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fresh.Result.Interfaces[1].Mtu; got != 8950 {
+		t.Errorf("new container's MTU %d, want 8950", got)
+	}
+	if err := n.CheckContainer(ctx, fresh); err != nil {
+		t.Errorf("CHECK of the new container: %v", err)
+	}
+	if err := n.CheckContainer(ctx, old); err == nil || !strings.Contains(err.Error(), "recreate the container") {
+		t.Errorf("CHECK of the container created before = %v, want a failure saying to recreate it", err)
+	}
+	logs, _ := os.ReadFile(filepath.Join(h.DataDir, "overlayd.log"))
+	if !strings.Contains(string(logs), "containers created before the MTU changed") || !strings.Contains(string(logs), old.ID+"/eth0") {
+		t.Errorf("the log does not name the container to recreate:\n%s", logs)
+	}
+	// Once the old container is gone, the bridge rises.
+	if err := n.DelContainer(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the bridge to rise to the network's MTU", func() error {
+		if got := mtu(n.Network.BridgeName()); got != "8950" {
+			return fmt.Errorf("bridge MTU %s", got)
+		}
+		return nil
+	})
+}
