@@ -57,7 +57,8 @@ type held struct {
 // Pool is one host's view of one network in etcd: it leases the host's
 // blocks, and mirrors the allocations the host makes from them (which the
 // host keeps itself, see package ipam/local). It implements
-// overlay.BlockLeaser and is safe for concurrent use.
+// overlay.BlockLeaser and is safe for concurrent use. Its methods block
+// on etcd like Store's, bounded the same way.
 type Pool struct {
 	s    *Store
 	net  overlay.Network
@@ -78,6 +79,8 @@ func (s *Store) Pool(n overlay.Network, host overlay.HostID) *Pool {
 
 // Owners returns the owner of every claimed block of the network.
 func (p *Pool) Owners(ctx context.Context) (map[netip.Prefix]overlay.HostID, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	recs, err := p.blocks(ctx)
 	if err != nil {
 		return nil, err
@@ -131,6 +134,8 @@ func sortedBlocks(m map[netip.Prefix]held) []netip.Prefix {
 // succeeds only when the block's key does not exist, so no block ever has
 // two owners.
 func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	recs, err := p.blocks(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("lease block for %s: %w", p.host, err)
@@ -189,6 +194,8 @@ func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
 // now owned by another host, or deleted, is dropped from the pool and
 // reported with ErrBlockLost.
 func (p *Pool) Renew(ctx context.Context) error {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	var errs []error
 	for b, h := range p.heldCopy() {
 		key := p.s.blockKey(p.net.Name, b)
@@ -241,6 +248,8 @@ func (p *Pool) Renew(ctx context.Context) error {
 // allocated from them and the host's attachment index, in one
 // transaction: it happens whole or not at all.
 func (p *Pool) ReleaseBlocks(ctx context.Context) error {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	for attempt := 0; attempt <= maxTxnRetries; attempt++ {
 		recs, err := p.blocks(ctx)
 		if err != nil {
@@ -295,6 +304,8 @@ const mirrorTxnOps = 100
 // with an error wrapping ErrBlockLost. It returns how many keys it
 // changed.
 func (p *Pool) Mirror(ctx context.Context, want []overlay.Allocation) (int, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	p.mirrorMu.Lock()
 	defer p.mirrorMu.Unlock()
 	blocks := p.heldCopy()
@@ -360,6 +371,8 @@ func (p *Pool) Mirror(ctx context.Context, want []overlay.Allocation) (int, erro
 // List returns this host's allocations in the network as etcd has them:
 // what the mirror last copied.
 func (p *Pool) List(ctx context.Context) ([]overlay.Allocation, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	prefix := p.s.attachPrefix(p.net.Name, p.host)
 	resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix())
 	if err != nil {
@@ -380,6 +393,8 @@ func (p *Pool) List(ctx context.Context) ([]overlay.Allocation, error) {
 // Holder returns who holds address a of the network, or an error wrapping
 // overlay.ErrNotFound when nobody does.
 func (s *Store) Holder(ctx context.Context, n overlay.Network, a netip.Addr) (AddrRecord, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	b := netip.PrefixFrom(a, n.BlockBits).Masked()
 	resp, err := s.cli.Get(ctx, s.addrsPrefix(n.Name, b)+a.String())
 	if err != nil {

@@ -8,12 +8,16 @@ import (
 	"log/slog"
 	"net/url"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
 )
 
 // embedStartTimeout bounds how long an embedded etcd may take to elect
@@ -35,9 +39,105 @@ type ClientConfig struct {
 	DialTimeout time.Duration
 }
 
+// How the client finds its way back to a member that went away. gRPC's
+// defaults wait 1 s after the first failed attempt to reconnect and 1.6
+// times longer after each further one, up to 2 minutes: 10 s into an
+// outage the next attempt may be 6 s away, 20 s into it 10 s away, and
+// the client's requests, which wait for a connection, wait with it, long
+// after etcd is back. These are not operator knobs: they decide how soon
+// a client notices that a member is back, not whether it works.
+const (
+	// redialDelay is the wait between attempts to reconnect to a member,
+	// give or take redialJitter of itself: short enough that a member
+	// that is back is used within a second, long enough that a member
+	// that stays down gets two connection attempts a second from each
+	// host, not a flood.
+	redialDelay  = 500 * time.Millisecond
+	redialJitter = 0.2
+	// connectTimeout bounds one connection attempt, TLS handshake
+	// included, so that an attempt to a member whose host does not answer
+	// at all (no refusal either) is given up and made again.
+	connectTimeout = 2 * time.Second
+	// minRedialInterval is how often a request may at most cut short the
+	// reconnect wait, see redialer.
+	minRedialInterval = 100 * time.Millisecond
+	// keepaliveTime and keepaliveTimeout: while a request or watch is
+	// open on a connection, the client pings the member after
+	// keepaliveTime without a word from it and drops the connection if
+	// the answer takes longer than keepaliveTimeout, so a member whose
+	// host died, and never closed the connection, is noticed and another
+	// used. 10 s is the least gRPC allows. Idle connections are not
+	// pinged: etcd closes connections that ping without a request open.
+	keepaliveTime    = 10 * time.Second
+	keepaliveTimeout = 3 * time.Second
+)
+
+// redialer makes a request that finds no connection to any member, every
+// member waiting out its reconnect delay, reconnect at once instead of
+// waiting for the delay to run out: the request would otherwise wait for
+// the next attempt, and right after an outage that attempt is the one
+// that finds etcd back. It does so at most once every minRedialInterval,
+// so that many requests during an outage do not make many attempts.
+// Requests on a client with a working connection are not touched. It is
+// safe for concurrent use.
+type redialer struct {
+	last atomic.Int64 // UnixNano of the last early reconnect
+}
+
+func (r *redialer) redial(cc *grpc.ClientConn) {
+	if cc.GetState() != connectivity.TransientFailure {
+		return
+	}
+	now, last := time.Now().UnixNano(), r.last.Load()
+	if now-last < int64(minRedialInterval) || !r.last.CompareAndSwap(last, now) {
+		return
+	}
+	cc.ResetConnectBackoff()
+}
+
+func (r *redialer) unary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoke grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	r.redial(cc)
+	return invoke(ctx, method, req, reply, cc, opts...)
+}
+
+func (r *redialer) stream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, open grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	r.redial(cc)
+	return open(ctx, desc, cc, method, opts...)
+}
+
+// dialOptions are the gRPC options of every client: quick reconnects and
+// the redialer. The etcd client's own retry interceptor runs first, so
+// the redialer sees every attempt it makes.
+func dialOptions() []grpc.DialOption {
+	r := new(redialer)
+	return []grpc.DialOption{
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: backoff.Config{
+				BaseDelay:  redialDelay,
+				Multiplier: 1, // no growth: an outage's length says nothing of when it ends
+				Jitter:     redialJitter,
+				MaxDelay:   redialDelay,
+			},
+			MinConnectTimeout: connectTimeout,
+		}),
+		grpc.WithChainUnaryInterceptor(r.unary),
+		grpc.WithChainStreamInterceptor(r.stream),
+	}
+}
+
 // Connect returns a client of the cluster and checks that it answers
 // within cfg.DialTimeout, so a wrong endpoint fails at start with a clear
 // error instead of on the first request.
+//
+// The client's requests wait for a connection to a member until their
+// context is done, so every request needs a bound (Store's methods bound
+// those whose context has none). A member that goes away is redialled
+// every half second or so, and at once when a request finds no member
+// connected. A connection to a member that died without closing it is
+// dropped after about 13 s of silence while a request or watch is open on
+// it (keepaliveTime and keepaliveTimeout); requests then go to the
+// members still connected.
+// The client is safe for concurrent use; Close it when done.
 func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 	if len(cfg.Endpoints) == 0 {
 		return nil, errors.New("connect to etcd: no endpoints")
@@ -59,6 +159,10 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 		TLS:         tlsCfg,
 		Logger:      zap.NewNop(),
 		Context:     context.WithoutCancel(ctx),
+
+		DialKeepAliveTime:    keepaliveTime,
+		DialKeepAliveTimeout: keepaliveTimeout,
+		DialOptions:          dialOptions(),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", cfg.Endpoints, err)

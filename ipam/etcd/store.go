@@ -19,6 +19,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"strings"
@@ -26,6 +27,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -33,8 +35,29 @@ import (
 // in it changes only with an incompatible key layout.
 const DefaultPrefix = "/overlay/v1/"
 
+// requestTimeout bounds a Store or Pool method called with a context
+// that has no deadline: the etcd client waits for a connection for as
+// long as the context lets it, and a method must not wait forever for a
+// cluster that is down. It is longer than etcd's own bound on a request
+// it has accepted (5 s and two election timeouts by default), so it only
+// cuts requests that etcd never answers.
+const requestTimeout = 10 * time.Second
+
+// bound returns ctx, with a deadline requestTimeout from now if it had
+// none.
+func bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, requestTimeout)
+}
+
 // Store reads and writes overlay state in etcd. It is safe for concurrent
-// use; its methods block on etcd and honour their context.
+// use. Its methods block on etcd until it answers or ctx is done, and
+// never longer than requestTimeout (10 s) when ctx has no deadline: a
+// caller that needs an answer sooner, such as a reconcile pass, bounds
+// ctx itself. During an outage they fail when ctx is done; the caller
+// retries.
 type Store struct {
 	cli    *clientv3.Client
 	prefix string
@@ -86,6 +109,8 @@ func parseBlockName(s string) (netip.Prefix, error) {
 // returns the stored definition, or an error wrapping overlay.ErrConflict
 // that names the first field that differs.
 func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.Network, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	if err := n.Validate(); err != nil {
 		return overlay.Network{}, err
 	}
@@ -139,6 +164,8 @@ func fieldValue(n overlay.Network, field string) string {
 // Network returns the stored definition of network name, or an error
 // wrapping overlay.ErrNotFound.
 func (s *Store) Network(ctx context.Context, name string) (overlay.Network, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	resp, err := s.cli.Get(ctx, s.networkKey(name))
 	if err != nil {
 		return overlay.Network{}, fmt.Errorf("get network %s: %w", name, err)
@@ -172,6 +199,8 @@ func (r HostRecord) MAC() (net.HardwareAddr, error) { return net.ParseMAC(r.VTEP
 
 // RegisterHost writes the host's record, replacing an older one.
 func (s *Store) RegisterHost(ctx context.Context, rec HostRecord) error {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	val, err := json.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("encode host %s: %w", rec.Host, err)
@@ -185,6 +214,8 @@ func (s *Store) RegisterHost(ctx context.Context, rec HostRecord) error {
 // Hosts returns every registered host. Records that cannot be decoded
 // are skipped and reported in the joined error next to the good ones.
 func (s *Store) Hosts(ctx context.Context) ([]HostRecord, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	resp, err := s.cli.Get(ctx, s.prefix+"hosts/", clientv3.WithPrefix())
 	if err != nil {
 		return nil, fmt.Errorf("list hosts: %w", err)
@@ -204,16 +235,29 @@ func (s *Store) Hosts(ctx context.Context) ([]HostRecord, error) {
 
 // DeleteHost removes the host's record. A host with none is not an error.
 func (s *Store) DeleteHost(ctx context.Context, h overlay.HostID) error {
+	ctx, cancel := bound(ctx)
+	defer cancel()
 	if _, err := s.cli.Delete(ctx, s.hostKey(h)); err != nil {
 		return fmt.Errorf("delete host %s: %w", h, err)
 	}
 	return nil
 }
 
+// watchRetry is the longest wait before a broken watch is established
+// again; the wait is spread down to half of it (watchRetryJitter), so the
+// hosts whose watches broke together, when etcd lost its leader, do not
+// all come back at the same moment.
+const (
+	watchRetry       = time.Second
+	watchRetryJitter = 0.5
+)
+
 // WatchNetwork calls fn after every change to the network's blocks, until
-// ctx is done. fn must not block. A broken watch (compaction, lost
-// connection) is re-established, and fn is called then too, since changes
-// may have been missed. It returns ctx's error.
+// ctx is done. fn must not block. The watch requires a leader, so it
+// breaks when the cluster loses its quorum instead of going silent. A
+// broken watch (compaction, lost connection, no leader) is re-established
+// within watchRetry, and fn is called then too, since changes may have
+// been missed. It returns ctx's error.
 func (s *Store) WatchNetwork(ctx context.Context, name string, fn func()) error {
 	prefix := s.blocksPrefix(name)
 	for {
@@ -234,7 +278,7 @@ func (s *Store) WatchNetwork(ctx context.Context, name string, fn func()) error 
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(time.Second):
+		case <-time.After(backoff.Jitter(watchRetry, watchRetryJitter, rand.Float64())):
 		}
 	}
 }
