@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -21,6 +22,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
@@ -381,17 +383,20 @@ func openAllocator(ctx context.Context, db *local.DB, pool *etcd.Pool, network o
 }
 
 // mirrorDelay is how long the mirror lets changes gather before it copies
-// them, and mirrorRetry the wait before a failed copy is tried again.
+// them. A failed copy is tried again mirrorRetry later at most, spread down
+// to half of it (mirrorRetryJitter) so that hosts failed by the same etcd
+// outage do not retry in lockstep.
 const (
-	mirrorDelay = 100 * time.Millisecond
-	mirrorRetry = time.Second
+	mirrorDelay       = 100 * time.Millisecond
+	mirrorRetry       = time.Second
+	mirrorRetryJitter = 0.5
 )
 
 // mirror copies the host's allocations to etcd, until ctx is done: at
 // once, mirrorDelay after a change (so that a burst of ADDs and DELs
 // costs one etcd transaction, not one each, and etcd's disk writes stay
-// out of the way of the ADDs'), every resync interval, and a second after
-// a failed copy (etcd down).
+// out of the way of the ADDs'), every resync interval, and within a second
+// after a failed copy (etcd down).
 func (d *daemon) mirror(ctx context.Context) error {
 	tick := time.NewTicker(d.cfg.ResyncInterval)
 	defer tick.Stop()
@@ -425,9 +430,9 @@ func (d *daemon) mirror(ctx context.Context) error {
 			d.metrics.MirrorFailures.Inc()
 			if failingSince.IsZero() {
 				failingSince = time.Now()
-				d.log.Warn("copying allocations to etcd failed; retrying every second (allocation goes on from this host's own record)", "err", err)
+				d.log.Warn("copying allocations to etcd failed; retrying within a second (allocation goes on from this host's own record)", "err", err)
 			}
-			pass.Reset(mirrorRetry)
+			pass.Reset(backoff.Jitter(mirrorRetry, mirrorRetryJitter, rand.Float64()))
 			scheduled = true
 		case err == nil && !failingSince.IsZero():
 			d.log.Info("allocations copied to etcd again", "after", time.Since(failingSince).Round(time.Second), "changed", n)

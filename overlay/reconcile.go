@@ -7,11 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/overlaynet/overlay/internal/backoff"
 )
 
 // DefaultResyncInterval is how often a reconciler compares desired and
@@ -19,8 +22,13 @@ import (
 // deleted by hand stays deleted.
 const DefaultResyncInterval = 5 * time.Second
 
-// retryInterval is how soon a reconciler tries again after a failed pass.
-const retryInterval = time.Second
+// retryInterval is the longest a reconciler waits to try again after a
+// failed pass; retryJitter spreads the wait down to half of it, so that
+// hosts failed by the same etcd outage do not retry in lockstep.
+const (
+	retryInterval = time.Second
+	retryJitter   = 0.5
+)
 
 // ownersTimeout bounds the read of block ownership in a pass (or the
 // resync interval, when that is shorter). The etcd
@@ -259,8 +267,8 @@ func (r *Reconciler) Run(ctx context.Context) error {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			r.log.Warn("reconcile pass failed; retrying", "err", err, "retry", retryInterval)
-			next = retryInterval
+			next = backoff.Jitter(retryInterval, retryJitter, rand.Float64())
+			r.log.Warn("reconcile pass failed; retrying", "err", err, "retry", next)
 		}
 		timer.Reset(next)
 	}
