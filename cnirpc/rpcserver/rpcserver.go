@@ -1,5 +1,6 @@
 // Package rpcserver serves the cnirpc protocol for overlayd: the HTTP
-// handler of its operations and the Unix socket it listens on. The
+// handler of its operations, the Unix socket it listens on, and the
+// server that bounds what the socket's clients can hold (Server). The
 // protocol's types and the plugin's client are in cnirpc, which does not
 // link net/http.
 package rpcserver
