@@ -109,7 +109,7 @@ func Run(ctx context.Context, cfg Config) error {
 	cniLog := log.With("component", "cni")
 	var cniHandler switchHandler
 	cniHandler.Set(rpcserver.NewHandler(starting{network: cfg.Network.Name, links: hostlink.New(h)}, cniLog))
-	srv := &http.Server{Handler: &cniHandler, ReadHeaderTimeout: 5 * time.Second}
+	srv := rpcserver.NewServer(&cniHandler, rpcserver.DefaultServerConfig(), cniLog)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	defer srv.Close()
@@ -214,7 +214,7 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("containers created before the MTU changed keep their old MTU, and CHECK fails for them: recreate them",
 			"network", network.Name, "mtu", local.MTU, "containers", ids)
 	}
-	cniHandler.Set(d.instrument(rpcserver.NewHandler(handler, cniLog)))
+	cniHandler.Set(rpcserver.NewObservedHandler(handler, cniLog, d.observeCNI))
 	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac.String(), "mtu", local.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
@@ -319,6 +319,9 @@ type daemon struct {
 	network overlay.Network
 	rec     *overlay.Reconciler
 	metrics *metrics.Metrics
+	// mirrored is when the mirror last copied the allocations to etcd
+	// (Unix nanoseconds), 0 before the first copy.
+	mirrored atomic.Int64
 }
 
 // every calls fn every interval until ctx is done, and returns ctx's
@@ -425,6 +428,9 @@ func (d *daemon) mirror(ctx context.Context) error {
 			n, err = d.pool.Mirror(mctx, list)
 		}
 		cancel()
+		if err == nil {
+			d.mirrored.Store(time.Now().UnixNano())
+		}
 		switch {
 		case err != nil && ctx.Err() == nil:
 			d.metrics.MirrorFailures.Inc()
@@ -499,6 +505,9 @@ func (d *daemon) registerMetrics() {
 		list, _ := d.alloc.List(context.Background())
 		return float64(len(list))
 	})
+	m.GaugeFunc("ipam", "mirror_last_success_timestamp_seconds", "When this host's allocations were last copied to etcd, in Unix seconds; 0 before the first copy.", nil, func() float64 {
+		return float64(d.mirrored.Load()) / 1e9
+	})
 	m.CounterFunc("reconcile", "passes_total", "Reconcile passes, failed ones included.", lbl, func() float64 {
 		return float64(d.rec.Status().Passes)
 	})
@@ -519,28 +528,9 @@ func (d *daemon) registerMetrics() {
 	})
 }
 
-// instrument counts and times CNI socket requests.
-func (d *daemon) instrument(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		start := time.Now()
-		rw := &statusWriter{ResponseWriter: w, status: http.StatusOK}
-		next.ServeHTTP(rw, r)
-		op := filepath.Base(r.URL.Path)
-		d.metrics.CNIDuration.WithLabelValues(op).Observe(time.Since(start).Seconds())
-		d.metrics.CNIRequests.WithLabelValues(op, strconv.Itoa(rw.status)).Inc()
-	})
+// observeCNI counts and times CNI socket requests by operation and the
+// status of their outcome.
+func (d *daemon) observeCNI(op string, status int, took time.Duration) {
+	d.metrics.CNIDuration.WithLabelValues(op).Observe(took.Seconds())
+	d.metrics.CNIRequests.WithLabelValues(op, strconv.Itoa(status)).Inc()
 }
-
-type statusWriter struct {
-	http.ResponseWriter
-	status int
-}
-
-func (w *statusWriter) WriteHeader(code int) {
-	w.status = code
-	w.ResponseWriter.WriteHeader(code)
-}
-
-// Unwrap lets http.ResponseController reach the server's writer, so that
-// an early ADD answer is flushed before its confirmation.
-func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

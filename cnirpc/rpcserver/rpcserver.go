@@ -18,6 +18,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -53,8 +55,70 @@ type Handler interface {
 	GC(ctx context.Context, r cnirpc.GCRequest) (cnirpc.GCResponse, error)
 }
 
+// Ops are the operations of the protocol, as Observe names them; any
+// other request path is "other".
+var Ops = []string{"add", "check", "del", "gc", "status", "other"}
+
+// Observe is told the outcome of each request once it is complete: its
+// operation (one of Ops, so the set of values is bounded whatever path a
+// client sends), the HTTP status of its outcome, and how long it took. For
+// an early ADD, the outcome is the confirmation's: an ADD whose allocation
+// failed to reach the disk after its early answer counts as the error
+// it was, not as the 200 its answer carried, and the time runs to the
+// confirmation. It is called from the request's goroutine and must not
+// block.
+type Observe func(op string, status int, took time.Duration)
+
 // NewHandler returns the HTTP handler of the protocol over h.
-func NewHandler(h Handler, log *slog.Logger) http.Handler {
+func NewHandler(h Handler, log *slog.Logger) http.Handler { return NewObservedHandler(h, log, nil) }
+
+// NewObservedHandler returns the HTTP handler of the protocol over h,
+// which tells observe (unless nil) the outcome of every request.
+func NewObservedHandler(h Handler, log *slog.Logger, observe Observe) http.Handler {
+	mux := newMux(h, log)
+	if observe == nil {
+		return mux
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		ow := &outcomeWriter{ResponseWriter: w, status: http.StatusOK}
+		mux.ServeHTTP(ow, r)
+		observe(opOf(r.URL.Path), ow.status, time.Since(start))
+	})
+}
+
+// opOf returns the operation of a request path, or "other".
+func opOf(path string) string {
+	if op, ok := strings.CutPrefix(path, "/"+cnirpc.Version+"/"); ok && slices.Contains(Ops, op) {
+		return op
+	}
+	return "other"
+}
+
+// outcomeWriter records the status of a request's outcome for Observe.
+type outcomeWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *outcomeWriter) WriteHeader(code int) {
+	w.status = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// Unwrap lets http.ResponseController reach the server's writer, so that
+// an early ADD answer is flushed before its confirmation.
+func (w *outcomeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// setOutcome records status as the outcome of the request w answers,
+// when it is observed.
+func setOutcome(w http.ResponseWriter, status int) {
+	if ow, ok := w.(*outcomeWriter); ok {
+		ow.status = status
+	}
+}
+
+func newMux(h Handler, log *slog.Logger) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /"+cnirpc.Version+"/add", func(w http.ResponseWriter, r *http.Request) {
 		serveAdd(w, r, log, h)
@@ -131,6 +195,7 @@ func serveAdd(w http.ResponseWriter, r *http.Request, log *slog.Logger, h Handle
 	conf := cnirpc.Confirmation{Durable: true}
 	if err := h.Flush(r.Context()); err != nil {
 		conf = cnirpc.Confirmation{Err: asError("add", err)}
+		setOutcome(w, statusOf(conf.Err))
 		log.Warn("cni request failed", "op", "add", "code", conf.Err.Code, "err", conf.Err.Error())
 	}
 	_ = enc.Encode(conf)
@@ -161,19 +226,23 @@ func asError(op string, err error) *cnirpc.Error {
 	return e
 }
 
-func writeError(w http.ResponseWriter, log *slog.Logger, op string, err error) {
-	e := asError(op, err)
-	status := http.StatusInternalServerError
+// statusOf returns the HTTP status that carries e.
+func statusOf(e *cnirpc.Error) int {
 	switch e.Code {
 	case cnirpc.CodeDecodingFailure, cnirpc.CodeInvalidEnvironment, cnirpc.CodeInvalidNetwork, cnirpc.CodeUnsupportedField:
-		status = http.StatusBadRequest
+		return http.StatusBadRequest
 	case cnirpc.CodeUnknownContainer:
-		status = http.StatusNotFound
+		return http.StatusNotFound
 	case cnirpc.CodeTryAgainLater, cnirpc.CodeNoAddress:
-		status = http.StatusServiceUnavailable
+		return http.StatusServiceUnavailable
 	}
+	return http.StatusInternalServerError
+}
+
+func writeError(w http.ResponseWriter, log *slog.Logger, op string, err error) {
+	e := asError(op, err)
 	log.Warn("cni request failed", "op", op, "code", e.Code, "err", e.Error())
-	writeJSON(w, status, e)
+	writeJSON(w, statusOf(e), e)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
