@@ -22,8 +22,8 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
-	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/gossip"
+	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/metrics"
