@@ -16,6 +16,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -28,6 +29,7 @@ import (
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
+	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -96,6 +98,15 @@ func run(samples int) error {
 	fmt.Println("overlayd start to ready (socket answers STATUS ready)")
 	fmt.Printf("  host 1, first start, embedded etcd:  %s\n", firstEmbedded.Round(time.Millisecond))
 	report("host 2, etcd over a Unix socket", starts, floor, "bare `ip netns exec true`")
+
+	// Start to ready with two registered hosts that are gone, against
+	// none, pair by pair.
+	clean, dead, err := deadHostStarts(ctx, net, h2, samples)
+	if err != nil {
+		return err
+	}
+	fmt.Println("overlayd restart to ready, with two registered hosts that no longer exist")
+	report("two dead hosts registered", dead, clean, "no dead host")
 
 	// CNI ADD and DEL: interleave the two plugins so they share the noise.
 	_, ovList, err := h2.CNI()
@@ -267,6 +278,57 @@ func concurrentAdds(ctx context.Context, net *simnet.Net, cfg *libcni.CNIConfig,
 
 // report prints the median, p90 and max of d, and when base is given the
 // same for it and the ratio of the medians.
+// deadHostStarts restarts h samples times with two registered hosts whose
+// gossip addresses answer nothing, and as often without them, alternating,
+// and returns the start-to-ready times without and with. h is left
+// running, with the dead hosts' records removed.
+func deadHostStarts(ctx context.Context, net *simnet.Net, h *simnet.Host, samples int) (clean, dead []time.Duration, err error) {
+	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{net.EtcdEndpoint()}})
+	if err != nil {
+		return nil, nil, err
+	}
+	defer cli.Close()
+	store := etcd.NewStore(cli, "")
+	ids := []overlay.HostID{"bench-gone-1", "bench-gone-2"}
+	register := func(on bool) error {
+		for i, id := range ids {
+			if !on {
+				if err := store.DeleteHost(ctx, id); err != nil {
+					return err
+				}
+				continue
+			}
+			addr := netip.AddrFrom4([4]byte{198, 18, 0, byte(201 + i)})
+			rec := etcd.HostRecord{Host: id, Underlay: addr, VTEPMAC: "02:00:00:00:0b:0" + fmt.Sprint(i+1),
+				Gossip: netip.AddrPortFrom(addr, 7946).String(), Updated: time.Now().UTC()}
+			if err := store.RegisterHost(ctx, rec); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for range samples {
+		for _, on := range []bool{false, true} {
+			if err := h.Stop(); err != nil {
+				return nil, nil, err
+			}
+			if err := register(on); err != nil {
+				return nil, nil, err
+			}
+			t := time.Now()
+			if err := h.Start(ctx); err != nil {
+				return nil, nil, err
+			}
+			if on {
+				dead = append(dead, time.Since(t))
+			} else {
+				clean = append(clean, time.Since(t))
+			}
+		}
+	}
+	return clean, dead, register(false)
+}
+
 func report(name string, d, base []time.Duration, baseName string) {
 	fmt.Printf("  %-34s %s\n", name+":", stats(d))
 	if base != nil {

@@ -13,6 +13,8 @@ package simnet
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -132,6 +134,12 @@ func New(ctx context.Context, opts Options) (_ *Net, err error) {
 	}()
 	n.stopSignals = n.closeOnSignal()
 
+	// Every host encrypts gossip with one key of this run.
+	key := make([]byte, 32)
+	rand.Read(key)
+	if err := os.WriteFile(n.GossipKeyFile(), []byte(base64.StdEncoding.EncodeToString(key)+"\n"), 0o600); err != nil {
+		return nil, err
+	}
 	if err := n.addNS(ctx, n.Underlay); err != nil {
 		return nil, err
 	}
@@ -200,6 +208,9 @@ func (n *Net) addHost(ctx context.Context, i int) (*Host, error) {
 // from every namespace, and sends nothing over any network.
 func (n *Net) EtcdSocket() string { return filepath.Join(n.Dir, "etcd.sock") }
 
+// GossipKeyFile is the gossip key file every host of the run uses.
+func (n *Net) GossipKeyFile() string { return filepath.Join(n.Dir, "gossip.keys") }
+
 // EtcdEndpoint is the etcd client URL of EtcdSocket.
 func (n *Net) EtcdEndpoint() string { return "unix://" + n.EtcdSocket() }
 
@@ -215,6 +226,7 @@ func (h *Host) Args() []string {
 		"--vni", strconv.Itoa(int(n.Network.VNI)),
 		"--resync-interval", "2s",
 		"--orphan-grace", "500ms",
+		"--gossip-key-file", n.GossipKeyFile(),
 	}
 	if h.embedded {
 		args = append(args,
