@@ -2,6 +2,9 @@ package main
 
 import (
 	"bytes"
+	"errors"
+	"flag"
+	"os"
 	"strings"
 	"testing"
 )
@@ -60,5 +63,33 @@ func TestRunUsageErrors(t *testing.T) {
 	stderr.Reset()
 	if code := run([]string{"--vni", "x"}, &stderr); code != 2 {
 		t.Errorf("bad flag: exit %d, want 2", code)
+	}
+}
+
+// TestFlagsDocumented: every flag overlayd takes has a row in
+// docs/configuration.md.
+func TestFlagsDocumented(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/configuration.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	if _, _, err := parseFlags("run", []string{"-h"}, &stderr); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("-h: %v", err)
+	}
+	n := 0
+	for _, line := range strings.Split(stderr.String(), "\n") {
+		name, ok := strings.CutPrefix(line, "  -")
+		if !ok {
+			continue
+		}
+		name, _, _ = strings.Cut(name, " ")
+		n++
+		if !bytes.Contains(doc, []byte("| `--"+name+"` |")) {
+			t.Errorf("flag --%s has no row in docs/configuration.md", name)
+		}
+	}
+	if n < 20 {
+		t.Fatalf("found only %d flags in the usage text:\n%s", n, stderr.String())
 	}
 }
