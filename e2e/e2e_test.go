@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -166,60 +165,9 @@ func TestRestartKeepsFlowsAndBlock(t *testing.T) {
 	}
 	eventually(t, 20*time.Second, "ping across hosts", func() error { return client.Ping(ctx, server.Addr.Addr(), 1) })
 
-	l, err := server.Listen(5001)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		io.Copy(c, c) // echo
-	}()
-	conn, err := client.Dial(ctx, netip.AddrPortFrom(server.Addr.Addr(), 5001))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-
-	// Stream echo round trips in the background until told to stop. A
-	// round trip slower than maxRTT means the restart cut the flow for a
-	// while, even if TCP's retransmissions then hid it.
-	const maxRTT = time.Second
-	stop := make(chan struct{})
-	result := make(chan error, 1)
-	var rounds atomic.Int64
-	go func() {
-		msg := []byte(strings.Repeat("x", 1024))
-		buf := make([]byte, len(msg))
-		for {
-			select {
-			case <-stop:
-				result <- nil
-				return
-			default:
-			}
-			start := time.Now()
-			conn.SetDeadline(start.Add(20 * time.Second))
-			if _, err := conn.Write(msg); err != nil {
-				result <- fmt.Errorf("write after %d rounds: %w", rounds.Load(), err)
-				return
-			}
-			if _, err := io.ReadFull(conn, buf); err != nil {
-				result <- fmt.Errorf("read after %d rounds: %w", rounds.Load(), err)
-				return
-			}
-			if rtt := time.Since(start); rtt > maxRTT {
-				result <- fmt.Errorf("round trip %d took %s: the flow was cut", rounds.Load(), rtt)
-				return
-			}
-			rounds.Add(1)
-			time.Sleep(5 * time.Millisecond)
-		}
-	}()
+	// A round trip slower than a second means the restart cut the flow
+	// for a while, even if TCP's retransmissions then hid it.
+	rounds, stop := echoStream(t, client, server, 5001, time.Second)
 
 	blockBefore := ipOut(t, h2, "ip", "-4", "-o", "addr", "show", "dev", n.Network.BridgeName())
 	time.Sleep(500 * time.Millisecond)
@@ -233,8 +181,7 @@ func TestRestartKeepsFlowsAndBlock(t *testing.T) {
 	}
 	before := rounds.Load()
 	time.Sleep(2 * time.Second)
-	close(stop)
-	if err := <-result; err != nil {
+	if err := stop(); err != nil {
 		t.Fatalf("stream broke across the restart: %v", err)
 	}
 	if rounds.Load() <= before {

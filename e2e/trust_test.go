@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -200,92 +201,60 @@ func hostRecords(t *testing.T, n *simnet.Net) (hosts []overlay.HostID, owners ma
 	return hosts, owners
 }
 
-// TestFailedStartChangesNothing: a socket path that cannot be used, a
-// gossip port or metrics address already taken fail the start before the
-// host registers in etcd, leases a block or touches the kernel; and
-// teardown refuses to touch the devices of an overlayd that is running,
-// whatever data directory and socket it is given.
-func TestFailedStartChangesNothing(t *testing.T) {
-	n := newStoppedNet(t, 2)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	h1, h2 := n.Hosts[0], n.Hosts[1]
-	if err := h1.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
+// refusedStart runs overlayd on h with extra flags and checks that it
+// refuses to start with an error containing want, and changes nothing: no
+// device, no forwarding, no host record or block in etcd.
+func refusedStart(t *testing.T, ctx context.Context, n *simnet.Net, h *simnet.Host, extra []string, want string) {
+	t.Helper()
 	hostsBefore, ownersBefore := hostRecords(t, n)
+	args := append(append([]string{bins.overlayd}, h.Args()...), extra...)
+	out, err := h.Exec(ctx, args...)
+	if err == nil {
+		t.Fatalf("overlayd started:\n%s", out)
+	}
+	if !strings.Contains(string(out), want) {
+		t.Fatalf("error does not say %q:\n%s", want, out)
+	}
+	links := ipOut(t, h, "ip", "-o", "link", "show")
+	if strings.Contains(links, n.Network.BridgeName()) || strings.Contains(links, n.Network.VXLANName()) {
+		t.Fatalf("refused start changed the kernel:\n%s", links)
+	}
+	if fwd := ipOut(t, h, "cat", "/proc/sys/net/ipv4/ip_forward"); strings.TrimSpace(fwd) != "0" {
+		t.Fatalf("refused start turned on forwarding")
+	}
+	hosts, owners := hostRecords(t, n)
+	if fmt.Sprint(hosts) != fmt.Sprint(hostsBefore) || fmt.Sprint(owners) != fmt.Sprint(ownersBefore) {
+		t.Fatalf("refused start changed etcd: hosts %v (was %v), blocks %v (was %v)", hosts, hostsBefore, owners, ownersBefore)
+	}
+}
 
-	notADir := filepath.Join(n.Dir, "plain-file")
-	if err := os.WriteFile(notADir, nil, 0o600); err != nil {
+// TestTeardownRefusesRunningOverlayd: teardown refuses to touch the
+// devices of an overlayd that is running, whatever data directory and
+// socket it is given.
+func TestTeardownRefusesRunningOverlayd(t *testing.T) {
+	n := newNet(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	h1 := n.Hosts[0]
+	// Another data directory with an identity of its own, and a
+	// socket nobody serves: only the namespace's lock stops it.
+	other := filepath.Join(n.Dir, "other")
+	if err := os.MkdirAll(other, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	// Ports taken inside h2's namespace, by sockets this test holds.
-	var gossipTaken, metricsTaken net.Listener
-	if err := h2.InNS(func() (err error) {
-		if gossipTaken, err = net.Listen("tcp", netip.AddrPortFrom(h2.Underlay, 7946).String()); err != nil {
-			return err
-		}
-		metricsTaken, err = net.Listen("tcp", "127.0.0.1:9476")
-		return err
-	}); err != nil {
+	if _, err := daemon.LoadIdentity(other); err != nil {
 		t.Fatal(err)
 	}
-	defer gossipTaken.Close()
-	defer metricsTaken.Close()
-
-	for _, tc := range []struct {
-		name  string
-		extra []string
-		want  string
-	}{
-		{"socket path under a file", []string{"--socket", filepath.Join(notADir, "overlayd.sock")}, "--socket"},
-		{"gossip port in use", []string{"--metrics-addr", "127.0.0.1:9477"}, "--gossip-port 7946"},
-		{"metrics address in use", []string{"--gossip-port", "7947"}, "--metrics-addr"},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			args := append(append([]string{bins.overlayd}, h2.Args()...), tc.extra...)
-			out, err := h2.Exec(ctx, args...)
-			if err == nil {
-				t.Fatalf("overlayd started:\n%s", out)
-			}
-			if !strings.Contains(string(out), tc.want) {
-				t.Fatalf("error does not name %q:\n%s", tc.want, out)
-			}
-			links := ipOut(t, h2, "ip", "-o", "link", "show")
-			if strings.Contains(links, n.Network.BridgeName()) || strings.Contains(links, n.Network.VXLANName()) {
-				t.Fatalf("refused start changed the kernel:\n%s", links)
-			}
-			if fwd := ipOut(t, h2, "cat", "/proc/sys/net/ipv4/ip_forward"); strings.TrimSpace(fwd) != "0" {
-				t.Fatalf("refused start turned on forwarding")
-			}
-			hosts, owners := hostRecords(t, n)
-			if fmt.Sprint(hosts) != fmt.Sprint(hostsBefore) || fmt.Sprint(owners) != fmt.Sprint(ownersBefore) {
-				t.Fatalf("refused start changed etcd: hosts %v (was %v), blocks %v (was %v)", hosts, hostsBefore, owners, ownersBefore)
-			}
-		})
+	args := []string{bins.overlayd, "teardown", "--data-dir", other, "--socket", filepath.Join(other, "none.sock"),
+		"--etcd-endpoints", n.EtcdEndpoint(), "--network", n.Network.Name}
+	out, err := h1.Exec(ctx, args...)
+	if err == nil || !strings.Contains(string(out), "is running") {
+		t.Fatalf("teardown beside a running overlayd = %v:\n%s", err, out)
 	}
-
-	t.Run("teardown of a running overlayd", func(t *testing.T) {
-		// Another data directory with an identity of its own, and a
-		// socket nobody serves: only the namespace's lock stops it.
-		other := filepath.Join(n.Dir, "other")
-		if err := os.MkdirAll(other, 0o700); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := daemon.LoadIdentity(other); err != nil {
-			t.Fatal(err)
-		}
-		args := []string{bins.overlayd, "teardown", "--data-dir", other, "--socket", filepath.Join(other, "none.sock"),
-			"--etcd-endpoints", n.EtcdEndpoint(), "--network", n.Network.Name}
-		out, err := h1.Exec(ctx, args...)
-		if err == nil || !strings.Contains(string(out), "is running") {
-			t.Fatalf("teardown beside a running overlayd = %v:\n%s", err, out)
-		}
-		links := ipOut(t, h1, "ip", "-o", "link", "show")
-		if !strings.Contains(links, n.Network.BridgeName()) || !strings.Contains(links, n.Network.VXLANName()) {
-			t.Fatalf("teardown removed the devices of a running overlayd:\n%s", links)
-		}
-	})
+	links := ipOut(t, h1, "ip", "-o", "link", "show")
+	if !strings.Contains(links, n.Network.BridgeName()) || !strings.Contains(links, n.Network.VXLANName()) {
+		t.Fatalf("teardown removed the devices of a running overlayd:\n%s", links)
+	}
 }
 
 // startupRE finds the start-up time in overlayd's "ready" log line.
@@ -426,4 +395,58 @@ func TestMTUChangeReachesAttachments(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestStalledSocketClientsDoNotStallADD: thousands of clients hold
+// connections to overlayd's socket, half of them having sent nothing and
+// half having stalled in the middle of a request body; ADD and DEL still
+// answer, each within a second, and overlayd keeps within its connection
+// cap. Before, such clients were held forever, and 20,000 of them used up
+// overlayd's file descriptors and stalled an ADD for 29 s.
+func TestStalledSocketClientsDoNotStallADD(t *testing.T) {
+	n := newNet(t, 1)
+	ctx := context.Background()
+	h := n.Hosts[0]
+	const stalled = 3000
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := range stalled {
+		c, err := net.Dial("unix", h.Socket)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		conns = append(conns, c)
+		if i%2 == 1 {
+			fmt.Fprintf(c, "POST /%s/add HTTP/1.1\r\nHost: overlayd\r\nContent-Length: 100\r\n\r\n{\"net", cnirpc.Version)
+		}
+	}
+	// Longer than the time after which a silent client may be cut to make
+	// room for a new one.
+	time.Sleep(1500 * time.Millisecond)
+	for i := range 5 {
+		start := time.Now()
+		c, err := n.AddContainer(ctx, h, fmt.Sprintf("busy%d", i))
+		if err != nil {
+			t.Fatalf("ADD %d with %d stalled clients: %v", i, stalled, err)
+		}
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("ADD %d took %s with %d stalled clients", i, took, stalled)
+		}
+		start = time.Now()
+		if err := n.DelContainer(ctx, c); err != nil {
+			t.Fatalf("DEL %d: %v", i, err)
+		}
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("DEL %d took %s with %d stalled clients", i, took, stalled)
+		}
+	}
+	pid := strings.TrimSpace(ipOut(t, h, "pgrep", "-f", "--", "--data-dir "+h.DataDir+" "))
+	out := ipOut(t, h, "sh", "-c", "ls /proc/"+pid+"/fd | wc -l")
+	if fds, _ := strconv.Atoi(strings.TrimSpace(out)); fds > 1200 {
+		t.Errorf("overlayd holds %d file descriptors with %d clients waiting: the connection cap does not hold", fds, stalled)
+	}
 }
