@@ -351,15 +351,7 @@ func TestEtcdOutage(t *testing.T) {
 	n := newNet(t, 3)
 	ctx := context.Background()
 	h1, h2, h3 := n.Hosts[0], n.Hosts[1], n.Hosts[2]
-	a, err := n.AddContainer(ctx, h2, "a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := n.AddContainer(ctx, h3, "b")
-	if err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 20*time.Second, "ping across hosts", func() error { return a.Ping(ctx, b.Addr.Addr(), 1) })
+	a, b := pair(t, n, h2, "a", h3, "b")
 	routesBefore := ipOut(t, h2, "ip", "-4", "route", "show", "dev", n.Network.VXLANName())
 
 	// Host 1 runs the embedded etcd: stopping it takes etcd away.

@@ -108,6 +108,23 @@ func ipOut(t *testing.T, h *simnet.Host, args ...string) string {
 	return string(out)
 }
 
+// pair adds a container named a on host ha and one named b on host hb,
+// and waits until a reaches b across the overlay.
+func pair(t *testing.T, n *simnet.Net, ha *simnet.Host, a string, hb *simnet.Host, b string) (*simnet.Container, *simnet.Container) {
+	t.Helper()
+	ctx := context.Background()
+	ca, err := n.AddContainer(ctx, ha, a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb, err := n.AddContainer(ctx, hb, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "ping across hosts", func() error { return ca.Ping(ctx, cb.Addr.Addr(), 1) })
+	return ca, cb
+}
+
 // TestCrossHostReachability: 3 hosts with 2 containers each; every
 // container reaches every other, across hosts.
 func TestCrossHostReachability(t *testing.T) {
@@ -155,15 +172,7 @@ func TestRestartKeepsFlowsAndBlock(t *testing.T) {
 	n := newNet(t, 3)
 	ctx := context.Background()
 	h1, h2 := n.Hosts[0], n.Hosts[1]
-	client, err := n.AddContainer(ctx, h1, "client")
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err := n.AddContainer(ctx, h2, "server")
-	if err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 20*time.Second, "ping across hosts", func() error { return client.Ping(ctx, server.Addr.Addr(), 1) })
+	client, server := pair(t, n, h1, "client", h2, "server")
 
 	// A round trip slower than a second means the restart cut the flow
 	// for a while, even if TCP's retransmissions then hid it.

@@ -99,15 +99,7 @@ func TestGatewayMACSurvivesAddAndDel(t *testing.T) {
 	n := newNet(t, 2)
 	ctx := context.Background()
 	h1, h2 := n.Hosts[0], n.Hosts[1]
-	client, err := n.AddContainer(ctx, h1, "client")
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err := n.AddContainer(ctx, h2, "server")
-	if err != nil {
-		t.Fatal(err)
-	}
-	eventually(t, 20*time.Second, "ping across hosts", func() error { return client.Ping(ctx, server.Addr.Addr(), 1) })
+	client, server := pair(t, n, h1, "client", h2, "server")
 	bridgeMAC := func() string {
 		out := ipOut(t, h1, "cat", "/sys/class/net/"+n.Network.BridgeName()+"/address")
 		return strings.TrimSpace(out)
