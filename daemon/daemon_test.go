@@ -325,6 +325,21 @@ func TestReleaseOrphans(t *testing.T) {
 	}
 }
 
+// attached adds container id to h and marks its host veth attached, as
+// the plugin leaves it after ADD; it returns the request, the veth's name
+// and the attachment.
+func attached(t *testing.T, h *CNIHandler, links *fakeLinks, id string) (cnirpc.Request, string, cnirpc.Attachment) {
+	t.Helper()
+	req := cnirpc.Request{Network: "default", ContainerID: id, IfName: "eth0"}
+	a, err := h.Add(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: id, IfName: "eth0"})
+	links.set(name, hostlink.Attached)
+	return req, name, a
+}
+
 // TestDelReleasesBeforeItAnswers: DEL answers once the veth is detached
 // and the address released, so that the same static address can be given
 // at once to a container recreated with it, while the kernel still
@@ -332,13 +347,7 @@ func TestReleaseOrphans(t *testing.T) {
 func TestDelReleasesBeforeItAnswers(t *testing.T) {
 	ctx := context.Background()
 	h, _, _, links := newHandlerLinks(t)
-	req := cnirpc.Request{Network: "default", ContainerID: "c", IfName: "eth0"}
-	a, err := h.Add(ctx, req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
-	links.set(name, hostlink.Attached)
+	req, name, a := attached(t, h, links, "c")
 	links.release = make(chan struct{}) // the kernel is slow to delete
 	if err := h.Del(ctx, req); err != nil {
 		t.Fatal(err)
@@ -375,13 +384,7 @@ func TestDelReleasesBeforeItAnswers(t *testing.T) {
 func TestCheckFailsForStaleMTU(t *testing.T) {
 	ctx := context.Background()
 	h, _, _, links := newHandlerLinks(t)
-	req := cnirpc.Request{Network: "default", ContainerID: "old", IfName: "eth0"}
-	al, err := h.Add(ctx, req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "old", IfName: "eth0"})
-	links.set(name, hostlink.Attached)
+	req, name, al := attached(t, h, links, "old")
 	if _, err := h.Check(ctx, req); err != nil {
 		t.Fatalf("CHECK at the network's MTU: %v", err)
 	}
