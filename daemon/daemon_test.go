@@ -399,3 +399,36 @@ func TestCheckFailsForStaleMTU(t *testing.T) {
 		t.Fatalf("StaleMTU = %v, want the old container", stale)
 	}
 }
+
+// TestStartingAnswers: while overlayd starts, ADD, CHECK and GC get "try
+// again later" at once, STATUS says it is not ready, and DEL deletes the
+// host veth as the plugin does when overlayd is down.
+func TestStartingAnswers(t *testing.T) {
+	ctx := context.Background()
+	links := &fakeLinks{state: map[string]hostlink.State{}}
+	s := starting{network: "default", links: links}
+	req := cnirpc.Request{Network: "default", ContainerID: "c", IfName: "eth0"}
+	if _, err := s.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
+		t.Errorf("ADD while starting = %v, want code 11", err)
+	}
+	if _, err := s.Check(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
+		t.Errorf("CHECK while starting = %v, want code 11", err)
+	}
+	if _, err := s.GC(ctx, cnirpc.GCRequest{Network: "default"}); code(err) != cnirpc.CodeTryAgainLater {
+		t.Errorf("GC while starting = %v, want code 11", err)
+	}
+	if st, err := s.Status(ctx, "default"); err != nil || st.Ready || st.Reason == "" {
+		t.Errorf("STATUS while starting = %+v, %v; want not ready, with a reason", st, err)
+	}
+	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
+	links.set(name, hostlink.Attached)
+	if err := s.Del(ctx, req); err != nil {
+		t.Fatalf("DEL while starting: %v", err)
+	}
+	if st, _ := links.State(name); st != hostlink.Gone {
+		t.Errorf("DEL while starting left the veth %v", st)
+	}
+	if err := s.Del(ctx, cnirpc.Request{Network: "other", ContainerID: "c", IfName: "eth0"}); code(err) != cnirpc.CodeInvalidNetwork {
+		t.Errorf("DEL of another network while starting = %v, want code 7", err)
+	}
+}
