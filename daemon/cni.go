@@ -118,13 +118,18 @@ func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
 	if err := d.links.Detach(name); err != nil {
 		return &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: "del: detach the host veth " + name, Details: err.Error()}
 	}
+	// Pending before released: an ADD of the same interface from now on
+	// waits for the old veth to go.
+	done, first := d.startPending(key)
 	rctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	err := d.pool.Release(rctx, key)
 	cancel()
 	if err != nil {
 		d.log.Warn("releasing an address failed; retrying in the background", "container", key.ContainerID, "ifname", key.IfName, "err", err)
 	}
-	d.deleteLater(key, name, err == nil)
+	if first {
+		go d.finishDelete(key, name, err == nil, done)
+	}
 	return nil
 }
 
@@ -148,40 +153,43 @@ func (d *CNIHandler) waitPending(ctx context.Context, key overlay.AttachmentKey)
 // veth's deletion.
 const releaseRetry = 30 * time.Second
 
-// deleteLater deletes the host veth name and makes the release of key's
-// address durable, releasing it first unless released, in the background,
-// unless that is already under way. An ADD of key waits for it.
-func (d *CNIHandler) deleteLater(key overlay.AttachmentKey, name string, released bool) {
+// startPending marks a deletion of key pending and returns the channel to
+// close when it is done, and true; or, when one is pending already, false.
+func (d *CNIHandler) startPending(key overlay.AttachmentKey) (chan struct{}, bool) {
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	if _, ok := d.pending[key]; ok {
-		d.mu.Unlock()
-		return
+		return nil, false
 	}
 	done := make(chan struct{})
 	d.pending[key] = done
-	d.mu.Unlock()
-	go func() {
-		defer func() {
-			d.mu.Lock()
-			delete(d.pending, key)
-			d.mu.Unlock()
-			close(done)
-		}()
-		ok := d.retry(key, "releasing an address", func(ctx context.Context) error {
-			if !released {
-				if err := d.pool.Release(ctx, key); err != nil {
-					return err
-				}
-				released = true
-			}
-			return d.pool.Flush(ctx)
-		})
-		if !ok {
-			return
-		}
-		d.log.Info("released", "container", key.ContainerID, "ifname", key.IfName)
-		d.retry(key, "deleting the host veth "+name, func(context.Context) error { return d.links.Delete(name) })
+	return done, true
+}
+
+// finishDelete makes the release of key's address durable, releasing it
+// first unless released, then deletes the host veth name, and then ends
+// the pending deletion by closing done.
+func (d *CNIHandler) finishDelete(key overlay.AttachmentKey, name string, released bool, done chan struct{}) {
+	defer func() {
+		d.mu.Lock()
+		delete(d.pending, key)
+		d.mu.Unlock()
+		close(done)
 	}()
+	ok := d.retry(key, "releasing an address", func(ctx context.Context) error {
+		if !released {
+			if err := d.pool.Release(ctx, key); err != nil {
+				return err
+			}
+			released = true
+		}
+		return d.pool.Flush(ctx)
+	})
+	if !ok {
+		return
+	}
+	d.log.Info("released", "container", key.ContainerID, "ifname", key.IfName)
+	d.retry(key, "deleting the host veth "+name, func(context.Context) error { return d.links.Delete(name) })
 }
 
 // retry calls fn until it succeeds, and reports true, or overlayd stops,

@@ -161,13 +161,19 @@ func newHandlerLinks(t *testing.T) (*CNIHandler, *overlaytest.Store, *overlay.St
 	return h, store, st, links
 }
 
-// released waits until the handler holds no address for key.
+// released waits until the handler holds no address for key and its
+// deletion is no longer pending.
 func released(t *testing.T, h *CNIHandler, id string) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
 	for {
-		_, err := h.Check(context.Background(), cnirpc.Request{Network: "default", ContainerID: id, IfName: "eth0"})
+		_, err := h.Check(ctx, cnirpc.Request{Network: "default", ContainerID: id, IfName: "eth0"})
 		if code(err) == cnirpc.CodeUnknownContainer {
+			if err := h.waitPending(ctx, overlay.AttachmentKey{ContainerID: id, IfName: "eth0"}); err != nil {
+				t.Fatalf("%s: deletion still pending: %v", id, err)
+			}
 			return
 		}
 		if time.Now().After(deadline) {
