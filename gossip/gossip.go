@@ -10,6 +10,7 @@
 package gossip
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -427,6 +428,13 @@ func (g *Gossip) SetKeys(keys [][]byte) error {
 	if len(keys) == 0 {
 		return fmt.Errorf("gossip: set keys: %w", ErrNoKeys)
 	}
+	// Every key checked before the ring changes, so that a bad one
+	// leaves it as it was.
+	for _, k := range keys {
+		if err := memberlist.ValidateKey(k); err != nil {
+			return fmt.Errorf("gossip: set keys: %w", err)
+		}
+	}
 	// Add before use before remove: a message is never refused that
 	// either the old or the new set accepts.
 	for _, k := range keys {
@@ -437,8 +445,10 @@ func (g *Gossip) SetKeys(keys [][]byte) error {
 	if err := g.keyring.UseKey(keys[0]); err != nil {
 		return fmt.Errorf("gossip: set keys: %w", err)
 	}
-	for _, old := range g.keyring.GetKeys() {
-		if !slices.ContainsFunc(keys, func(k []byte) bool { return string(k) == string(old) }) {
+	// GetKeys returns the ring's own slice, which RemoveKey shifts in
+	// place: range over a copy, or keys are skipped.
+	for _, old := range slices.Clone(g.keyring.GetKeys()) {
+		if !slices.ContainsFunc(keys, func(k []byte) bool { return bytes.Equal(k, old) }) {
 			if err := g.keyring.RemoveKey(old); err != nil {
 				return fmt.Errorf("gossip: set keys: %w", err)
 			}

@@ -154,3 +154,23 @@ func TestKeyRotation(t *testing.T) {
 		t.Errorf("SetKeys without encryption = %v, want ErrNotEncrypted", err)
 	}
 }
+
+// TestSetKeysRemovesEveryOldKey: cutting a ring of several keys down to
+// one leaves that one alone, whatever the order of the others; a bad key
+// changes nothing.
+func TestSetKeysRemovesEveryOldKey(t *testing.T) {
+	k1, k2, k3, k4 := testKey(1), testKey(2), testKey(3), testKey(4)
+	m := newMember(t, 0, nil, withKeys(k1, k2, k3, k4))
+	if err := m.SetKeys([][]byte{k4}); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.keyring.GetKeys(); !reflect.DeepEqual(got, [][]byte{k4}) {
+		t.Fatalf("keys after SetKeys([k4]) = %d keys %v, want only k4", len(got), got)
+	}
+	if err := m.SetKeys([][]byte{k1, []byte("short")}); err == nil {
+		t.Fatal("SetKeys accepted a 5-byte key")
+	}
+	if got := m.keyring.GetKeys(); !reflect.DeepEqual(got, [][]byte{k4}) {
+		t.Fatalf("a refused SetKeys changed the ring: %v", got)
+	}
+}
