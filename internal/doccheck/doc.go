@@ -4,7 +4,7 @@
 // docs/metrics.md. It has no code of its own.
 //
 // A log message is quoted in the docs as the text handler prints it:
-// msg="copying allocations to etcd failed" or msg=ready. It must be a
-// string literal of the code, part of one, or two literals joined (the
-// code builds some messages as "added "+kind).
+// msg="allocations copied to etcd again" or msg=ready. It must be a
+// string literal of the code, whole, or two literals joined (the code
+// builds some messages as "added "+kind).
 package doccheck

@@ -103,11 +103,13 @@ func readSource(t *testing.T) source {
 	return src
 }
 
-// hasMessage reports whether msg is (part of) a literal, or two literals
-// joined.
+// hasMessage reports whether msg is a literal, or two literals joined.
 func (s source) hasMessage(msg string) bool {
+	if msg == "" {
+		return false
+	}
 	for _, l := range s.literals {
-		if strings.Contains(l, msg) {
+		if l == msg {
 			return true
 		}
 		if rest, ok := strings.CutPrefix(msg, l); ok && l != "" && slices.Contains(s.literals, rest) {
