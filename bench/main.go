@@ -16,7 +16,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -29,7 +28,6 @@ import (
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
-	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -276,59 +274,57 @@ func concurrentAdds(ctx context.Context, net *simnet.Net, cfg *libcni.CNIConfig,
 	return nil
 }
 
-// report prints the median, p90 and max of d, and when base is given the
-// same for it and the ratio of the medians.
 // deadHostStarts restarts h samples times with two registered hosts whose
 // gossip addresses answer nothing, and as often without them, alternating,
 // and returns the start-to-ready times without and with. h is left
 // running, with the dead hosts' records removed.
 func deadHostStarts(ctx context.Context, net *simnet.Net, h *simnet.Host, samples int) (clean, dead []time.Duration, err error) {
-	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{net.EtcdEndpoint()}})
+	store, closeStore, err := net.Store(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
-	defer cli.Close()
-	store := etcd.NewStore(cli, "")
-	ids := []overlay.HostID{"bench-gone-1", "bench-gone-2"}
-	register := func(on bool) error {
-		for i, id := range ids {
-			if !on {
-				if err := store.DeleteHost(ctx, id); err != nil {
-					return err
-				}
-				continue
-			}
-			addr := netip.AddrFrom4([4]byte{198, 18, 0, byte(201 + i)})
-			rec := etcd.HostRecord{Host: id, Underlay: addr, VTEPMAC: "02:00:00:00:0b:0" + fmt.Sprint(i+1),
-				Gossip: netip.AddrPortFrom(addr, 7946).String(), Updated: time.Now().UTC()}
-			if err := store.RegisterHost(ctx, rec); err != nil {
+	defer closeStore()
+	var gone []overlay.HostID
+	removeGone := func() error {
+		for _, id := range gone {
+			if err := store.DeleteHost(ctx, id); err != nil {
 				return err
 			}
 		}
+		gone = nil
 		return nil
 	}
-	for range samples {
-		for _, on := range []bool{false, true} {
-			if err := h.Stop(); err != nil {
-				return nil, nil, err
-			}
-			if err := register(on); err != nil {
-				return nil, nil, err
-			}
-			t := time.Now()
-			if err := h.Start(ctx); err != nil {
-				return nil, nil, err
-			}
-			if on {
-				dead = append(dead, time.Since(t))
-			} else {
-				clean = append(clean, time.Since(t))
-			}
+	defer removeGone()
+	restart := func() (time.Duration, error) {
+		if err := h.Stop(); err != nil {
+			return 0, err
 		}
+		t := time.Now()
+		err := h.Start(ctx)
+		return time.Since(t), err
 	}
-	return clean, dead, register(false)
+	for range samples {
+		if err := removeGone(); err != nil {
+			return nil, nil, err
+		}
+		d, err := restart()
+		if err != nil {
+			return nil, nil, err
+		}
+		clean = append(clean, d)
+		if gone, err = simnet.RegisterGoneHosts(ctx, store, 2); err != nil {
+			return nil, nil, err
+		}
+		if d, err = restart(); err != nil {
+			return nil, nil, err
+		}
+		dead = append(dead, d)
+	}
+	return clean, dead, removeGone()
 }
 
+// report prints the median, p90 and max of d, and when base is given the
+// same for it and the ratio of the medians.
 func report(name string, d, base []time.Duration, baseName string) {
 	fmt.Printf("  %-34s %s\n", name+":", stats(d))
 	if base != nil {

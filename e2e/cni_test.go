@@ -21,7 +21,6 @@ import (
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
-	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -379,12 +378,7 @@ func TestEtcdOutage(t *testing.T) {
 	if err := h1.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{n.EtcdEndpoint()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
-	store := etcd.NewStore(cli, "")
+	store := etcdStore(t, n)
 	eventually(t, 30*time.Second, "the allocation made during the outage is in etcd", func() error {
 		rec, err := store.Holder(ctx, n.Network, during.Addr.Addr())
 		if err != nil {

@@ -164,18 +164,26 @@ func TestGatewayMACSurvivesAddAndDel(t *testing.T) {
 	t.Logf("%d echo round trips; gateway MAC %s throughout", rounds.Load(), before)
 }
 
+// etcdStore returns the store of n's etcd, closed when the test ends.
+func etcdStore(t *testing.T, n *simnet.Net) *etcd.Store {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	store, closeStore, err := n.Store(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { closeStore() })
+	return store
+}
+
 // hostRecords returns the host IDs registered in etcd and the owners of
 // the network's blocks.
 func hostRecords(t *testing.T, n *simnet.Net) (hosts []overlay.HostID, owners map[netip.Prefix]overlay.HostID) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{n.EtcdEndpoint()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
-	store := etcd.NewStore(cli, "")
+	store := etcdStore(t, n)
 	recs, err := store.Hosts(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -262,18 +270,8 @@ func TestDeadHostsDoNotDelayStart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	h2 := n.Hosts[1]
-	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{n.EtcdEndpoint()}})
-	if err != nil {
+	if _, err := simnet.RegisterGoneHosts(ctx, etcdStore(t, n), 2); err != nil {
 		t.Fatal(err)
-	}
-	defer cli.Close()
-	store := etcd.NewStore(cli, "")
-	for i, addr := range []string{"198.18.0.201", "198.18.0.202"} {
-		id := overlay.HostID(fmt.Sprintf("gone%d", i))
-		if err := store.RegisterHost(ctx, etcd.HostRecord{Host: id, Underlay: netip.MustParseAddr(addr),
-			VTEPMAC: daemon.VTEPMAC(id).String(), Gossip: addr + ":7946", Updated: time.Now().UTC()}); err != nil {
-			t.Fatal(err)
-		}
 	}
 	if err := h2.Stop(); err != nil {
 		t.Fatal(err)
