@@ -77,10 +77,12 @@ func notNetNS(path, what string) *types.Error {
 
 // netNSMismatch says what the open file fd is instead of a network
 // namespace ("a regular file", "a directory", "a mount namespace"), or
-// "" when it is one or when the kernel cannot tell before setns(2): a
-// namespace file lives in nsfs since Linux 3.19 (in procfs before), and
-// nsfs says which type of namespace it is since Linux 4.11. On those old
-// kernels what slips through fails in NewHandleAt, with code 999.
+// "" when it is one or when the kernel cannot tell before setns(2): nsfs
+// says which type of namespace a file is since Linux 4.11, and on older
+// kernels a namespace of another type fails in NewHandleAt, with code
+// 999. A namespace file lives in nsfs since Linux 3.19 (kernels before
+// it, from 2015, are refused); anything else, /proc/<pid>/ns or
+// /proc/<pid>/status included, is named for what it is.
 func netNSMismatch(fd int) (string, error) {
 	var fs unix.Statfs_t
 	if err := unix.Fstatfs(fd, &fs); err != nil {
@@ -88,8 +90,6 @@ func netNSMismatch(fd int) (string, error) {
 	}
 	switch int64(fs.Type) {
 	case unix.NSFS_MAGIC:
-	case unix.PROC_SUPER_MAGIC:
-		return "", nil // before Linux 3.19
 	default:
 		var st unix.Stat_t
 		if err := unix.Fstat(fd, &st); err != nil {

@@ -18,8 +18,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// notNetNSPaths returns, by what they are, paths that exist but are not
-// network namespaces, made for t where they need to be.
+// notNetNSPaths returns paths that exist but are not network namespaces,
+// with what each is, made for t where they need to be. The procfs ones
+// are mistakes a runtime could make next to /proc/<pid>/ns/net.
 func notNetNSPaths(t *testing.T) map[string]string {
 	t.Helper()
 	dir := t.TempDir()
@@ -32,10 +33,12 @@ func notNetNSPaths(t *testing.T) map[string]string {
 		t.Fatal(err)
 	}
 	return map[string]string{
-		"a regular file":     file,
-		"a directory":        dir,
-		"a named pipe":       fifo,
-		"a character device": os.DevNull,
+		file:                "a regular file",
+		dir:                 "a directory",
+		fifo:                "a named pipe",
+		os.DevNull:          "a character device",
+		"/proc/self/ns":     "a directory",
+		"/proc/self/status": "a regular file",
 	}
 }
 
@@ -68,7 +71,7 @@ func TestOpenNetNS(t *testing.T) {
 	tellsType := !errors.Is(err, unix.ENOTTY)
 	ns.Close()
 
-	for what, path := range notNetNSPaths(t) {
+	for path, what := range notNetNSPaths(t) {
 		t.Run(what, func(t *testing.T) {
 			done := make(chan error, 1)
 			go func() {
@@ -154,7 +157,7 @@ func TestVerbsWithNotANetNS(t *testing.T) {
 	f := newFakeOverlayd(t)
 	conf := []byte(`{"cniVersion":"1.1.0","name":"overlay","type":"overlay-cni","socket":"` + f.socket + `"}`)
 	p := &plugin{}
-	for what, path := range notNetNSPaths(t) {
+	for path, what := range notNetNSPaths(t) {
 		t.Run(what, func(t *testing.T) {
 			args := &skel.CmdArgs{ContainerID: "notnetns", Netns: path, IfName: "eth0", StdinData: conf}
 			wantCode8(t, p.cmdAdd(args), path, what)
