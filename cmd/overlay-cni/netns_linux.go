@@ -16,36 +16,48 @@ import (
 // a network namespace: what the runtime should pass instead.
 const netNSHint = "CNI_NETNS must be the path of a network namespace: /proc/<pid>/ns/net, or a bind mount of it such as /run/netns/<name>"
 
-// container is the container's network namespace and a route netlink
-// handle in it. It is not safe for concurrent use.
+// container is the container's network namespace and, once needed, a
+// route netlink handle in it. It is not safe for concurrent use.
 type container struct {
 	ns     netns.NsHandle
-	handle *netlink.Handle
+	handle *netlink.Handle // nil until Handle is first called
 }
 
-// openContainer opens the network namespace at path (CNI_NETNS) and a
-// route netlink handle in it. A path that cannot be opened, or that is
-// not a network namespace (a regular file, a directory, a namespace of
-// another type), gives a CNI error with code 8 naming it. Close releases
-// both.
+// openContainer opens the network namespace at path (CNI_NETNS). A path
+// that cannot be opened, or that is not a network namespace (a regular
+// file, a directory, a namespace of another type), gives a CNI error with
+// code 8 naming it. Close releases it.
 func openContainer(path string) (*container, error) {
 	ns, err := openNetNS(path)
 	if err != nil {
 		return nil, err
 	}
-	// A route socket only: a handle opens one socket per family it is
-	// given, each through a namespace switch.
-	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
-	if err != nil {
-		ns.Close()
-		return nil, types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
-	}
-	return &container{ns: ns, handle: h}, nil
+	return &container{ns: ns}, nil
 }
 
-// Close releases the netlink handle and the namespace.
+// Handle returns a route netlink handle in the namespace, opened on the
+// first call. Opening one switches the thread's namespace twice: an ADD
+// does it after overlayd's early answer, while overlayd flushes the
+// allocation, not before its request.
+func (c *container) Handle() (*netlink.Handle, error) {
+	if c.handle != nil {
+		return c.handle, nil
+	}
+	// A route socket only: a handle opens one socket per family it is
+	// given, each through a namespace switch.
+	h, err := netlink.NewHandleAt(c.ns, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, types.NewError(types.ErrInternal, "netlink in the container namespace", err.Error())
+	}
+	c.handle = h
+	return h, nil
+}
+
+// Close releases the netlink handle, if any, and the namespace.
 func (c *container) Close() {
-	c.handle.Close()
+	if c.handle != nil {
+		c.handle.Close()
+	}
 	c.ns.Close()
 }
 

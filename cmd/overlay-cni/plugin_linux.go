@@ -36,14 +36,20 @@ func attach(conf *NetConf, args *skel.CmdArgs, cont *container, att cnirpc.Attac
 		// An existing interface is found out here rather than looked for
 		// beforehand: the lookup would cost every ADD a round trip.
 		if errors.Is(err, unix.EEXIST) {
-			if _, lerr := cont.handle.LinkByName(args.IfName); lerr == nil {
-				return nil, types.NewError(types.ErrInternal, fmt.Sprintf("interface %q already exists in the container", args.IfName), err.Error())
+			if h, herr := cont.Handle(); herr == nil {
+				if _, lerr := h.LinkByName(args.IfName); lerr == nil {
+					return nil, types.NewError(types.ErrInternal, fmt.Sprintf("interface %q already exists in the container", args.IfName), err.Error())
+				}
 			}
 			return nil, types.NewError(types.ErrInternal, fmt.Sprintf("host interface %s already exists: this container interface is attached already", hostName), err.Error())
 		}
 		return nil, types.NewError(types.ErrInternal, fmt.Sprintf("create veth %s/%s", hostName, args.IfName), err.Error())
 	}
-	result, err := configure(cont.handle, hostName, hostMAC, args, att)
+	var result *current.Result
+	h, err := cont.Handle()
+	if err == nil {
+		result, err = configure(h, hostName, hostMAC, args, att)
+	}
 	if err == nil {
 		err = confirm()
 	}
@@ -152,7 +158,11 @@ func prefixIPNet(p netip.Prefix) *net.IPNet {
 // checkNamespace checks the interface in the container's namespace cont
 // against overlayd's attachment.
 func checkNamespace(cont *container, args *skel.CmdArgs, att cnirpc.Attachment) error {
-	return checkContainer(cont.handle, args.IfName, att)
+	h, err := cont.Handle()
+	if err != nil {
+		return err
+	}
+	return checkContainer(h, args.IfName, att)
 }
 
 // checkContainer verifies that the container interface holds overlayd's
