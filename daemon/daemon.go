@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -107,9 +106,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer os.Remove(cfg.Socket)
 	cniLog := log.With("component", "cni")
+	m := metrics.New()
+	// Every request is counted, those a starting overlayd answers too.
 	var cniHandler switchHandler
 	cniHandler.Set(rpcserver.NewHandler(starting{network: cfg.Network.Name, links: hostlink.New(h)}, cniLog))
-	srv := rpcserver.NewServer(&cniHandler, rpcserver.DefaultServerConfig(), cniLog)
+	srv := rpcserver.NewServer(rpcserver.Observed(&cniHandler, m.ObserveCNI), rpcserver.DefaultServerConfig(), cniLog)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	defer srv.Close()
@@ -122,7 +123,6 @@ func Run(ctx context.Context, cfg Config) error {
 		defer metricsListener.Close()
 	}
 
-	m := metrics.New()
 	// Gossip starts before the reconciler exists (the reconciler reads
 	// its members); its callbacks find the reconciler here once it does.
 	var recPtr atomic.Pointer[overlay.Reconciler]
@@ -214,7 +214,7 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("containers created before the MTU changed keep their old MTU, and CHECK fails for them: recreate them",
 			"network", network.Name, "mtu", local.MTU, "containers", ids)
 	}
-	cniHandler.Set(rpcserver.NewObservedHandler(handler, cniLog, d.observeCNI))
+	cniHandler.Set(rpcserver.NewHandler(handler, cniLog))
 	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac.String(), "mtu", local.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
@@ -526,11 +526,4 @@ func (d *daemon) registerMetrics() {
 	m.CounterFunc("gossip", "rejected_metadata_total", "Gossip metadata rejected as malformed.", nil, func() float64 {
 		return float64(d.gossip.Stats().RejectedMetas)
 	})
-}
-
-// observeCNI counts and times CNI socket requests by operation and the
-// status of their outcome.
-func (d *daemon) observeCNI(op string, status int, took time.Duration) {
-	d.metrics.CNIDuration.WithLabelValues(op).Observe(took.Seconds())
-	d.metrics.CNIRequests.WithLabelValues(op, strconv.Itoa(status)).Inc()
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -56,6 +57,13 @@ func New() *Metrics {
 		m.CNIRequests, m.CNIDuration, m.MirrorFailures,
 	)
 	return m
+}
+
+// ObserveCNI counts and times one CNI socket request by operation and the
+// HTTP status of its outcome (an rpcserver.Observe).
+func (m *Metrics) ObserveCNI(op string, status int, took time.Duration) {
+	m.CNIDuration.WithLabelValues(op).Observe(took.Seconds())
+	m.CNIRequests.WithLabelValues(op, strconv.Itoa(status)).Inc()
 }
 
 // GaugeFunc registers a gauge whose value fn reads at scrape time; fn

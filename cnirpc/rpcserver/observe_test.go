@@ -37,8 +37,8 @@ func TestObserveCountsOutcomes(t *testing.T) {
 		got = append(got, seen{op, status})
 	}
 	log := slog.New(slog.DiscardHandler)
-	ok := rpcserver.NewObservedHandler(&fakeHandler{}, log, observe)
-	failing := rpcserver.NewObservedHandler(&failingFlush{&fakeHandler{}}, log, observe)
+	ok := rpcserver.Observed(rpcserver.NewHandler(&fakeHandler{}, log), observe)
+	failing := rpcserver.Observed(rpcserver.NewHandler(&failingFlush{&fakeHandler{}}, log), observe)
 	add := `{"network":"default","containerID":"c","ifName":"eth0"}`
 	early := `{"network":"default","containerID":"c","ifName":"eth0","early":true}`
 	for _, tc := range []struct {

@@ -55,12 +55,12 @@ type Handler interface {
 	GC(ctx context.Context, r cnirpc.GCRequest) (cnirpc.GCResponse, error)
 }
 
-// Ops are the operations of the protocol, as Observe names them; any
+// ops are the operations of the protocol, as Observe names them; any
 // other request path is "other".
-var Ops = []string{"add", "check", "del", "gc", "status", "other"}
+var ops = [...]string{"add", "check", "del", "gc", "status"}
 
 // Observe is told the outcome of each request once it is complete: its
-// operation (one of Ops, so the set of values is bounded whatever path a
+// operation ("add", "check", "del", "gc", "status" or "other", so the set of values is bounded whatever path a
 // client sends), the HTTP status of its outcome, and how long it took. For
 // an early ADD, the outcome is the confirmation's: an ADD whose allocation
 // failed to reach the disk after its early answer counts as the error
@@ -70,26 +70,22 @@ var Ops = []string{"add", "check", "del", "gc", "status", "other"}
 type Observe func(op string, status int, took time.Duration)
 
 // NewHandler returns the HTTP handler of the protocol over h.
-func NewHandler(h Handler, log *slog.Logger) http.Handler { return NewObservedHandler(h, log, nil) }
+func NewHandler(h Handler, log *slog.Logger) http.Handler { return newMux(h, log) }
 
-// NewObservedHandler returns the HTTP handler of the protocol over h,
-// which tells observe (unless nil) the outcome of every request.
-func NewObservedHandler(h Handler, log *slog.Logger, observe Observe) http.Handler {
-	mux := newMux(h, log)
-	if observe == nil {
-		return mux
-	}
+// Observed returns next, a handler of NewHandler's or one in front of
+// it, telling observe the outcome of every request.
+func Observed(next http.Handler, observe Observe) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		ow := &outcomeWriter{ResponseWriter: w, status: http.StatusOK}
-		mux.ServeHTTP(ow, r)
+		next.ServeHTTP(ow, r)
 		observe(opOf(r.URL.Path), ow.status, time.Since(start))
 	})
 }
 
 // opOf returns the operation of a request path, or "other".
 func opOf(path string) string {
-	if op, ok := strings.CutPrefix(path, "/"+cnirpc.Version+"/"); ok && slices.Contains(Ops, op) {
+	if op, ok := strings.CutPrefix(path, "/"+cnirpc.Version+"/"); ok && slices.Contains(ops[:], op) {
 		return op
 	}
 	return "other"
