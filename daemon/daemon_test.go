@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/overlay"
 	"github.com/overlaynet/overlay/overlay/hostlink"
 	"github.com/overlaynet/overlay/overlay/overlaytest"
@@ -436,5 +437,16 @@ func TestStartingAnswers(t *testing.T) {
 	}
 	if err := s.Del(ctx, cnirpc.Request{Network: "other", ContainerID: "c", IfName: "eth0"}); code(err) != cnirpc.CodeInvalidNetwork {
 		t.Errorf("DEL of another network while starting = %v, want code 7", err)
+	}
+}
+
+// TestSocketWriteTimeoutCoversADD: the socket's write timeout is no
+// shorter than the longest ADD overlayd serves: a body read within the
+// read timeout, then an allocation and a flush bounded by storeTimeout
+// each.
+func TestSocketWriteTimeoutCoversADD(t *testing.T) {
+	cfg := rpcserver.DefaultServerConfig()
+	if need := cfg.ReadTimeout + 2*storeTimeout; cfg.WriteTimeout < need {
+		t.Errorf("WriteTimeout %s cuts an ADD that takes %s", cfg.WriteTimeout, need)
 	}
 }

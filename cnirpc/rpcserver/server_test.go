@@ -498,11 +498,9 @@ func TestWriteTimeout(t *testing.T) {
 // whose body is read within ReadTimeout and whose allocation and flush
 // overlayd bounds to 10 s each.
 func TestDefaultServerConfig(t *testing.T) {
-	const storeTimeout = 10 * time.Second // daemon's bound on one store call
+	// That WriteTimeout covers the daemon's ADD is checked in package
+	// daemon, against its own bound.
 	cfg := rpcserver.DefaultServerConfig()
-	if need := cfg.ReadTimeout + 2*storeTimeout; cfg.WriteTimeout < need {
-		t.Errorf("WriteTimeout %s cuts an ADD that takes %s", cfg.WriteTimeout, need)
-	}
 	if cfg.ReadTimeout < cfg.ReadHeaderTimeout {
 		t.Errorf("ReadTimeout %s is shorter than ReadHeaderTimeout %s", cfg.ReadTimeout, cfg.ReadHeaderTimeout)
 	}
