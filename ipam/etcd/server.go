@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net/url"
 	"path/filepath"
-	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
@@ -17,7 +16,6 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/connectivity"
 )
 
 // embedStartTimeout bounds how long an embedded etcd may take to elect
@@ -58,9 +56,6 @@ const (
 	// included, so that an attempt to a member whose host does not answer
 	// at all (no refusal either) is given up and made again.
 	connectTimeout = 2 * time.Second
-	// minRedialInterval is how often a request may at most cut short the
-	// reconnect wait, see redialer.
-	minRedialInterval = 100 * time.Millisecond
 	// keepaliveTime and keepaliveTimeout: while a request or watch is
 	// open on a connection, the client pings the member after
 	// keepaliveTime without a word from it and drops the connection if
@@ -72,44 +67,8 @@ const (
 	keepaliveTimeout = 3 * time.Second
 )
 
-// redialer makes a request that finds no connection to any member, every
-// member waiting out its reconnect delay, reconnect at once instead of
-// waiting for the delay to run out: the request would otherwise wait for
-// the next attempt, and right after an outage that attempt is the one
-// that finds etcd back. It does so at most once every minRedialInterval,
-// so that many requests during an outage do not make many attempts.
-// Requests on a client with a working connection are not touched. It is
-// safe for concurrent use.
-type redialer struct {
-	last atomic.Int64 // UnixNano of the last early reconnect
-}
-
-func (r *redialer) redial(cc *grpc.ClientConn) {
-	if cc.GetState() != connectivity.TransientFailure {
-		return
-	}
-	now, last := time.Now().UnixNano(), r.last.Load()
-	if now-last < int64(minRedialInterval) || !r.last.CompareAndSwap(last, now) {
-		return
-	}
-	cc.ResetConnectBackoff()
-}
-
-func (r *redialer) unary(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoke grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-	r.redial(cc)
-	return invoke(ctx, method, req, reply, cc, opts...)
-}
-
-func (r *redialer) stream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, open grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
-	r.redial(cc)
-	return open(ctx, desc, cc, method, opts...)
-}
-
-// dialOptions are the gRPC options of every client: quick reconnects and
-// the redialer. The etcd client's own retry interceptor runs first, so
-// the redialer sees every attempt it makes.
+// dialOptions are the gRPC options of every client: quick reconnects.
 func dialOptions() []grpc.DialOption {
-	r := new(redialer)
 	return []grpc.DialOption{
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff: backoff.Config{
@@ -120,8 +79,6 @@ func dialOptions() []grpc.DialOption {
 			},
 			MinConnectTimeout: connectTimeout,
 		}),
-		grpc.WithChainUnaryInterceptor(r.unary),
-		grpc.WithChainStreamInterceptor(r.stream),
 	}
 }
 
@@ -132,8 +89,7 @@ func dialOptions() []grpc.DialOption {
 // The client's requests wait for a connection to a member until their
 // context is done, so every request needs a bound (Store's methods bound
 // those whose context has none). A member that goes away is redialled
-// every half second or so, and at once when a request finds no member
-// connected. A connection to a member that died without closing it is
+// every half second or so, however long it has been away. A connection to a member that died without closing it is
 // dropped after about 13 s of silence while a request or watch is open on
 // it (keepaliveTime and keepaliveTimeout); requests then go to the
 // members still connected.

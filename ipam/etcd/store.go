@@ -54,9 +54,9 @@ func bound(ctx context.Context) (context.Context, context.CancelFunc) {
 
 // Store reads and writes overlay state in etcd. It is safe for concurrent
 // use. Its methods block on etcd until it answers or ctx is done, and
-// never longer than requestTimeout (10 s) when ctx has no deadline: a
-// caller that needs an answer sooner, such as a reconcile pass, bounds
-// ctx itself. During an outage they fail when ctx is done; the caller
+// never longer than requestTimeout (10 s) when ctx has no deadline,
+// but for WatchNetwork, which runs until ctx is done: a caller that needs
+// an answer sooner, such as a reconcile pass, bounds ctx itself. During an outage they fail when ctx is done; the caller
 // retries.
 type Store struct {
 	cli    *clientv3.Client
