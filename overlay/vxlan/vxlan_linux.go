@@ -37,6 +37,9 @@ func (l *Linux) Set(ctx context.Context, cfg overlay.DataplaneConfig) error {
 	if len(cfg.VTEPMAC) != len(mac{}) {
 		return fmt.Errorf("vxlan: set network %s: VTEP MAC %q is not a 6-byte Ethernet address", cfg.Network.Name, cfg.VTEPMAC)
 	}
+	if cfg.BridgeMAC != nil && len(cfg.BridgeMAC) != len(mac{}) {
+		return fmt.Errorf("vxlan: set network %s: bridge MAC %q is not a 6-byte Ethernet address", cfg.Network.Name, cfg.BridgeMAC)
+	}
 	if cfg.MTU < 0 {
 		return fmt.Errorf("vxlan: set network %s: negative MTU %d", cfg.Network.Name, cfg.MTU)
 	}
@@ -151,9 +154,6 @@ func (l *Linux) deleteLinkLocked(name string) error {
 // a port has a lower one (see bridgeMTULocked).
 func (l *Linux) ensureBridgeLocked(cfg overlay.DataplaneConfig) (netlink.Link, error) {
 	name := cfg.Network.BridgeName()
-	if cfg.BridgeMAC != nil && len(cfg.BridgeMAC) != len(mac{}) {
-		return nil, fmt.Errorf("vxlan: bridge %s: MAC %q is not a 6-byte Ethernet address", name, cfg.BridgeMAC)
-	}
 	want := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: cfg.MTU, HardwareAddr: cfg.BridgeMAC}}
 	link, err := l.h.LinkByName(name)
 	switch {
@@ -182,20 +182,21 @@ func (l *Linux) ensureBridgeLocked(cfg overlay.DataplaneConfig) (netlink.Link, e
 // oldest containers until they are gone, so that a packet routed to one of
 // them that is too large for it gets an ICMP error from the host instead
 // of being dropped silently by its veth. It logs when that starts and
-// ends. An MTU of 0 is returned as it is.
+// ends. An MTU of 0, or ports that cannot be listed, give 0: the bridge's
+// MTU is left as it is.
 func (l *Linux) bridgeMTULocked(br netlink.Link, want int) (int, error) {
 	if want <= 0 {
-		return want, nil
+		return 0, nil
 	}
 	links, err := retryDump(l.h.LinkList)
 	if err != nil {
-		err = fmt.Errorf("vxlan: list the ports of %s: %w", br.Attrs().Name, err)
+		return 0, fmt.Errorf("vxlan: list the ports of %s: %w", br.Attrs().Name, err)
 	}
-	lowest, ports := want, 0
+	lowest, below := want, 0
 	for _, p := range links {
 		if a := p.Attrs(); a.MasterIndex == br.Attrs().Index && a.MTU > 0 && a.MTU < want {
 			lowest = min(lowest, a.MTU)
-			ports++
+			below++
 		}
 	}
 	name := br.Attrs().Name
@@ -203,13 +204,13 @@ func (l *Linux) bridgeMTULocked(br netlink.Link, want int) (int, error) {
 		switch {
 		case lowest < want:
 			l.log.Warn("holding the bridge at the MTU of containers created before the MTU was raised; recreate them to use the new MTU",
-				"device", name, "mtu", lowest, "network-mtu", want, "ports", ports)
+				"device", name, "mtu", lowest, "network-mtu", want, "containers", below)
 		case l.heldMTU[name] != 0:
 			l.log.Info("bridge back at the network's MTU: no container with a lower MTU is left", "device", name, "mtu", want)
 		}
 		l.heldMTU[name] = lowest
 	}
-	return lowest, err
+	return lowest, nil
 }
 
 // ensureVXLANLocked creates the network's VXLAN device, recreates it when
