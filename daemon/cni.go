@@ -225,7 +225,7 @@ func (d *CNIHandler) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attach
 	if err != nil {
 		return cnirpc.Attachment{}, storeError("check", err)
 	}
-	if mtu, err := d.links.MTU(cnirpc.HostVethName(d.network.Name, key)); err == nil && mtu != 0 && mtu != d.mtu {
+	if mtu, stale := d.staleMTU(key); stale {
 		return cnirpc.Attachment{}, &cnirpc.Error{Code: cnirpc.CodeInternal,
 			Msg: fmt.Sprintf("check: the container's interface has MTU %d but network %s now has %d (the underlay's MTU changed): recreate the container", mtu, d.network.Name, d.mtu)}
 	}
@@ -238,11 +238,18 @@ func (d *CNIHandler) Check(ctx context.Context, r cnirpc.Request) (cnirpc.Attach
 func (d *CNIHandler) StaleMTU(list []overlay.Allocation) map[overlay.AttachmentKey]int {
 	out := make(map[overlay.AttachmentKey]int)
 	for _, al := range list {
-		if mtu, err := d.links.MTU(cnirpc.HostVethName(d.network.Name, al.Key)); err == nil && mtu != 0 && mtu != d.mtu {
+		if mtu, stale := d.staleMTU(al.Key); stale {
 			out[al.Key] = mtu
 		}
 	}
 	return out
+}
+
+// staleMTU returns the MTU of key's host veth, and whether it differs
+// from the network's. A veth that is gone, or cannot be read, is not.
+func (d *CNIHandler) staleMTU(key overlay.AttachmentKey) (int, bool) {
+	mtu, err := d.links.MTU(cnirpc.HostVethName(d.network.Name, key))
+	return mtu, err == nil && mtu != 0 && mtu != d.mtu
 }
 
 // Status reports whether an ADD can be served: a block is held, the
@@ -376,9 +383,13 @@ func (d *CNIHandler) ReleaseOrphans(ctx context.Context, list []overlay.Allocati
 	return released, errors.Join(errs...)
 }
 
-func (d *CNIHandler) checkNetwork(name string) error {
-	if name != d.network.Name {
-		return cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: this overlayd serves %q", name, d.network.Name)
+func (d *CNIHandler) checkNetwork(name string) error { return checkNetwork(name, d.network.Name) }
+
+// checkNetwork fails with CNI code 7 unless a request for network name
+// is one for serves, the network this overlayd serves.
+func checkNetwork(name, serves string) error {
+	if name != serves {
+		return cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: this overlayd serves %q", name, serves)
 	}
 	return nil
 }

@@ -26,23 +26,10 @@ var _ overlay.HostDirectory = (*hostDirectory)(nil)
 // Hosts returns every host record in etcd that can be decoded.
 func (d *hostDirectory) Hosts(ctx context.Context) ([]overlay.HostInfo, error) {
 	recs, err := d.store.Hosts(ctx)
-	if err != nil && len(recs) == 0 {
+	if err != nil && !errors.Is(err, etcd.ErrBadRecord) {
 		return nil, err
 	}
-	var bad []error
 	if err != nil {
-		bad = append(bad, err)
-	}
-	out := make([]overlay.HostInfo, 0, len(recs))
-	for _, r := range recs {
-		mac, err := r.MAC()
-		if err != nil {
-			bad = append(bad, err)
-			continue
-		}
-		out = append(out, overlay.HostInfo{Host: r.Host, Underlay: r.Underlay, VTEPMAC: mac, Registered: r.Updated})
-	}
-	if err := errors.Join(bad...); err != nil {
 		d.mu.Lock()
 		repeated := err.Error() == d.lastBad
 		d.lastBad = err.Error()
@@ -50,6 +37,11 @@ func (d *hostDirectory) Hosts(ctx context.Context) ([]overlay.HostInfo, error) {
 		if !repeated {
 			d.log.Warn("leaving out host records that cannot be decoded", "err", err)
 		}
+	}
+	out := make([]overlay.HostInfo, 0, len(recs))
+	for _, r := range recs {
+		mac, _ := r.MAC() // Hosts left out the records whose MAC is malformed
+		out = append(out, overlay.HostInfo{Host: r.Host, Underlay: r.Underlay, VTEPMAC: mac, Registered: r.Updated})
 	}
 	return out, nil
 }

@@ -43,8 +43,8 @@ func (starting) Add(context.Context, cnirpc.Request) (cnirpc.Attachment, error) 
 }
 func (starting) Flush(context.Context) error { return errStarting }
 func (s starting) Del(_ context.Context, r cnirpc.Request) error {
-	if r.Network != s.network {
-		return cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: this overlayd serves %q", r.Network, s.network)
+	if err := checkNetwork(r.Network, s.network); err != nil {
+		return err
 	}
 	name := cnirpc.HostVethName(s.network, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
 	if err := s.links.Delete(name); err != nil {

@@ -382,3 +382,32 @@ func TestConnectSkipsDeadEndpoints(t *testing.T) {
 		t.Fatalf("Connect to nothing = %v", err)
 	}
 }
+
+// TestHostsLeavesOutBadRecords: a record that is not JSON, or whose VTEP
+// MAC is malformed, is left out with an error wrapping ErrBadRecord, and
+// the good ones are returned; an etcd that cannot be read is another
+// error.
+func TestHostsLeavesOutBadRecords(t *testing.T) {
+	ctx := context.Background()
+	cli := startEtcd(t)
+	s := etcd.NewStore(cli, "")
+	good := etcd.HostRecord{Host: "a", Underlay: netip.MustParseAddr("198.18.0.1"), VTEPMAC: "02:00:00:00:00:01"}
+	badMAC := etcd.HostRecord{Host: "b", Underlay: netip.MustParseAddr("198.18.0.2"), VTEPMAC: "not a mac"}
+	for _, r := range []etcd.HostRecord{good, badMAC} {
+		if err := s.RegisterHost(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := cli.Put(ctx, etcd.DefaultPrefix+"hosts/c", "{not json"); err != nil {
+		t.Fatal(err)
+	}
+	hosts, err := s.Hosts(ctx)
+	if !errors.Is(err, etcd.ErrBadRecord) || len(hosts) != 1 || hosts[0].Host != "a" {
+		t.Fatalf("Hosts = %+v, %v; want only a, and an ErrBadRecord", hosts, err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := s.Hosts(cctx); err == nil || errors.Is(err, etcd.ErrBadRecord) {
+		t.Fatalf("Hosts with a cancelled context = %v; want a read error, not ErrBadRecord", err)
+	}
+}

@@ -211,8 +211,13 @@ func (s *Store) RegisterHost(ctx context.Context, rec HostRecord) error {
 	return nil
 }
 
+// ErrBadRecord is wrapped by the errors about records in etcd that cannot
+// be decoded, as opposed to etcd that cannot be read.
+var ErrBadRecord = errors.New("etcd: record cannot be decoded")
+
 // Hosts returns every registered host. Records that cannot be decoded
-// are skipped and reported in the joined error next to the good ones.
+// are skipped and reported in the joined error, each wrapping
+// ErrBadRecord, next to the good ones.
 func (s *Store) Hosts(ctx context.Context) ([]HostRecord, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
@@ -224,8 +229,12 @@ func (s *Store) Hosts(ctx context.Context) ([]HostRecord, error) {
 	var errs []error
 	for _, kv := range resp.Kvs {
 		var rec HostRecord
-		if err := json.Unmarshal(kv.Value, &rec); err != nil {
-			errs = append(errs, fmt.Errorf("decode %s: %w", kv.Key, err))
+		err := json.Unmarshal(kv.Value, &rec)
+		if err == nil {
+			_, err = rec.MAC()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%w: %s: %w", ErrBadRecord, kv.Key, err))
 			continue
 		}
 		out = append(out, rec)
