@@ -68,10 +68,7 @@ func TestCNIDelIsIdempotent(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
-	c, err := n.AddContainer(ctx, h, "del")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := addContainer(t, n, h, "del")
 	if err := n.CheckContainer(ctx, c); err != nil {
 		t.Fatalf("CHECK right after ADD: %v", err)
 	}
@@ -94,10 +91,7 @@ func TestCNIDelIsIdempotent(t *testing.T) {
 
 	// The namespace is gone before DEL: still success, and the address
 	// is released.
-	gone, err := n.AddContainer(ctx, h, "gone")
-	if err != nil {
-		t.Fatal(err)
-	}
+	gone := addContainer(t, n, h, "gone")
 	if err := gone.RemoveNetNS(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -115,10 +109,7 @@ func TestCNINetNSNotANamespace(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
-	c, err := n.AddContainer(ctx, h, "real")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := addContainer(t, n, h, "real")
 	file := filepath.Join(n.Dir, "not-a-netns")
 	if err := os.WriteFile(file, nil, 0o600); err != nil {
 		t.Fatal(err)
@@ -181,10 +172,7 @@ func TestCNINetNSNotANamespace(t *testing.T) {
 func TestCNIAddTwiceKeepsFirstAttachment(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
-	c, err := n.AddContainer(ctx, n.Hosts[0], "twice")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := addContainer(t, n, n.Hosts[0], "twice")
 	first := c.Addr
 	if err := n.Attach(ctx, c); err == nil {
 		t.Fatal("second ADD of an existing interface succeeded")
@@ -201,10 +189,7 @@ func TestCNIAddTwiceKeepsFirstAttachment(t *testing.T) {
 func TestCNICheckFailsWhenAddressRemoved(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
-	c, err := n.AddContainer(ctx, n.Hosts[0], "chk")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := addContainer(t, n, n.Hosts[0], "chk")
 	if _, err := c.Exec(ctx, "ip", "addr", "del", c.Addr.String(), "dev", "eth0"); err != nil {
 		t.Fatal(err)
 	}
@@ -239,10 +224,7 @@ func TestCNIAddNotConfirmed(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
-	first, err := n.AddContainer(ctx, h, "first")
-	if err != nil {
-		t.Fatal(err)
-	}
+	first := addContainer(t, n, h, "first")
 	// The dataplane, bridge included, stays when overlayd stops; a
 	// stand-in takes its socket.
 	if err := h.Stop(); err != nil {
@@ -399,10 +381,7 @@ func TestCNIGC(t *testing.T) {
 	h := n.Hosts[0]
 	var cs []*simnet.Container
 	for _, id := range []string{"keep", "stale1", "stale2"} {
-		c, err := n.AddContainer(ctx, h, id)
-		if err != nil {
-			t.Fatal(err)
-		}
+		c := addContainer(t, n, h, id)
 		cs = append(cs, c)
 	}
 	// A veth of ours that no allocation explains (a DEL that half failed).
@@ -437,10 +416,7 @@ func TestCNIDelWhileOverlaydDown(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
-	c, err := n.AddContainer(ctx, h, "orphan")
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := addContainer(t, n, h, "orphan")
 	if err := h.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -462,10 +438,7 @@ func TestCNICapabilitiesAndArgs(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
-	first, err := n.AddContainer(ctx, h, "first")
-	if err != nil {
-		t.Fatal(err)
-	}
+	first := addContainer(t, n, h, "first")
 	want := first.Addr.Masked().Addr().Next().Next().Next().Next().Next() // block + 5
 	c, err := n.NewContainer(ctx, h, "static")
 	if err != nil {

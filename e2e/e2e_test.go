@@ -111,19 +111,23 @@ func ipOut(t *testing.T, h *simnet.Host, args ...string) string {
 	return string(out)
 }
 
+// addContainer adds the container id on host h, and fails t if it cannot.
+func addContainer(t *testing.T, n *simnet.Net, h *simnet.Host, id string) *simnet.Container {
+	t.Helper()
+	c, err := n.AddContainer(context.Background(), h, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // pair adds a container named a on host ha and one named b on host hb,
 // and waits until a reaches b across the overlay.
 func pair(t *testing.T, n *simnet.Net, ha *simnet.Host, a string, hb *simnet.Host, b string) (*simnet.Container, *simnet.Container) {
 	t.Helper()
 	ctx := context.Background()
-	ca, err := n.AddContainer(ctx, ha, a)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cb, err := n.AddContainer(ctx, hb, b)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca := addContainer(t, n, ha, a)
+	cb := addContainer(t, n, hb, b)
 	eventually(t, 20*time.Second, "ping across hosts", func() error { return ca.Ping(ctx, cb.Addr.Addr(), 1) })
 	return ca, cb
 }
@@ -136,10 +140,7 @@ func TestCrossHostReachability(t *testing.T) {
 	var cs []*simnet.Container
 	for _, h := range n.Hosts {
 		for j := 1; j <= 2; j++ {
-			c, err := n.AddContainer(ctx, h, fmt.Sprintf("h%dc%d", h.Index, j))
-			if err != nil {
-				t.Fatal(err)
-			}
+			c := addContainer(t, n, h, fmt.Sprintf("h%dc%d", h.Index, j))
 			cs = append(cs, c)
 		}
 	}
@@ -248,14 +249,8 @@ func TestDeletedDeviceComesBack(t *testing.T) {
 	n := newNet(t, 2)
 	ctx := context.Background()
 	h1, h2 := n.Hosts[0], n.Hosts[1]
-	a, err := n.AddContainer(ctx, h1, "a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := n.AddContainer(ctx, h2, "b")
-	if err != nil {
-		t.Fatal(err)
-	}
+	a := addContainer(t, n, h1, "a")
+	b := addContainer(t, n, h2, "b")
 	eventually(t, 20*time.Second, "ping across hosts", func() error { return a.Ping(ctx, b.Addr.Addr(), 1) })
 	vx := n.Network.VXLANName()
 	if _, err := h1.Exec(ctx, "ip", "link", "del", vx); err != nil {

@@ -109,14 +109,8 @@ func TestGatewayMACSurvivesAddAndDel(t *testing.T) {
 	// Two containers whose host ends take the lowest and the highest MAC
 	// on the bridge; the client then learns the gateway's MAC afresh, as
 	// it would once its entry aged out.
-	low, err := n.AddContainer(ctx, h1, "low")
-	if err != nil {
-		t.Fatal(err)
-	}
-	high, err := n.AddContainer(ctx, h1, "high")
-	if err != nil {
-		t.Fatal(err)
-	}
+	low := addContainer(t, n, h1, "low")
+	high := addContainer(t, n, h1, "high")
 	ipOut(t, h1, "ip", "link", "set", "dev", hostVeth(n, low), "address", "02:00:00:00:00:01")
 	ipOut(t, h1, "ip", "link", "set", "dev", hostVeth(n, high), "address", "fe:ff:ff:ff:ff:fe")
 	if _, err := client.Exec(ctx, "ip", "neigh", "flush", "dev", "eth0"); err != nil {
@@ -143,10 +137,7 @@ func TestGatewayMACSurvivesAddAndDel(t *testing.T) {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	again, err := n.AddContainer(ctx, h1, "again")
-	if err != nil {
-		t.Fatal(err)
-	}
+	again := addContainer(t, n, h1, "again")
 	ipOut(t, h1, "ip", "link", "set", "dev", hostVeth(n, again), "address", "02:00:00:00:00:02")
 	time.Sleep(200 * time.Millisecond)
 	if err := n.DelContainer(ctx, again); err != nil {
@@ -320,10 +311,7 @@ func TestStaticAddressFreeWhenDelReturns(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
-	first, err := n.AddContainer(ctx, h, "first")
-	if err != nil {
-		t.Fatal(err)
-	}
+	first := addContainer(t, n, h, "first")
 	ips := map[string]any{"ips": []string{first.Addr.String()}}
 	for i := range 5 {
 		if err := n.DelContainer(ctx, first); err != nil {
@@ -354,10 +342,7 @@ func TestMTUChangeReachesAttachments(t *testing.T) {
 	n := newNet(t, 1)
 	ctx := context.Background()
 	h := n.Hosts[0]
-	old, err := n.AddContainer(ctx, h, "old")
-	if err != nil {
-		t.Fatal(err)
-	}
+	old := addContainer(t, n, h, "old")
 	if err := h.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -374,10 +359,7 @@ func TestMTUChangeReachesAttachments(t *testing.T) {
 	if got := mtu(n.Network.BridgeName()); got != "1450" {
 		t.Errorf("bridge MTU %s with a container at 1450, want 1450", got)
 	}
-	fresh, err := n.AddContainer(ctx, h, "fresh")
-	if err != nil {
-		t.Fatal(err)
-	}
+	fresh := addContainer(t, n, h, "fresh")
 	if got := fresh.Result.Interfaces[1].Mtu; got != 8950 {
 		t.Errorf("new container's MTU %d, want 8950", got)
 	}
