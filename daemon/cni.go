@@ -16,10 +16,14 @@ import (
 )
 
 // Pool is what the CNI handler needs of a network's store: the host's
-// blocks and its address allocator.
+// blocks and its address allocator (ipam.Pool).
 type Pool interface {
 	overlay.Allocator
+	// Held returns the blocks addresses are allocated from.
 	Held() []netip.Prefix
+	// Headroom returns how many addresses are free and, when none is and
+	// no block can be claimed, an error that says why.
+	Headroom() (int, error)
 }
 
 // CNIHandler serves the CNI socket for one network on this host. It is
@@ -54,10 +58,6 @@ func NewCNIHandler(bg context.Context, n overlay.Network, mtu int, pool Pool, st
 // the plugin's own limit rather than a hung ADD. overlayd's store is the
 // host's own disk; etcd gets a copy in the background.
 const storeTimeout = 10 * time.Second
-
-// reservedPerBlock counts the addresses of a block no container gets:
-// the network address, the gateway and the broadcast address.
-const reservedPerBlock = 3
 
 // Add allocates the container interface's address, or returns the one it
 // already holds. The allocation is decided, not yet durable: the answer
@@ -262,23 +262,15 @@ func (d *CNIHandler) Status(ctx context.Context, network string) (cnirpc.Status,
 	rs := d.status()
 	st.Peers = len(rs.Config.Peers)
 	held := d.pool.Held()
-	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
-	defer cancel()
-	list, err := d.pool.List(ctx)
-	if err != nil {
-		return cnirpc.Status{}, storeError("status", err)
-	}
-	for _, b := range held {
-		st.FreeAddresses += 1<<(32-b.Bits()) - reservedPerBlock
-	}
-	st.FreeAddresses = max(0, st.FreeAddresses-len(list))
+	free, full := d.pool.Headroom()
+	st.FreeAddresses = free
 	switch {
-	case len(held) == 0:
+	case len(held) == 0 && full == nil:
 		st.Reason = "this host holds no block"
 	case rs.Passes == rs.Failures:
 		st.Reason = fmt.Sprintf("the dataplane was never programmed: %v", rs.LastErr)
-	case st.FreeAddresses == 0:
-		st.Reason = "no free address in this host's blocks"
+	case full != nil:
+		st.Reason = full.Error()
 	default:
 		st.Ready = true
 		switch {

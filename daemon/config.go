@@ -10,6 +10,7 @@ import (
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/gossip"
+	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
 )
@@ -49,8 +50,17 @@ type Config struct {
 	// ResyncInterval is how often the dataplane is compared with the
 	// desired state when nothing changed.
 	ResyncInterval time.Duration
-	// RenewInterval is how often the host confirms its blocks in etcd.
-	RenewInterval time.Duration
+	// VerifyInterval is how often the host checks in etcd that its blocks
+	// are still its own.
+	VerifyInterval time.Duration
+	// MaxBlocks caps the blocks of the network this host holds.
+	MaxBlocks int
+	// IdleBlock is how long a block other than the host's last stays
+	// empty before it is given back.
+	IdleBlock time.Duration
+	// ReclaimAfter is how long a host's liveness key must have been gone
+	// before its blocks are freed for others.
+	ReclaimAfter time.Duration
 	// RejoinInterval is how often hosts registered in etcd but missing
 	// from gossip are joined again.
 	RejoinInterval time.Duration
@@ -71,7 +81,9 @@ func (c Config) withDefaults() Config {
 	}
 	for _, f := range []struct{ v, d *time.Duration }{
 		{&c.ResyncInterval, &def.ResyncInterval},
-		{&c.RenewInterval, &def.RenewInterval},
+		{&c.VerifyInterval, &def.VerifyInterval},
+		{&c.IdleBlock, &def.IdleBlock},
+		{&c.ReclaimAfter, &def.ReclaimAfter},
 		{&c.RejoinInterval, &def.RejoinInterval},
 		{&c.OrphanGrace, &def.OrphanGrace},
 		{&c.Etcd.DialTimeout, &def.Etcd.DialTimeout},
@@ -116,7 +128,10 @@ func DefaultConfig() Config {
 		GossipKeyFile:  "",                            // unencrypted, with a warning at start
 		MetricsAddr:    "127.0.0.1:9476",              // loopback only; expose deliberately
 		ResyncInterval: overlay.DefaultResyncInterval, // 5s
-		RenewInterval:  time.Minute,                   // cheap CAS per block
+		VerifyInterval: ipam.DefaultVerifyInterval,    // 1m, one read
+		MaxBlocks:      ipam.DefaultMaxBlocks,         // 16 blocks of /26: 976 containers
+		IdleBlock:      ipam.DefaultIdleBlock,         // 10m
+		ReclaimAfter:   etcd.DefaultReclaimAfter,      // 24h: a host may be down for a day
 		RejoinInterval: 30 * time.Second,              // heals partitions and simultaneous starts
 		OrphanGrace:    30 * time.Second,              // the plugin's request timeout
 	}

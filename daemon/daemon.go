@@ -23,6 +23,7 @@ import (
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/internal/backoff"
+	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/metrics"
@@ -169,20 +170,38 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()}); err != nil {
 		return err
 	}
+	// The liveness key before the blocks: from now on no host reclaims
+	// this host's blocks, and a note that it was gone is cleared.
+	live := store.Liveness(host, 0, log.With("component", "liveness"))
+	lease, err := live.Create(ctx)
+	if err != nil {
+		return err
+	}
 	pool := store.Pool(network, host)
-	blocks, err := pool.Lease(ctx)
+	blocks, err := pool.Load(ctx)
 	if err != nil {
 		return err
 	}
-	log.Info("holding blocks", "network", network.Name, "blocks", blocks)
-	alloc, err := openAllocator(ctx, allocs, pool, network, host, log)
+	var alloc *local.Allocator
+	addrs, err := ipam.New(ipam.Config{
+		Network: network, Host: host, MaxBlocks: cfg.MaxBlocks, IdleBlock: cfg.IdleBlock,
+		VerifyInterval: cfg.VerifyInterval, Log: log.With("component", "ipam"),
+	}, pool, func(usable func() []netip.Prefix) (ipam.Book, error) {
+		alloc, err = openAllocator(ctx, allocs, pool, network, host, usable, log)
+		return alloc, err
+	})
 	if err != nil {
 		return err
 	}
-	if err := g.SetBlocks(map[string][]netip.Prefix{network.Name: blocks}); err != nil {
-		return fmt.Errorf("announce blocks: %w", err)
+	// Containers whose block was reclaimed while this host was away
+	// keep addresses another host may hand out: say so before anything
+	// else.
+	addrs.ReportStranded(nil)
+	if err := addrs.Ensure(ctx); err != nil {
+		return err
 	}
-	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, alloc: alloc, gossip: g, network: network, metrics: m}
+	log.Info("holding blocks", "network", network.Name, "blocks", pool.Held(), "loaded", len(blocks))
+	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, addrs: addrs, alloc: alloc, live: live, gossip: g, network: network, metrics: m}
 
 	// The first pass needs no gossip: peers are programmed from their
 	// host records, so a restarted overlayd keeps every host that owns
@@ -200,7 +219,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	d.registerMetrics()
 
-	handler := NewCNIHandler(ctx, network, local.MTU, alloc, rec.Status, func() int { return g.Stats().Members }, hostlink.New(h), cniLog)
+	handler := NewCNIHandler(ctx, network, local.MTU, addrs, rec.Status, func() int { return g.Stats().Members }, hostlink.New(h), cniLog)
 	before, err := handler.Allocations(ctx)
 	if err != nil {
 		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
@@ -222,7 +241,9 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return rec.Run(ctx) })
 	eg.Go(func() error { return g.Run(ctx) })
 	eg.Go(func() error { return store.WatchNetwork(ctx, network.Name, rec.Kick) })
-	eg.Go(func() error { return every(ctx, cfg.RenewInterval, d.renew) })
+	eg.Go(func() error { return addrs.Run(ctx) })
+	eg.Go(func() error { return live.Run(ctx, lease) })
+	eg.Go(func() error { return d.reclaimLoop(ctx) })
 	eg.Go(func() error { return d.mirror(ctx) })
 	eg.Go(func() error {
 		d.rejoin(ctx)
@@ -314,11 +335,15 @@ type daemon struct {
 	host    overlay.HostID
 	store   *etcd.Store
 	pool    *etcd.Pool
+	addrs   *ipam.Pool
 	alloc   *local.Allocator
+	live    *etcd.Liveness
 	gossip  *gossip.Gossip
 	network overlay.Network
 	rec     *overlay.Reconciler
 	metrics *metrics.Metrics
+	// reclaimed counts the blocks of gone hosts this host freed.
+	reclaimed atomic.Uint64
 	// mirrored is when the mirror last copied the allocations to etcd
 	// (Unix nanoseconds), 0 before the first copy.
 	mirrored atomic.Int64
@@ -339,36 +364,53 @@ func every(ctx context.Context, interval time.Duration, fn func(context.Context)
 	}
 }
 
-// renew confirms the host's blocks in etcd. A lost block is logged
-// loudly; the host leases a new one if it holds none.
-func (d *daemon) renew(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
-	defer cancel()
-	err := d.pool.Renew(ctx)
-	if err == nil {
-		return
+// reclaimInterval returns how often the host looks for blocks of gone
+// hosts to free: every verify interval, or four times a reclaim period
+// shorter than that, but at most once a second.
+func (d *daemon) reclaimInterval() time.Duration {
+	return max(time.Second, min(d.cfg.VerifyInterval, d.cfg.ReclaimAfter/4))
+}
+
+// reclaimLoop frees the blocks of hosts whose liveness key has been gone
+// for the reclaim period, until ctx is done. Every host runs it; the
+// transactions are fenced, so two hosts freeing the same block, or an
+// owner coming back meanwhile, is safe. The waits are jittered so that
+// hosts do not look in lockstep.
+func (d *daemon) reclaimLoop(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff.Jitter(d.reclaimInterval(), 0.5, rand.Float64())):
+		}
+		rctx, cancel := context.WithTimeout(ctx, storeTimeout)
+		freed, err := d.store.Reclaim(rctx, d.network, d.host, d.cfg.ReclaimAfter, time.Now())
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			d.log.Warn("looking for blocks of gone hosts failed; will retry", "err", err)
+		}
+		byOwner := make(map[overlay.HostID][]netip.Prefix)
+		since := make(map[overlay.HostID]time.Time)
+		for _, r := range freed {
+			byOwner[r.Owner] = append(byOwner[r.Owner], r.Block)
+			since[r.Owner] = r.GoneSince
+		}
+		for owner, blocks := range byOwner {
+			d.log.Warn("freed the blocks of a host whose liveness key is gone for longer than the reclaim period",
+				"network", d.network.Name, "owner", owner, "blocks", blocks, "gone-since", since[owner].Format(time.RFC3339), "reclaim-after", d.cfg.ReclaimAfter)
+		}
+		if len(freed) > 0 {
+			d.reclaimed.Add(uint64(len(freed)))
+			d.rec.Kick()
+		}
 	}
-	if !errors.Is(err, etcd.ErrBlockLost) {
-		d.log.Warn("renewing blocks failed; will retry", "err", err)
-		return
-	}
-	d.log.Error("a block of this host was deleted or taken by another host in etcd: its containers' addresses may be in use elsewhere", "err", err)
-	blocks, err := d.pool.Lease(ctx)
-	if err != nil {
-		d.log.Error("leasing a new block failed", "err", err)
-		return
-	}
-	if err := d.gossip.SetBlocks(map[string][]netip.Prefix{d.network.Name: blocks}); err != nil {
-		d.log.Error("announcing blocks failed", "err", err)
-	}
-	d.rec.Kick()
 }
 
 // openAllocator returns the host's allocator of network. On the first
 // start with an allocation file (a new host, or one that ran an overlayd
 // that kept its allocations in etcd alone) it imports what etcd has.
-func openAllocator(ctx context.Context, db *local.DB, pool *etcd.Pool, network overlay.Network, host overlay.HostID, log *slog.Logger) (*local.Allocator, error) {
-	alloc, fresh, err := db.Allocator(network, host, pool.Held)
+func openAllocator(ctx context.Context, db *local.DB, pool *etcd.Pool, network overlay.Network, host overlay.HostID, usable func() []netip.Prefix, log *slog.Logger) (*local.Allocator, error) {
+	alloc, fresh, err := db.Allocator(network, host, usable)
 	if err != nil || !fresh {
 		return alloc, err
 	}
@@ -498,12 +540,48 @@ func (d *daemon) registerMetrics() {
 	m.GaugeFunc("dataplane", "peers", "Other hosts programmed in the dataplane.", lbl, func() float64 {
 		return float64(len(d.rec.Status().Config.Peers))
 	})
-	m.GaugeFunc("ipam", "blocks", "Blocks this host holds.", lbl, func() float64 {
-		return float64(len(d.pool.Held()))
+	m.GaugeFunc("ipam", "blocks", "Blocks this host allocates from.", lbl, func() float64 {
+		return float64(len(d.addrs.Held()))
 	})
 	m.GaugeFunc("ipam", "addresses", "Addresses allocated to containers on this host.", lbl, func() float64 {
 		list, _ := d.alloc.List(context.Background())
 		return float64(len(list))
+	})
+	m.GaugeFunc("ipam", "free_addresses", "Free addresses in the blocks this host holds.", lbl, func() float64 {
+		return float64(d.addrs.Free())
+	})
+	m.GaugeFunc("ipam", "max_blocks", "The cap on the blocks this host may hold (--max-blocks).", lbl, func() float64 {
+		return float64(d.cfg.MaxBlocks)
+	})
+	m.GaugeFunc("ipam", "stranded_addresses", "Addresses containers on this host hold in blocks it lost (reclaimed or removed while it was away): recreate those containers.", lbl, func() float64 {
+		return float64(len(d.alloc.Stranded()))
+	})
+	m.CounterFunc("ipam", "block_claims_total", "Blocks this host claimed.", lbl, func() float64 {
+		return float64(d.addrs.Stats().Claims)
+	})
+	m.CounterFunc("ipam", "block_claim_failures_total", "Block claims that failed for another reason than a full network (etcd unreachable).", lbl, func() float64 {
+		return float64(d.addrs.Stats().ClaimFailures)
+	})
+	m.CounterFunc("ipam", "block_claim_waits_total", "ADDs that found every held block full and waited for a claim.", lbl, func() float64 {
+		return float64(d.addrs.Stats().WaitedClaims)
+	})
+	m.CounterFunc("ipam", "block_give_backs_total", "Empty blocks this host gave back.", lbl, func() float64 {
+		return float64(d.addrs.Stats().GiveBacks)
+	})
+	m.CounterFunc("ipam", "blocks_lost_total", "Blocks this host found taken by another host or removed in etcd.", lbl, func() float64 {
+		return float64(d.addrs.Stats().Lost)
+	})
+	m.CounterFunc("ipam", "reclaimed_blocks_total", "Blocks of gone hosts (liveness key gone for the reclaim period) this host freed.", lbl, func() float64 {
+		return float64(d.reclaimed.Load())
+	})
+	m.CounterFunc("ipam", "liveness_lost_total", "Times this host's liveness key was lost (its lease expired, as in a quorum loss longer than its TTL) and created again.", nil, func() float64 {
+		return float64(d.live.Lost())
+	})
+	m.GaugeFunc("ipam", "liveness", "1 while this host's liveness key exists in etcd, as far as it knows; 0 while it is being created again.", nil, func() float64 {
+		if d.live.Alive() {
+			return 1
+		}
+		return 0
 	})
 	m.GaugeFunc("ipam", "mirror_last_success_timestamp_seconds", "When this host's allocations were last copied to etcd, in Unix seconds; 0 before the first copy.", nil, func() float64 {
 		return float64(d.mirrored.Load()) / 1e9

@@ -18,6 +18,9 @@ var (
 	// ErrConflict is returned when stored state disagrees with what the
 	// caller expected, for example a network definition that differs.
 	ErrConflict = errors.New("overlay: conflict")
+	// ErrBlockLost is returned when a block this host held is now another
+	// host's, or was deleted.
+	ErrBlockLost = errors.New("overlay: block lost")
 )
 
 // Peer is another host as the dataplane programs it: where to send

@@ -4,8 +4,9 @@
 //
 // Usage:
 //
-//	overlayd [flags]            run the daemon
-//	overlayd teardown [flags]   remove this host from the overlay for good
+//	overlayd [flags]                      run the daemon
+//	overlayd teardown [flags]             remove this host from the overlay for good
+//	overlayd remove-host [flags] HOST-ID  remove a host that is gone, from any host
 //
 // Run "overlayd -h" for the flags; docs/configuration.md describes them.
 package main
@@ -23,6 +24,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/overlaynet/overlay/daemon"
 	"github.com/overlaynet/overlay/overlay"
@@ -37,13 +39,18 @@ func run(args []string, stderr io.Writer) int {
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		cmd, args = args[0], args[1:]
 	}
-	if cmd != "run" && cmd != "teardown" {
-		fmt.Fprintf(stderr, "overlayd: unknown command %q (want run or teardown)\n", cmd)
+	if cmd != "run" && cmd != "teardown" && cmd != "remove-host" {
+		fmt.Fprintf(stderr, "overlayd: unknown command %q (want run, teardown or remove-host)\n", cmd)
 		return 2
 	}
-	cfg, logger, err := parseFlags(cmd, args, stderr)
+	cfg, logger, rest, err := parseFlags(cmd, args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
+	}
+	if err == nil && cmd == "remove-host" && len(rest) != 1 {
+		err = errors.New("remove-host: want the flags, then the ID of the host to remove (overlayd logs it as host=)")
+	} else if err == nil && cmd != "remove-host" && len(rest) > 0 {
+		err = fmt.Errorf("unexpected arguments %q", rest)
 	}
 	if err != nil {
 		fmt.Fprintf(stderr, "overlayd: %v\n", err)
@@ -51,9 +58,12 @@ func run(args []string, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	if cmd == "teardown" {
+	switch cmd {
+	case "teardown":
 		err = daemon.Teardown(ctx, cfg)
-	} else {
+	case "remove-host":
+		err = daemon.RemoveHost(ctx, cfg, overlay.HostID(rest[0]))
+	default:
 		// SIGHUP reloads the gossip keys, rather than ending overlayd as
 		// it would by default.
 		hup := make(chan os.Signal, 1)
@@ -78,7 +88,7 @@ func run(args []string, stderr io.Writer) int {
 	return 0
 }
 
-func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *slog.Logger, error) {
+func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *slog.Logger, []string, error) {
 	cfg := daemon.DefaultConfig()
 	fs := flag.NewFlagSet("overlayd "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -102,19 +112,19 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	fs.StringVar(&cfg.GossipKeyFile, "gossip-key-file", cfg.GossipKeyFile, "file of base64 keys that encrypt gossip, the first one used to send (mode 0600; SIGHUP reloads it); empty leaves gossip unencrypted")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "host:port serving /metrics; empty disables it")
 	fs.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "how often the dataplane is checked when nothing changed")
+	fs.IntVar(&cfg.MaxBlocks, "max-blocks", cfg.MaxBlocks, "most blocks of the network this host may hold (at least 1)")
+	fs.DurationVar(&cfg.IdleBlock, "block-idle", cfg.IdleBlock, "how long a block other than the host's last stays empty before it is given back")
+	fs.DurationVar(&cfg.ReclaimAfter, "reclaim-after", cfg.ReclaimAfter, "how long a host's liveness key must be gone before other hosts free its blocks")
 	fs.DurationVar(&cfg.OrphanGrace, "orphan-grace", cfg.OrphanGrace, "how long after start to wait before releasing the addresses of containers whose veth is gone")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
-		return cfg, nil, err
-	}
-	if fs.NArg() > 0 {
-		return cfg, nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+		return cfg, nil, nil, err
 	}
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return cfg, nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", *logLevel)
+		return cfg, nil, nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", *logLevel)
 	}
 	hopts := &slog.HandlerOptions{Level: level}
 	switch *logFormat {
@@ -123,7 +133,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	case "json":
 		cfg.Logger = slog.New(slog.NewJSONHandler(stderr, hopts))
 	default:
-		return cfg, nil, fmt.Errorf("--log-format %q: want text or json", *logFormat)
+		return cfg, nil, nil, fmt.Errorf("--log-format %q: want text or json", *logFormat)
 	}
 
 	if *endpoints != "" {
@@ -135,23 +145,32 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	}
 	var err error
 	if cfg.Network.CIDR, err = netip.ParsePrefix(*cidr); err != nil {
-		return cfg, nil, fmt.Errorf("--network-cidr: %w", err)
+		return cfg, nil, nil, fmt.Errorf("--network-cidr: %w", err)
 	}
 	if *vni > overlay.MaxVNI {
-		return cfg, nil, fmt.Errorf("--vni %d: want 1 to %d", *vni, overlay.MaxVNI)
+		return cfg, nil, nil, fmt.Errorf("--vni %d: want 1 to %d", *vni, overlay.MaxVNI)
 	}
 	cfg.Network.VNI = uint32(*vni)
 	if *port == 0 || *port > math.MaxUint16 {
-		return cfg, nil, fmt.Errorf("--vxlan-port %d: want 1 to 65535", *port)
+		return cfg, nil, nil, fmt.Errorf("--vxlan-port %d: want 1 to 65535", *port)
 	}
 	cfg.Network.Port = uint16(*port)
 	if *underlay != "" {
 		if cfg.UnderlayAddr, err = netip.ParseAddr(*underlay); err != nil || !cfg.UnderlayAddr.Is4() {
-			return cfg, nil, fmt.Errorf("--underlay-addr %q: want an IPv4 address", *underlay)
+			return cfg, nil, nil, fmt.Errorf("--underlay-addr %q: want an IPv4 address", *underlay)
 		}
 	}
 	if err := cfg.Network.Validate(); err != nil {
-		return cfg, nil, err
+		return cfg, nil, nil, err
 	}
-	return cfg, cfg.Logger, nil
+	if cfg.MaxBlocks < 1 {
+		return cfg, nil, nil, fmt.Errorf("--max-blocks %d: want at least 1 (one block of /%d holds %d containers)", cfg.MaxBlocks, cfg.Network.BlockBits, 1<<(32-cfg.Network.BlockBits)-3)
+	}
+	if cfg.ReclaimAfter < time.Second {
+		return cfg, nil, nil, fmt.Errorf("--reclaim-after %s: want at least 1s (the default, 24h, lets a host be down for a day)", cfg.ReclaimAfter)
+	}
+	if cfg.IdleBlock <= 0 {
+		return cfg, nil, nil, fmt.Errorf("--block-idle %s: want a positive duration", cfg.IdleBlock)
+	}
+	return cfg, cfg.Logger, fs.Args(), nil
 }

@@ -11,7 +11,7 @@ import (
 
 func TestParseFlags(t *testing.T) {
 	var stderr bytes.Buffer
-	cfg, _, err := parseFlags("run", []string{
+	cfg, _, _, err := parseFlags("run", []string{
 		"--etcd-endpoints", "https://a:2379, https://b:2379,",
 		"--network-cidr", "198.19.0.0/16", "--vni", "42", "--underlay-addr", "198.18.0.7",
 	}, &stderr)
@@ -41,10 +41,12 @@ func TestParseFlagsRejectsBadInput(t *testing.T) {
 		{[]string{"--log-level", "loud"}, "--log-level"},
 		{[]string{"--log-format", "xml"}, "--log-format"},
 		{[]string{"--no-such-flag"}, "no-such-flag"},
-		{[]string{"extra"}, "unexpected"},
+		{[]string{"--max-blocks", "0"}, "--max-blocks 0: want at least 1"},
+		{[]string{"--reclaim-after", "0s"}, "--reclaim-after"},
+		{[]string{"--block-idle", "-1s"}, "--block-idle"},
 	} {
 		var stderr bytes.Buffer
-		_, _, err := parseFlags("run", tc.args, &stderr)
+		_, _, _, err := parseFlags("run", tc.args, &stderr)
 		if err == nil {
 			t.Errorf("%v: accepted", tc.args)
 			continue
@@ -64,6 +66,20 @@ func TestRunUsageErrors(t *testing.T) {
 	if code := run([]string{"--vni", "x"}, &stderr); code != 2 {
 		t.Errorf("bad flag: exit %d, want 2", code)
 	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--vni", "5", "extra"}, "unexpected"},
+		{[]string{"teardown", "extra"}, "unexpected"},
+		{[]string{"remove-host"}, "the ID of the host"},
+		{[]string{"remove-host", "--etcd-endpoints", "http://127.0.0.1:1", "a", "b"}, "the ID of the host"},
+	} {
+		stderr.Reset()
+		if code := run(tc.args, &stderr); code != 2 || !strings.Contains(stderr.String(), tc.want) {
+			t.Errorf("%q: exit %d, %q; want 2 and %q", tc.args, code, stderr.String(), tc.want)
+		}
+	}
 }
 
 // TestFlagsDocumented: every flag overlayd takes has a row in
@@ -74,7 +90,7 @@ func TestFlagsDocumented(t *testing.T) {
 		t.Fatal(err)
 	}
 	var stderr bytes.Buffer
-	if _, _, err := parseFlags("run", []string{"-h"}, &stderr); !errors.Is(err, flag.ErrHelp) {
+	if _, _, _, err := parseFlags("run", []string{"-h"}, &stderr); !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("-h: %v", err)
 	}
 	n := 0

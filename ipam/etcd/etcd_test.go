@@ -138,7 +138,7 @@ func TestLeaseUnderContention(t *testing.T) {
 	}
 }
 
-func TestLeaseSameBlockAfterRestartAndRenew(t *testing.T) {
+func TestLeaseSameBlockAfterRestartAndVerify(t *testing.T) {
 	ctx := context.Background()
 	s := etcd.NewStore(startEtcd(t), "")
 	n := testNetwork()
@@ -155,11 +155,8 @@ func TestLeaseSameBlockAfterRestartAndRenew(t *testing.T) {
 	if len(again) != 1 || again[0] != first[0] {
 		t.Fatalf("after restart got %v, want %v", again, first)
 	}
-	if err := p.Renew(ctx); err != nil {
-		t.Fatalf("renew: %v", err)
-	}
-	if err := p.Renew(ctx); err != nil {
-		t.Fatalf("second renew: %v", err)
+	if lost, err := p.Verify(ctx); err != nil || len(lost) != 0 {
+		t.Fatalf("verify: %v, %v", lost, err)
 	}
 
 	// Someone else takes the block behind our back (a bug or an operator):
@@ -171,15 +168,15 @@ func TestLeaseSameBlockAfterRestartAndRenew(t *testing.T) {
 	if _, err := s.Client().Put(ctx, key, `{"host":"intruder"}`); err != nil {
 		t.Fatal(err)
 	}
-	if err := p.Renew(ctx); !errors.Is(err, etcd.ErrBlockLost) {
-		t.Fatalf("renew of a stolen block = %v, want ErrBlockLost", err)
+	if lost, err := p.Verify(ctx); !errors.Is(err, etcd.ErrBlockLost) || len(lost) != 1 || lost[0] != first[0] {
+		t.Fatalf("verify of a stolen block = %v, %v; want %v and ErrBlockLost", lost, err, first)
 	}
 	resp, err := s.Client().Get(ctx, key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if string(resp.Kvs[0].Value) != `{"host":"intruder"}` {
-		t.Fatalf("renew wrote over another host's record: %s", resp.Kvs[0].Value)
+		t.Fatalf("verify wrote over another host's record: %s", resp.Kvs[0].Value)
 	}
 	if len(p.Held()) != 0 {
 		t.Fatalf("lost block still held: %v", p.Held())
@@ -351,7 +348,7 @@ func TestHostsAndWatch(t *testing.T) {
 		case <-changed:
 			done = true
 		case <-time.After(100 * time.Millisecond):
-			_ = p.Renew(ctx)
+			_, _ = p.Claim(ctx, netip.Prefix{}, nil)
 		case <-deadline:
 			t.Fatal("watch reported no change")
 		}

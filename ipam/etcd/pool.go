@@ -18,24 +18,24 @@ import (
 	"github.com/overlaynet/overlay/overlay"
 )
 
-// ErrBlockLost is returned by Renew when a block this host held is now
-// owned by another host or was deleted.
-var ErrBlockLost = errors.New("etcd: block lost")
+// ErrBlockLost is wrapped by the errors of Verify, Give and Mirror when a
+// block this host held is now owned by another host or was deleted.
+var ErrBlockLost = overlay.ErrBlockLost
 
 // maxTxnRetries bounds how often one operation retries a transaction that
 // lost a race before giving up.
 const maxTxnRetries = 5
 
 // BlockRecord is the value of a block's key: who owns it and since when.
-// A block has no etcd lease: it stays with its owner through etcd outages
-// and overlayd restarts, and is given back only by an explicit release.
+// A block has no etcd lease and needs no renewal: it stays with its owner
+// through etcd outages and overlayd restarts, and changes hands only when
+// the owner gives it back, an operator removes the owner, or the owner's
+// liveness key has been gone for the reclaim period.
 type BlockRecord struct {
 	// Host owns the block.
 	Host overlay.HostID `json:"host"`
 	// Claimed is when the host claimed the block.
 	Claimed time.Time `json:"claimed"`
-	// Renewed is when the host last confirmed it still holds the block.
-	Renewed time.Time `json:"renewed"`
 }
 
 // AddrRecord is the value of an address's key: who holds it.
@@ -54,8 +54,8 @@ type held struct {
 	modRev    int64 // last modification revision seen: the compare of a renewal
 }
 
-// Pool is one host's view of one network in etcd: it leases the host's
-// blocks, and mirrors the allocations the host makes from them (which the
+// Pool is one host's view of one network in etcd: it claims, checks and
+// gives back the host's blocks, and mirrors the allocations the host makes from them (which the
 // host keeps itself, see package ipam/local). It implements
 // overlay.BlockLeaser and is safe for concurrent use. Its methods block
 // on etcd like Store's, bounded the same way.
@@ -96,6 +96,7 @@ type blockKV struct {
 	rec       BlockRecord
 	createRev int64
 	modRev    int64
+	block     netip.Prefix
 }
 
 func (p *Pool) blocks(ctx context.Context) (map[netip.Prefix]blockKV, error) {
@@ -128,120 +129,205 @@ func sortedBlocks(m map[netip.Prefix]held) []netip.Prefix {
 	return slices.SortedFunc(maps.Keys(m), func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
 }
 
-// Lease returns the blocks the host holds, claiming a free one when it
-// holds none. A restarted host gets the same blocks back. Hosts racing for
-// blocks each try a random free one; a claim is a transaction that
-// succeeds only when the block's key does not exist, so no block ever has
-// two owners.
-func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
+// Load reads the blocks the host holds from etcd, so that a restarted
+// host gets its blocks back, and returns them sorted.
+func (p *Pool) Load(ctx context.Context) ([]netip.Prefix, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
 	recs, err := p.blocks(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("lease block for %s: %w", p.host, err)
+		return nil, fmt.Errorf("load blocks of %s: %w", p.host, err)
 	}
 	p.mu.Lock()
+	clear(p.held)
 	for b, r := range recs {
 		if r.rec.Host == p.host {
 			p.held[b] = held{createRev: r.createRev, modRev: r.modRev}
 		}
 	}
-	n := len(p.held)
 	p.mu.Unlock()
-	if n > 0 {
-		return p.Held(), nil
-	}
+	return p.Held(), nil
+}
 
-	var free []netip.Prefix
-	for i := range p.net.NumBlocks() {
-		b := p.net.Block(i)
-		if _, taken := recs[b]; !taken {
-			free = append(free, b)
-		}
+// Lease returns the blocks the host holds, claiming a free one when it
+// holds none.
+func (p *Pool) Lease(ctx context.Context) ([]netip.Prefix, error) {
+	blocks, err := p.Load(ctx)
+	if err != nil || len(blocks) > 0 {
+		return blocks, err
+	}
+	if _, err := p.Claim(ctx, netip.Prefix{}, nil); err != nil {
+		return nil, err
+	}
+	return p.Held(), nil
+}
+
+// ErrBlockTaken is wrapped by the error of a Claim whose wanted block
+// another host holds.
+var ErrBlockTaken = errors.New("etcd: block held by another host")
+
+// Claim claims one more block for the host and returns it. With want
+// valid it claims that block, failing with an error wrapping
+// ErrBlockTaken, and naming the owner, when another host holds it;
+// otherwise it claims a random free block of the network for which avoid
+// (nil: none) is false. Hosts racing for blocks each try a random free
+// one; a claim is a transaction that succeeds only when the block's key
+// does not exist, so no block ever has two owners. A network with no free
+// block is an error wrapping overlay.ErrPoolExhausted that names its size.
+func (p *Pool) Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Prefix) bool) (netip.Prefix, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
+	if want.IsValid() && p.net.BlockIndex(want) < 0 {
+		return netip.Prefix{}, fmt.Errorf("claim %s: not a block of network %s (%s, blocks of /%d): %w", want, p.net.Name, p.net.CIDR, p.net.BlockBits, overlay.ErrConflict)
 	}
 	now := time.Now().UTC()
-	val, err := json.Marshal(BlockRecord{Host: p.host, Claimed: now, Renewed: now})
+	val, err := json.Marshal(BlockRecord{Host: p.host, Claimed: now})
 	if err != nil {
-		return nil, fmt.Errorf("encode block record: %w", err)
+		return netip.Prefix{}, fmt.Errorf("encode block record: %w", err)
 	}
-	for len(free) > 0 {
-		i := rand.IntN(len(free))
-		b := free[i]
+	try := func(b netip.Prefix) (bool, error) {
 		key := p.s.blockKey(p.net.Name, b)
 		resp, err := p.s.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
 			Then(clientv3.OpPut(key, string(val))).
 			Commit()
 		if err != nil {
-			return nil, fmt.Errorf("lease block %s for %s: %w", b, p.host, err)
+			return false, fmt.Errorf("claim block %s for %s: %w", b, p.host, err)
 		}
 		if resp.Succeeded {
 			rev := resp.Header.Revision
 			p.mu.Lock()
 			p.held[b] = held{createRev: rev, modRev: rev}
 			p.mu.Unlock()
-			return []netip.Prefix{b}, nil
+		}
+		return resp.Succeeded, nil
+	}
+	if want.IsValid() {
+		if ok, err := try(want); ok || err != nil {
+			return want, err
+		}
+		recs, err := p.blocks(ctx)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("claim block %s for %s: %w", want, p.host, err)
+		}
+		owner := recs[want].rec.Host
+		if owner == p.host {
+			p.mu.Lock()
+			p.held[want] = held{createRev: recs[want].createRev, modRev: recs[want].modRev}
+			p.mu.Unlock()
+			return want, nil
+		}
+		return netip.Prefix{}, fmt.Errorf("block %s of network %s is held by host %s: %w", want, p.net.Name, owner, ErrBlockTaken)
+	}
+
+	taken, err := p.taken(ctx)
+	if err != nil {
+		return netip.Prefix{}, fmt.Errorf("claim a block for %s: %w", p.host, err)
+	}
+	var free []netip.Prefix
+	for i := range p.net.NumBlocks() {
+		b := p.net.Block(i)
+		if !taken[b] && (avoid == nil || !avoid(b)) {
+			free = append(free, b)
+		}
+	}
+	for len(free) > 0 {
+		i := rand.IntN(len(free))
+		b := free[i]
+		ok, err := try(b)
+		if err != nil {
+			return netip.Prefix{}, err
+		}
+		if ok {
+			return b, nil
 		}
 		// Another host won this one: try another.
 		free[i] = free[len(free)-1]
 		free = free[:len(free)-1]
 	}
-	return nil, fmt.Errorf("lease block for %s in %s (%s, /%d blocks): %w", p.host, p.net.Name, p.net.CIDR, p.net.BlockBits, overlay.ErrPoolExhausted)
+	return netip.Prefix{}, fmt.Errorf("claim a block for %s: network %s (%s) has no free block of its %d blocks of /%d: %w",
+		p.host, p.net.Name, p.net.CIDR, p.net.NumBlocks(), p.net.BlockBits, overlay.ErrPoolExhausted)
 }
 
-// Renew confirms every held block with a compare-and-swap on its last
-// known revision: it never overwrites a record it has not read. A block
-// now owned by another host, or deleted, is dropped from the pool and
-// reported with ErrBlockLost.
-func (p *Pool) Renew(ctx context.Context) error {
-	ctx, cancel := bound(ctx)
-	defer cancel()
-	var errs []error
-	for b, h := range p.heldCopy() {
-		key := p.s.blockKey(p.net.Name, b)
-		for attempt := 0; ; attempt++ {
-			resp, err := p.s.cli.Get(ctx, key)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("renew block %s: %w", b, err))
-				break
-			}
-			var rec BlockRecord
-			if len(resp.Kvs) == 0 || resp.Kvs[0].CreateRevision != h.createRev ||
-				json.Unmarshal(resp.Kvs[0].Value, &rec) != nil || rec.Host != p.host {
-				p.mu.Lock()
-				delete(p.held, b)
-				p.mu.Unlock()
-				errs = append(errs, fmt.Errorf("renew block %s for %s: %w", b, p.host, ErrBlockLost))
-				break
-			}
-			kv := resp.Kvs[0]
-			rec.Renewed = time.Now().UTC()
-			val, err := json.Marshal(rec)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("renew block %s: encode: %w", b, err))
-				break
-			}
-			tr, err := p.s.cli.Txn(ctx).
-				If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)).
-				Then(clientv3.OpPut(key, string(val))).
-				Commit()
-			if err != nil {
-				errs = append(errs, fmt.Errorf("renew block %s: %w", b, err))
-				break
-			}
-			if tr.Succeeded {
-				p.mu.Lock()
-				p.held[b] = held{createRev: h.createRev, modRev: tr.Header.Revision}
-				p.mu.Unlock()
-				break
-			}
-			if attempt >= maxTxnRetries {
-				errs = append(errs, fmt.Errorf("renew block %s: record keeps changing", b))
-				break
-			}
+// taken returns the network's claimed blocks, reading keys only: what a
+// claim needs to pick a free one.
+func (p *Pool) taken(ctx context.Context) (map[netip.Prefix]bool, error) {
+	prefix := p.s.blocksPrefix(p.net.Name)
+	resp, err := p.s.cli.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		return nil, fmt.Errorf("list blocks of %s: %w", p.net.Name, err)
+	}
+	out := make(map[netip.Prefix]bool, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		if b, err := parseBlockName(strings.TrimPrefix(string(kv.Key), prefix)); err == nil {
+			out[b] = true
 		}
 	}
-	return errors.Join(errs...)
+	return out, nil
+}
+
+// Give gives back block b, which the host holds and has no address
+// allocated from, with etcd's copy of its addresses, in one transaction
+// that checks the block is still the host's. A block the host does not
+// hold is not an error.
+func (p *Pool) Give(ctx context.Context, b netip.Prefix) error {
+	ctx, cancel := bound(ctx)
+	defer cancel()
+	// No mirror pass runs meanwhile: it would find the block gone.
+	p.mirrorMu.Lock()
+	defer p.mirrorMu.Unlock()
+	p.mu.Lock()
+	h, ok := p.held[b]
+	p.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	key := p.s.blockKey(p.net.Name, b)
+	resp, err := p.s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", h.createRev)).
+		Then(clientv3.OpDelete(p.s.addrsPrefix(p.net.Name, b), clientv3.WithPrefix()), clientv3.OpDelete(key)).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("give back block %s of %s: %w", b, p.host, err)
+	}
+	p.mu.Lock()
+	delete(p.held, b)
+	p.mu.Unlock()
+	if !resp.Succeeded {
+		return fmt.Errorf("give back block %s of %s: %w", b, p.host, ErrBlockLost)
+	}
+	return nil
+}
+
+// Verify reads the host's blocks in etcd and reports those it held that
+// are now another host's or gone (reclaimed after the host was away, or
+// removed by an operator): they are dropped from the pool, and the error
+// wraps ErrBlockLost. It only reads: the host's ownership needs no
+// renewal, since a block has no lease.
+func (p *Pool) Verify(ctx context.Context) ([]netip.Prefix, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
+	recs, err := p.blocks(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("verify blocks of %s: %w", p.host, err)
+	}
+	var lost []netip.Prefix
+	p.mu.Lock()
+	for b, h := range p.held {
+		r, ok := recs[b]
+		if !ok || r.createRev != h.createRev || r.rec.Host != p.host {
+			delete(p.held, b)
+			lost = append(lost, b)
+			continue
+		}
+		p.held[b] = held{createRev: h.createRev, modRev: r.modRev}
+	}
+	p.mu.Unlock()
+	if len(lost) == 0 {
+		return nil, nil
+	}
+	slices.SortFunc(lost, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+	return lost, fmt.Errorf("blocks %v of %s in network %s: %w", lost, p.host, p.net.Name, ErrBlockLost)
 }
 
 // ReleaseBlocks gives back every block the host owns, with every address

@@ -4,6 +4,8 @@
 // Key layout, below a prefix (DefaultPrefix):
 //
 //	hosts/<host-id>                               HostRecord
+//	live/<host-id>                                LiveRecord, bound to the host's lease
+//	gone/<host-id>                                GoneRecord: since when live/ was seen gone
 //	networks/<net>/config                         overlay.Network
 //	networks/<net>/blocks/<a.b.c.d-bits>          BlockRecord
 //	networks/<net>/addrs/<a.b.c.d-bits>/<ip>      AddrRecord
@@ -242,11 +244,12 @@ func (s *Store) Hosts(ctx context.Context) ([]HostRecord, error) {
 	return out, errors.Join(errs...)
 }
 
-// DeleteHost removes the host's record. A host with none is not an error.
+// DeleteHost removes the host's record and its gone key. A host with
+// none is not an error.
 func (s *Store) DeleteHost(ctx context.Context, h overlay.HostID) error {
 	ctx, cancel := bound(ctx)
 	defer cancel()
-	if _, err := s.cli.Delete(ctx, s.hostKey(h)); err != nil {
+	if _, err := s.cli.Txn(ctx).Then(clientv3.OpDelete(s.hostKey(h)), clientv3.OpDelete(s.goneKey(h))).Commit(); err != nil {
 		return fmt.Errorf("delete host %s: %w", h, err)
 	}
 	return nil

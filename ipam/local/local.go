@@ -109,9 +109,10 @@ type Allocator struct {
 	mu      sync.Mutex // guards the maps and the queue
 	attach  map[overlay.AttachmentKey]netip.Prefix
 	used    map[netip.Addr]overlay.AttachmentKey
-	pending []change // decided, not yet on disk, in order
-	decided uint64   // changes decided so far
-	flushed uint64   // changes on disk
+	inBlock map[netip.Prefix]int // addresses used, by block
+	pending []change             // decided, not yet on disk, in order
+	decided uint64               // changes decided so far
+	flushed uint64               // changes on disk
 }
 
 // change is one decision waiting to be committed: key's address, or its
@@ -130,7 +131,8 @@ var _ overlay.Allocator = (*Allocator)(nil)
 // overlayd imports its allocations from etcd then.
 func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []netip.Prefix) (a *Allocator, fresh bool, err error) {
 	a = &Allocator{db: d, net: n, host: host, held: held, changed: make(chan struct{}, 1), commit: make(chan struct{}, 1),
-		attach: make(map[overlay.AttachmentKey]netip.Prefix), used: make(map[netip.Addr]overlay.AttachmentKey)}
+		attach: make(map[overlay.AttachmentKey]netip.Prefix), used: make(map[netip.Addr]overlay.AttachmentKey),
+		inBlock: make(map[netip.Prefix]int)}
 	err = d.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketName(n.Name))
 		if b == nil {
@@ -145,6 +147,7 @@ func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []net
 			}
 			a.attach[key] = addr
 			a.used[addr.Addr()] = key
+			a.inBlock[addr.Masked()]++
 			return nil
 		})
 	})
@@ -204,6 +207,7 @@ func (a *Allocator) Import(ctx context.Context, list []overlay.Allocation) error
 func (a *Allocator) put(key overlay.AttachmentKey, addr netip.Prefix) {
 	a.attach[key] = addr
 	a.used[addr.Addr()] = key
+	a.inBlock[addr.Masked()]++
 	a.pending = append(a.pending, change{key: key, addr: addr})
 	a.decided++
 	a.notify()
@@ -277,7 +281,8 @@ func (a *Allocator) existing(key overlay.AttachmentKey, held map[netip.Prefix]bo
 		return overlay.Allocation{}, false, nil
 	}
 	if !held[addr.Masked()] {
-		return overlay.Allocation{}, false, fmt.Errorf("%s holds %s, in a block %s no longer holds: %w", key, addr, a.host, overlay.ErrConflict)
+		return overlay.Allocation{}, false, fmt.Errorf("%s holds %s, in block %s, which host %s no longer holds (the block was reclaimed or removed while the host was away; another host may hand the address out): recreate the container: %w",
+			key, addr, addr.Masked(), a.host, overlay.ErrConflict)
 	}
 	return overlay.Allocation{Key: key, Addr: addr, Host: a.host}, true, nil
 }
@@ -299,6 +304,9 @@ func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (ov
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, a.host, a.net.Name, overlay.ErrPoolExhausted)
 	}
 	for _, b := range blocks {
+		if a.inBlock[b] >= Capacity(b) {
+			continue
+		}
 		for addr := overlay.Gateway(b).Next(); addr != overlay.Broadcast(b); addr = addr.Next() {
 			if _, taken := a.used[addr]; taken {
 				continue
@@ -359,6 +367,9 @@ func (a *Allocator) Release(ctx context.Context, key overlay.AttachmentKey) erro
 	}
 	delete(a.attach, key)
 	delete(a.used, addr.Addr())
+	if a.inBlock[addr.Masked()]--; a.inBlock[addr.Masked()] <= 0 {
+		delete(a.inBlock, addr.Masked())
+	}
 	a.pending = append(a.pending, change{key: key, addr: addr, release: true})
 	a.decided++
 	a.notify()
@@ -379,6 +390,34 @@ func (a *Allocator) Lookup(ctx context.Context, key overlay.AttachmentKey) (over
 		return overlay.Allocation{}, fmt.Errorf("look up %s on %s: %w", key, a.host, overlay.ErrNotFound)
 	}
 	return al, nil
+}
+
+// Capacity returns how many container addresses block b has: all but
+// its network, gateway and broadcast addresses.
+func Capacity(b netip.Prefix) int { return 1<<(32-b.Bits()) - 3 }
+
+// Count returns how many addresses of block b are allocated.
+func (a *Allocator) Count(b netip.Prefix) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.inBlock[b]
+}
+
+// Stranded returns the allocations in blocks this host no longer holds,
+// by address: containers whose addresses another host may hand out, that
+// must be recreated. Releasing them (DEL or GC) is how they go.
+func (a *Allocator) Stranded() []overlay.Allocation {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	held := blockSet(a.held())
+	var out []overlay.Allocation
+	for k, addr := range a.attach {
+		if !held[addr.Masked()] {
+			out = append(out, overlay.Allocation{Key: k, Addr: addr, Host: a.host})
+		}
+	}
+	slices.SortFunc(out, func(x, y overlay.Allocation) int { return x.Addr.Addr().Compare(y.Addr.Addr()) })
+	return out
 }
 
 // List returns every allocation of this host in the network, by address.

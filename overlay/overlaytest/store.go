@@ -305,3 +305,24 @@ func (s *Store) Hosts(context.Context) ([]overlay.HostInfo, error) {
 	slices.SortFunc(out, func(a, b overlay.HostInfo) int { return strings.Compare(string(a.Host), string(b.Host)) })
 	return out, nil
 }
+
+// Headroom returns the free addresses of the host's blocks, and an error
+// wrapping overlay.ErrPoolExhausted when there are none: the fake claims
+// no block on demand.
+func (p *Pool) Headroom() (int, error) {
+	p.s.mu.Lock()
+	defer p.s.mu.Unlock()
+	free := 0
+	for _, b := range p.heldLocked() {
+		free += 1<<(32-b.Bits()) - 3
+	}
+	for _, al := range p.s.addrs {
+		if al.Host == p.host {
+			free--
+		}
+	}
+	if free <= 0 {
+		return 0, fmt.Errorf("host %s: every address of its blocks is in use: %w", p.host, overlay.ErrPoolExhausted)
+	}
+	return free, nil
+}
