@@ -16,6 +16,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -57,9 +58,9 @@ func run(samples int) error {
 	defer bins.Remove()
 	overlayd, cni := bins.Overlayd, bins.CNI
 
-	// /24 blocks: 100 concurrent containers must fit one host's block
-	// (a host leases one block; more when full is ROADMAP item 1).
-	network := overlay.Network{Name: "default", CIDR: simnet.OverlayCIDR, BlockBits: 24, VNI: overlay.DefaultVNI, Port: overlay.DefaultPort}
+	// The default /26 blocks: the burst and the concurrent ADDs cross
+	// into new blocks, claimed as the host fills up.
+	network := overlay.Network{Name: "default", CIDR: simnet.OverlayCIDR, BlockBits: overlay.DefaultBlockBits, VNI: overlay.DefaultVNI, Port: overlay.DefaultPort}
 	net, err := simnet.New(ctx, simnet.Options{Hosts: 2, Overlayd: overlayd, CNI: cni, Network: network})
 	if err != nil {
 		return err
@@ -219,7 +220,89 @@ func run(samples int) error {
 	report("overlayd add, answer when on disk", rpcAdd, nil, "")
 	report("overlayd add, early answer", rpcEarly, nil, "")
 	report("overlayd del request", rpcDel, nil, "")
+	if err := burstAdds(ctx, net, cfg, ovList, refList, burst); err != nil {
+		return err
+	}
 	return concurrentAdds(ctx, net, cfg, ovList, concurrent)
+}
+
+// burst is how many containers burstAdds starts back to back on one host.
+const burst = 200
+
+// burstAdds adds n containers one after the other on host 1 with each
+// plugin, interleaved, keeping them all: the overlay's cross three block
+// boundaries (61 addresses a /26 block). It reports both bursts' latency,
+// the ratio of each one's p99 to its p50, and the ADDs that took the first
+// address of a new block.
+func burstAdds(ctx context.Context, net *simnet.Net, cfg *libcni.CNIConfig, ovList, refList *libcni.NetworkConfigList, n int) error {
+	h := net.Hosts[0]
+	var ov, ref, crossing []time.Duration
+	var lastBlock netip.Prefix
+	for i := range n {
+		for _, p := range []struct {
+			list *libcni.NetworkConfigList
+			name string
+		}{{ovList, "bov"}, {refList, "bref"}} {
+			c, err := net.NewContainer(ctx, h, fmt.Sprintf("%s%d", p.name, i))
+			if err != nil {
+				return err
+			}
+			var res *current.Result
+			var took time.Duration
+			err = h.InNS(func() error {
+				t := time.Now()
+				r, err := cfg.AddNetworkList(ctx, p.list, c.RuntimeConf())
+				took = time.Since(t)
+				if err != nil {
+					return fmt.Errorf("burst ADD %s %d: %w", p.name, i, err)
+				}
+				res, err = current.NewResultFromResult(r)
+				return err
+			})
+			if err != nil {
+				return err
+			}
+			if p.name == "bref" {
+				ref = append(ref, took)
+				continue
+			}
+			ov = append(ov, took)
+			if len(res.IPs) == 0 {
+				return fmt.Errorf("burst ADD %d: no address", i)
+			}
+			ip, _ := netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
+			if b := netip.PrefixFrom(ip, net.Network.BlockBits).Masked(); b != lastBlock {
+				if lastBlock.IsValid() {
+					crossing = append(crossing, took)
+				}
+				lastBlock = b
+			}
+		}
+	}
+	fmt.Printf("\n%d ADDs back to back on one host, kept (the overlay's cross %d block boundaries)\n", n, len(crossing))
+	burstReport("overlay-cni", ov)
+	burstReport("bridge+host-local", ref)
+	fmt.Printf("  %-34s %v (the overlay's p50 %s)\n", "ADDs into a new block:", roundAll(crossing), round(percentile(ov, 50)))
+	return nil
+}
+
+func burstReport(name string, d []time.Duration) {
+	p50, p99 := percentile(d, 50), percentile(d, 99)
+	fmt.Printf("  %-34s p50 %-9s p99 %-9s p99/p50 %.2f\n", name+":", round(p50), round(p99), float64(p99)/float64(p50))
+}
+
+func percentile(d []time.Duration, p int) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+func roundAll(d []time.Duration) []time.Duration {
+	out := make([]time.Duration, len(d))
+	for i, x := range d {
+		out[i] = round(x)
+	}
+	return out
 }
 
 // concurrent is how many ADDs concurrentAdds starts at once.

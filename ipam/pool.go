@@ -279,6 +279,9 @@ func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a ne
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is outside network %s (%s): %w", a, key, n.Name, n.CIDR, overlay.ErrConflict)
 	}
 	b := netip.PrefixFrom(a, n.BlockBits).Masked()
+	if a == b.Addr() || a == overlay.Gateway(b) || a == overlay.Broadcast(b) {
+		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: it is the network, gateway or broadcast address of block %s, not a container address: %w", a, key, b, overlay.ErrConflict)
+	}
 	if !slices.Contains(p.Held(), b) {
 		if err := p.claimBlock(ctx, b); err != nil {
 			return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", a, key, err)

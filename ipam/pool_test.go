@@ -459,10 +459,16 @@ func TestStaticAddress(t *testing.T) {
 	if !errors.Is(err, overlay.ErrConflict) || !strings.Contains(err.Error(), "outside network default") {
 		t.Fatalf("static address outside the network = %v", err)
 	}
-	for _, gw := range []netip.Addr{free.Addr(), overlay.Gateway(free), overlay.Broadcast(free)} {
-		if _, err := a.pool.AllocateAddr(ctx, key(5), gw); !errors.Is(err, overlay.ErrConflict) {
-			t.Errorf("static %s (network, gateway or broadcast) = %v", gw, err)
+	unclaimed := netip.MustParsePrefix("198.19.2.0/26")
+	for _, b := range []netip.Prefix{free, unclaimed} {
+		for _, gw := range []netip.Addr{b.Addr(), overlay.Gateway(b), overlay.Broadcast(b)} {
+			if _, err := a.pool.AllocateAddr(ctx, key(5), gw); !errors.Is(err, overlay.ErrConflict) {
+				t.Errorf("static %s (network, gateway or broadcast) = %v", gw, err)
+			}
 		}
+	}
+	if o := w.owner(unclaimed); o != "" {
+		t.Errorf("a refused static address claimed its block for %s", o)
 	}
 }
 

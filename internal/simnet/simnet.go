@@ -99,6 +99,8 @@ type Host struct {
 	DataDir string
 	// Socket is its overlayd's CNI socket.
 	Socket string
+	// Extra are flags added to its overlayd's command line (Args).
+	Extra []string
 
 	n        *Net
 	mu       sync.Mutex // guards cmd and done
@@ -235,7 +237,7 @@ func (h *Host) Args() []string {
 	} else {
 		args = append(args, "--etcd-endpoints", n.EtcdEndpoint())
 	}
-	return args
+	return append(args, h.Extra...)
 }
 
 // Start starts overlayd in the host's namespace and waits until it
@@ -327,6 +329,23 @@ func (h *Host) Stop() error {
 		<-done
 		return fmt.Errorf("%s: overlayd ignored SIGTERM for 15s; killed", h.Name)
 	}
+}
+
+// Kill ends overlayd with SIGKILL, as a crash or a power cut would: it
+// cleans nothing up, and its liveness lease runs out in etcd.
+func (h *Host) Kill() error {
+	h.mu.Lock()
+	cmd, done := h.cmd, h.done
+	h.cmd, h.done = nil, nil
+	h.mu.Unlock()
+	if cmd == nil {
+		return nil
+	}
+	if err := syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); err != nil {
+		return fmt.Errorf("%s: kill overlayd: %w", h.Name, err)
+	}
+	<-done
+	return nil
 }
 
 // Teardown runs "overlayd teardown" in the host's namespace: the host
