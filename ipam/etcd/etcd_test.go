@@ -77,6 +77,19 @@ func TestEnsureNetwork(t *testing.T) {
 	if _, err := s.Network(ctx, "nope"); !errors.Is(err, overlay.ErrNotFound) {
 		t.Fatalf("unknown network: %v", err)
 	}
+	overlapping := n
+	overlapping.Name, overlapping.CIDR, overlapping.VNI = "blue", netip.MustParsePrefix("198.19.128.0/17"), 5001
+	if _, err := s.EnsureNetwork(ctx, overlapping); !errors.Is(err, overlay.ErrConflict) || !strings.Contains(err.Error(), `overlaps network "default"`) {
+		t.Fatalf("overlapping network: %v", err)
+	}
+	apart := overlapping
+	apart.CIDR = netip.MustParsePrefix("198.20.0.0/16")
+	if _, err := s.EnsureNetwork(ctx, apart); err != nil {
+		t.Fatalf("a network apart: %v", err)
+	}
+	if _, err := s.EnsureNetwork(ctx, n); err != nil {
+		t.Fatalf("the first network again, after another was created: %v", err)
+	}
 }
 
 // TestLeaseUnderContention starts 50 hosts at the same moment, each with

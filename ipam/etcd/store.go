@@ -7,6 +7,7 @@
 //	live/<host-id>                                LiveRecord, bound to the host's lease
 //	gone/<host-id>                                GoneRecord: since when live/ was seen gone
 //	networks/<net>/config                         overlay.Network
+//	networks-generation                           the last network created (a fence)
 //	networks/<net>/blocks/<a.b.c.d-bits>          BlockRecord
 //	networks/<net>/addrs/<a.b.c.d-bits>/<ip>      AddrRecord
 //	networks/<net>/attach/<host>/<container>/<if> the address, as text
@@ -80,6 +81,10 @@ func NewStore(cli *clientv3.Client, prefix string) *Store {
 func (s *Store) Client() *clientv3.Client { return s.cli }
 
 func (s *Store) hostKey(h overlay.HostID) string { return s.prefix + "hosts/" + string(h) }
+
+// networksGenKey changes with every network created: a creation is fenced
+// on it, so that two overlapping networks created at once cannot both be.
+func (s *Store) networksGenKey() string { return s.prefix + "networks-generation" }
 func (s *Store) networkKey(name string) string   { return s.prefix + "networks/" + name + "/config" }
 func (s *Store) blocksPrefix(name string) string {
 	return s.prefix + "networks/" + name + "/blocks/"
@@ -121,9 +126,38 @@ func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.N
 		return overlay.Network{}, fmt.Errorf("encode network %s: %w", n.Name, err)
 	}
 	key := s.networkKey(n.Name)
+	// Another network whose address space overlaps n's is refused: their
+	// containers' addresses would collide. The creation is fenced on the
+	// networks read, so two overlapping networks created at once cannot
+	// both succeed.
+	read, err := s.cli.Txn(ctx).Then(
+		clientv3.OpGet(s.prefix+"networks/", clientv3.WithPrefix()),
+		clientv3.OpGet(s.networksGenKey()),
+	).Commit()
+	if err != nil {
+		return overlay.Network{}, fmt.Errorf("ensure network %s: list networks: %w", n.Name, err)
+	}
+	var genRev int64
+	if kvs := read.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
+		genRev = kvs[0].ModRevision
+	}
+	for _, kv := range read.Responses[0].GetResponseRange().Kvs {
+		if !strings.HasSuffix(string(kv.Key), "/config") || string(kv.Key) == key {
+			continue
+		}
+		var o overlay.Network
+		if json.Unmarshal(kv.Value, &o) != nil || !o.CIDR.IsValid() {
+			continue
+		}
+		if o.CIDR.Overlaps(n.CIDR) {
+			return overlay.Network{}, fmt.Errorf("network %q: cidr %s overlaps network %q (%s) in etcd: give it an address space of its own: %w",
+				n.Name, n.CIDR, o.Name, o.CIDR, overlay.ErrConflict)
+		}
+	}
 	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
-		Then(clientv3.OpPut(key, string(val))).
+		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+			clientv3.Compare(clientv3.ModRevision(s.networksGenKey()), "=", genRev)).
+		Then(clientv3.OpPut(key, string(val)), clientv3.OpPut(s.networksGenKey(), n.Name)).
 		Else(clientv3.OpGet(key)).
 		Commit()
 	if err != nil {
@@ -134,7 +168,7 @@ func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.N
 	}
 	kvs := resp.Responses[0].GetResponseRange().Kvs
 	if len(kvs) == 0 {
-		return overlay.Network{}, fmt.Errorf("ensure network %s: deleted while read: %w", n.Name, overlay.ErrConflict)
+		return overlay.Network{}, fmt.Errorf("ensure network %s: the networks in etcd changed while it was created; try again: %w", n.Name, overlay.ErrConflict)
 	}
 	var stored overlay.Network
 	if err := json.Unmarshal(kvs[0].Value, &stored); err != nil {
