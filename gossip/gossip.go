@@ -2,11 +2,12 @@
 // learns who they are, over hashicorp/memberlist.
 //
 // Every host gossips its host ID (the memberlist node name), its underlay
-// address, the MAC address of its VXLAN devices and the blocks it claims
-// per network, encoded in the memberlist node metadata. Members returns
-// what the other live hosts say; it is an overlay.Membership. The claims
-// are not verified here: the caller checks them against the block owners
-// in etcd.
+// address and the MAC address of its VXLAN devices, encoded in the
+// memberlist node metadata. Members returns what the other live hosts say;
+// it is an overlay.Membership. Block ownership is not gossiped: it lives
+// in etcd alone. What members say is not verified here: the caller checks
+// it against the host records in etcd, and trusts gossip only for which
+// hosts are alive.
 package gossip
 
 import (
@@ -33,9 +34,6 @@ const (
 	// DefaultPort is the TCP and UDP port memberlist listens on, the same
 	// as Consul's and Serf's LAN gossip port.
 	DefaultPort = 7946
-	// DefaultUpdateTimeout bounds how long SetBlocks waits for new
-	// metadata to be sent to another member.
-	DefaultUpdateTimeout = 5 * time.Second
 	// DefaultLeaveTimeout bounds how long Leave waits for the leave
 	// message to be sent to another member.
 	DefaultLeaveTimeout = 5 * time.Second
@@ -48,8 +46,9 @@ const joinParallelism = 4
 var (
 	// ErrClosed is returned by methods called after Shutdown or Leave.
 	ErrClosed = errors.New("gossip: closed")
-	// ErrMetaTooLarge is returned by New and SetBlocks when the encoded
-	// metadata exceeds memberlist.MetaMaxSize bytes.
+	// ErrMetaTooLarge is returned by New when the encoded metadata
+	// exceeds memberlist.MetaMaxSize bytes, as it does for a very long
+	// host ID.
 	ErrMetaTooLarge = errors.New("gossip: metadata too large")
 )
 
@@ -101,9 +100,6 @@ type Config struct {
 	// TCPTimeout bounds one TCP exchange with a member, such as one
 	// address of a Join; 0 means memberlist's LAN default (10s).
 	TCPTimeout time.Duration
-	// UpdateTimeout bounds how long SetBlocks waits for new metadata to
-	// be sent; 0 means DefaultUpdateTimeout.
-	UpdateTimeout time.Duration
 	// LeaveTimeout bounds how long Leave waits for the leave message to
 	// be sent; 0 means DefaultLeaveTimeout.
 	LeaveTimeout time.Duration
@@ -142,7 +138,6 @@ func DefaultConfig() Config {
 		GossipInterval:   lan.GossipInterval,      // 200ms
 		PushPullInterval: lan.PushPullInterval,    // 30s, repairs missed gossip
 		TCPTimeout:       lan.TCPTimeout,          // 10s
-		UpdateTimeout:    DefaultUpdateTimeout,    // 5s
 		LeaveTimeout:     DefaultLeaveTimeout,     // 5s
 	}
 }
@@ -163,12 +158,11 @@ type Stats struct {
 // Gossip is this host's membership in the overlay's gossip cluster. Its
 // methods are safe for concurrent use.
 type Gossip struct {
-	host          overlay.HostID
-	local         overlay.Member // Blocks are unused; see meta
-	log           *slog.Logger
-	onChange      func()
-	updateTimeout time.Duration
-	leaveTimeout  time.Duration
+	host         overlay.HostID
+	local        overlay.Member
+	log          *slog.Logger
+	onChange     func()
+	leaveTimeout time.Duration
 
 	ml        *memberlist.Memberlist
 	localAddr netip.AddrPort
@@ -177,8 +171,9 @@ type Gossip struct {
 	done       chan struct{} // closed by Shutdown
 	notifyDone chan struct{} // closed when the OnChange goroutine returns
 
-	metaMu sync.Mutex // guards meta
 	// meta is this host's encoded metadata, at most MetaMaxSize bytes.
+	// New sets it before memberlist starts, and it never changes: it
+	// needs no lock.
 	meta []byte
 
 	// keyring holds the gossip keys, nil without encryption; memberlist
@@ -208,8 +203,9 @@ type node struct {
 var _ overlay.Membership = (*Gossip)(nil)
 
 // New starts gossiping: it binds the transport, starts memberlist and
-// returns once it is listening. It joins no one; see Join. The metadata
-// claims no blocks until SetBlocks.
+// returns once it is listening. It joins no one; see Join. The metadata,
+// fixed for the Gossip's lifetime, is cfg's host ID, underlay address and
+// VTEP MAC.
 func New(cfg Config) (*Gossip, error) {
 	if cfg.Host == "" {
 		return nil, errors.New("gossip: config: Host is required")
@@ -231,16 +227,15 @@ func New(cfg Config) (*Gossip, error) {
 			Underlay: cfg.Underlay,
 			VTEPMAC:  slices.Clone(cfg.VTEPMAC),
 		},
-		log:           log,
-		onChange:      cfg.OnChange,
-		updateTimeout: cmp.Or(cfg.UpdateTimeout, DefaultUpdateTimeout),
-		leaveTimeout:  cmp.Or(cfg.LeaveTimeout, DefaultLeaveTimeout),
-		kick:          make(chan struct{}, 1),
-		done:          make(chan struct{}),
-		notifyDone:    make(chan struct{}),
-		nodes:         make(map[string]node),
+		log:          log,
+		onChange:     cfg.OnChange,
+		leaveTimeout: cmp.Or(cfg.LeaveTimeout, DefaultLeaveTimeout),
+		kick:         make(chan struct{}, 1),
+		done:         make(chan struct{}),
+		notifyDone:   make(chan struct{}),
+		nodes:        make(map[string]node),
 	}
-	meta, err := g.encodeLocal(nil)
+	meta, err := g.encodeLocal()
 	if err != nil {
 		return nil, err
 	}
@@ -304,17 +299,15 @@ func (g *Gossip) memberlistConfig(cfg Config) *memberlist.Config {
 	return mc
 }
 
-// encodeLocal returns this host's metadata claiming blocks, or an error
-// wrapping ErrMetaTooLarge.
-func (g *Gossip) encodeLocal(blocks map[string][]netip.Prefix) ([]byte, error) {
-	m := g.local
-	m.Blocks = blocks
-	meta, err := encodeMeta(m)
+// encodeLocal returns this host's metadata, or an error wrapping
+// ErrMetaTooLarge.
+func (g *Gossip) encodeLocal() ([]byte, error) {
+	meta, err := encodeMeta(g.local)
 	if err != nil {
 		return nil, err
 	}
 	if len(meta) > memberlist.MetaMaxSize {
-		return nil, fmt.Errorf("%w: %d bytes, the limit is %d: claim fewer blocks", ErrMetaTooLarge, len(meta), memberlist.MetaMaxSize)
+		return nil, fmt.Errorf("%w: %d bytes, the limit is %d: use a shorter host ID", ErrMetaTooLarge, len(meta), memberlist.MetaMaxSize)
 	}
 	return meta, nil
 }
@@ -363,55 +356,6 @@ func (g *Gossip) NumMembers() int {
 // at: the advertised address and the bound port.
 func (g *Gossip) LocalAddr() netip.AddrPort {
 	return g.localAddr
-}
-
-// SetBlocks replaces the blocks this host claims, by network name, and
-// pushes the new metadata to the cluster. Each network's blocks must be
-// valid prefixes without host bits; they are sorted and deduplicated.
-// When the encoding would exceed memberlist.MetaMaxSize it returns an
-// error wrapping ErrMetaTooLarge and keeps the old metadata. Setting the
-// blocks already set does nothing. Otherwise it blocks until the update
-// was sent to another member or UpdateTimeout passed; after a timeout the
-// new metadata is in place and still spreads by gossip.
-func (g *Gossip) SetBlocks(blocks map[string][]netip.Prefix) error {
-	norm := make(map[string][]netip.Prefix, len(blocks))
-	for name, list := range blocks {
-		if name == "" {
-			return errors.New("gossip: set blocks: empty network name")
-		}
-		if len(list) == 0 {
-			continue
-		}
-		for _, p := range list {
-			if !p.IsValid() || p != p.Masked() {
-				return fmt.Errorf("gossip: set blocks: network %q: invalid block %s", name, p)
-			}
-		}
-		s := slices.Clone(list)
-		slices.SortFunc(s, comparePrefix)
-		norm[name] = slices.Compact(s)
-	}
-	meta, err := g.encodeLocal(norm)
-	if err != nil {
-		return fmt.Errorf("gossip: set blocks: %w", err)
-	}
-
-	select {
-	case <-g.done:
-		return fmt.Errorf("gossip: set blocks: %w", ErrClosed)
-	default:
-	}
-	g.metaMu.Lock()
-	same := string(meta) == string(g.meta)
-	g.meta = meta
-	g.metaMu.Unlock()
-	if same {
-		return nil
-	}
-	if err := g.ml.UpdateNode(g.updateTimeout); err != nil {
-		return fmt.Errorf("gossip: set blocks: push metadata: %w", err)
-	}
-	return nil
 }
 
 // ErrNotEncrypted is returned by SetKeys for a Gossip started without
@@ -690,11 +634,9 @@ func (e events) NotifyLeave(n *memberlist.Node)  { e.g.remove(n) }
 // holding its node lock.
 type delegate struct{ g *Gossip }
 
-// NodeMeta returns the local metadata. SetBlocks keeps it within
-// MetaMaxSize, the only limit memberlist passes.
+// NodeMeta returns the local metadata. New keeps it within MetaMaxSize,
+// the only limit memberlist passes.
 func (d delegate) NodeMeta(limit int) []byte {
-	d.g.metaMu.Lock()
-	defer d.g.metaMu.Unlock()
 	if len(d.g.meta) > limit {
 		return nil
 	}

@@ -34,7 +34,6 @@ func testTiming(cfg *Config) {
 	cfg.GossipInterval = 20 * time.Millisecond
 	cfg.PushPullInterval = 500 * time.Millisecond
 	cfg.TCPTimeout = time.Second
-	cfg.UpdateTimeout = 2 * time.Second
 	cfg.LeaveTimeout = 2 * time.Second
 }
 
@@ -190,14 +189,6 @@ func underlay(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 18, 0, byt
 
 func mac(i int) net.HardwareAddr { return net.HardwareAddr{0x02, 0, 0, 0, 0, byte(i + 1)} }
 
-func blocksOf(i int, n int) map[string][]netip.Prefix {
-	var bs []netip.Prefix
-	for j := range n {
-		bs = append(bs, netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 19, byte(i), byte(64 * j)}), 26))
-	}
-	return map[string][]netip.Prefix{"default": bs}
-}
-
 // newMember starts host i on transport tr, or on loopback when tr is nil,
 // and shuts it down when the test ends.
 func newMember(t *testing.T, i int, tr memberlist.Transport, opts ...func(*Config)) *member {
@@ -232,8 +223,8 @@ func newMember(t *testing.T, i int, tr memberlist.Transport, opts ...func(*Confi
 	return m
 }
 
-// newCluster starts n members on a MockNetwork, each claiming one block,
-// and joins them through the first.
+// newCluster starts n members on a MockNetwork and joins them through the
+// first.
 func newCluster(t *testing.T, n int) []*member {
 	t.Helper()
 	mn := newMockNet(t)
@@ -244,9 +235,6 @@ func newCluster(t *testing.T, n int) []*member {
 	ms := make([]*member, n)
 	for i := range n {
 		ms[i] = newMember(t, i, trs[i])
-		if err := ms[i].SetBlocks(blocksOf(i, 1)); err != nil {
-			t.Fatalf("SetBlocks: %v", err)
-		}
 	}
 	for _, m := range ms[1:] {
 		joined, err := m.Join(t.Context(), []string{ms[0].LocalAddr().String()})
@@ -278,8 +266,9 @@ func hosts(ms []overlay.Member) []overlay.HostID {
 	return out
 }
 
-func expected(i int, blocks map[string][]netip.Prefix) overlay.Member {
-	return overlay.Member{Host: hostName(i), Underlay: underlay(i), VTEPMAC: mac(i), Blocks: blocks}
+// expected is what the others see of host i.
+func expected(i int) overlay.Member {
+	return overlay.Member{Host: hostName(i), Underlay: underlay(i), VTEPMAC: mac(i)}
 }
 
 func TestMembersSeeEachOther(t *testing.T) {
@@ -288,7 +277,7 @@ func TestMembersSeeEachOther(t *testing.T) {
 		var want []overlay.Member
 		for j := range ms {
 			if j != i {
-				want = append(want, expected(j, blocksOf(j, 1)))
+				want = append(want, expected(j))
 			}
 		}
 		waitFor(t, fmt.Sprintf("%s to see the others", hostName(i)), func() bool {
@@ -308,8 +297,7 @@ func TestMembersSeeEachOther(t *testing.T) {
 	// Members returns copies.
 	got := ms[0].Members()
 	got[0].VTEPMAC[0] = 0xff
-	got[0].Blocks["default"][0] = netip.Prefix{}
-	if again := ms[0].Members(); !reflect.DeepEqual(again[0], expected(1, blocksOf(1, 1))) {
+	if again := ms[0].Members(); !reflect.DeepEqual(again[0], expected(1)) {
 		t.Errorf("changing the result of Members changed the state: %+v", again[0])
 	}
 
@@ -319,92 +307,41 @@ func TestMembersSeeEachOther(t *testing.T) {
 	}
 }
 
-func TestSetBlocksPropagates(t *testing.T) {
-	ms := newCluster(t, 3)
-	for _, m := range ms {
-		waitFor(t, "the cluster to form", func() bool { return len(m.Members()) == 2 })
+// TestMetaSizeLimit: New refuses a host ID too long for the metadata to
+// fit in memberlist.MetaMaxSize bytes, and accepts one that just fits.
+func TestMetaSizeLimit(t *testing.T) {
+	empty, err := encodeMeta(overlay.Member{Underlay: underlay(0), VTEPMAC: mac(0)})
+	if err != nil {
+		t.Fatal(err)
 	}
-	before1, before2 := ms[1].changes.Load(), ms[2].changes.Load()
-
-	newBlocks := blocksOf(0, 3)
-	newBlocks["blue"] = []netip.Prefix{netip.MustParsePrefix("10.1.0.0/24")}
-	if err := ms[0].SetBlocks(newBlocks); err != nil {
-		t.Fatalf("SetBlocks: %v", err)
-	}
-	want := expected(0, newBlocks)
-	for _, m := range ms[1:] {
-		waitFor(t, "the new blocks to propagate", func() bool {
-			got := m.Members()
-			return len(got) == 2 && reflect.DeepEqual(got[0], want)
-		})
-	}
-	waitFor(t, "OnChange on the others", func() bool {
-		return ms[1].changes.Load() > before1 && ms[2].changes.Load() > before2
-	})
-
-	// The same blocks again, unsorted and duplicated: nothing to push.
-	again := map[string][]netip.Prefix{
-		"default": {newBlocks["default"][2], newBlocks["default"][0], newBlocks["default"][1], newBlocks["default"][0]},
-		"blue":    newBlocks["blue"],
-		"empty":   nil,
-	}
-	if err := ms[0].SetBlocks(again); err != nil {
-		t.Errorf("SetBlocks(same blocks): %v", err)
-	}
-
-	for _, bad := range []map[string][]netip.Prefix{
-		{"default": {netip.MustParsePrefix("198.19.0.1/26")}},
-		{"default": {{}}},
-		{"": {netip.MustParsePrefix("198.19.0.0/26")}},
+	fits := memberlist.MetaMaxSize - len(empty)
+	for _, tc := range []struct {
+		hostLen int
+		wantErr error
+	}{
+		{fits, nil},
+		{fits + 1, ErrMetaTooLarge},
+		{memberlist.MetaMaxSize, ErrMetaTooLarge},
 	} {
-		if err := ms[0].SetBlocks(bad); err == nil {
-			t.Errorf("SetBlocks(%v) succeeded, want an error", bad)
-		}
-	}
-	if got := ms[1].Members()[0]; !reflect.DeepEqual(got, want) {
-		t.Errorf("after invalid SetBlocks, others see %+v, want %+v", got, want)
-	}
-}
-
-func TestOversizedMetaKeepsOld(t *testing.T) {
-	ms := newCluster(t, 2)
-	want := expected(0, blocksOf(0, 1))
-	waitFor(t, "the cluster to form", func() bool {
-		got := ms[1].Members()
-		return len(got) == 1 && reflect.DeepEqual(got[0], want)
-	})
-	old := delegate{ms[0].Gossip}.NodeMeta(memberlist.MetaMaxSize)
-
-	big := map[string][]netip.Prefix{"default": nil}
-	for i := range 100 {
-		big["default"] = append(big["default"], netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i), 0, 0}), 26))
-	}
-	err := ms[0].SetBlocks(big)
-	if !errors.Is(err, ErrMetaTooLarge) {
-		t.Fatalf("SetBlocks(100 blocks) = %v, want ErrMetaTooLarge", err)
-	}
-	if now := (delegate{ms[0].Gossip}).NodeMeta(memberlist.MetaMaxSize); !bytes.Equal(now, old) {
-		t.Errorf("metadata changed after a failed SetBlocks:\n got %s\nwant %s", now, old)
-	}
-	// A later update still works and shows the old blocks were kept.
-	if err := ms[0].SetBlocks(blocksOf(0, 2)); err != nil {
-		t.Fatalf("SetBlocks: %v", err)
-	}
-	waitFor(t, "the next update", func() bool {
-		got := ms[1].Members()
-		return len(got) == 1 && reflect.DeepEqual(got[0], expected(0, blocksOf(0, 2)))
-	})
-
-	// A host ID too long for the metadata fails New.
-	cfg := DefaultConfig()
-	cfg.Host = overlay.HostID(strings.Repeat("h", memberlist.MetaMaxSize))
-	cfg.Underlay = underlay(0)
-	cfg.VTEPMAC = mac(0)
-	if g, err := New(cfg); !errors.Is(err, ErrMetaTooLarge) {
+		cfg := DefaultConfig()
+		testTiming(&cfg)
+		cfg.Host = overlay.HostID(strings.Repeat("h", tc.hostLen))
+		cfg.Underlay = underlay(0)
+		cfg.VTEPMAC = mac(0)
+		cfg.BindAddr = netip.MustParseAddr("127.0.0.1")
+		cfg.BindPort = 0
+		g, err := New(cfg)
 		if err == nil {
-			g.Shutdown()
+			if meta := (delegate{g}).NodeMeta(memberlist.MetaMaxSize); len(meta) != len(empty)+tc.hostLen {
+				t.Errorf("host ID of %d bytes: NodeMeta is %d bytes, want %d", tc.hostLen, len(meta), len(empty)+tc.hostLen)
+			}
+			if err := g.Shutdown(); err != nil {
+				t.Errorf("Shutdown: %v", err)
+			}
 		}
-		t.Errorf("New(long host ID) = %v, want ErrMetaTooLarge", err)
+		if !errors.Is(err, tc.wantErr) {
+			t.Errorf("New(host ID of %d bytes) = %v, want %v", tc.hostLen, err, tc.wantErr)
+		}
 	}
 }
 
@@ -453,6 +390,8 @@ func TestMalformedMetaIgnored(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// valid is metadata as the previous release writes it, with the
+	// blocks this release ignores.
 	valid := func(host string) string {
 		return `{"v":1,"h":"` + host + `","u":"198.18.0.9","m":"02:00:00:00:00:09","b":{"default":["198.19.9.0/26"]}}`
 	}
@@ -461,7 +400,7 @@ func TestMalformedMetaIgnored(t *testing.T) {
 		`{"v":2,"h":"raw","u":"198.18.0.9","m":"02:00:00:00:00:09"}`,
 		`{"v":1,"h":"raw","u":"198.18.0.999","m":"02:00:00:00:00:09"}`,
 		`{"v":1,"h":"raw","u":"198.18.0.9","m":"02:00:00:00:09"}`,
-		`{"v":1,"h":"raw","u":"198.18.0.9","m":"02:00:00:00:00:09","b":{"default":["198.19.9.1/26"]}}`,
+		`{"v":1,"h":"raw","u":"198.18.0.9","m":"02:00:00:00:00:09","x":1}`,
 		valid("someone-else"), // host ID differs from node name
 	}
 	for i, meta := range bad {
@@ -493,7 +432,6 @@ func TestMalformedMetaIgnored(t *testing.T) {
 		Host:     rawName,
 		Underlay: netip.MustParseAddr("198.18.0.9"),
 		VTEPMAC:  net.HardwareAddr{0x02, 0, 0, 0, 0, 0x09},
-		Blocks:   map[string][]netip.Prefix{"default": {netip.MustParsePrefix("198.19.9.0/26")}},
 	}
 	waitFor(t, "the member with valid metadata", func() bool {
 		got := good.Members()
@@ -501,6 +439,33 @@ func TestMalformedMetaIgnored(t *testing.T) {
 	})
 	if got, want := good.Stats(), (Stats{Members: 1, RejectedMetas: uint64(len(bad))}); got != want {
 		t.Errorf("Stats = %+v, want %+v", got, want)
+	}
+
+	// A host of the previous release updates its blocks, here to a list
+	// this release would once have refused: the update arrives, and the
+	// blocks, whatever they say, are ignored. memberlist calls
+	// NotifyUpdate holding the lock its Members takes, so once it lists
+	// the new metadata, update has run.
+	before := good.changes.Load()
+	updated := `{"v":1,"h":"` + rawName + `","u":"198.18.0.9","m":"02:00:00:00:00:09","b":{"default":["198.19.9.0/26","198.19.9.1/26","198.19.9.0/26"],"":[]}}`
+	d.set(updated)
+	if err := raw.UpdateNode(2 * time.Second); err != nil {
+		t.Fatalf("UpdateNode: %v", err)
+	}
+	waitFor(t, "the old host's update to arrive", func() bool {
+		for _, n := range good.ml.Members() {
+			if n.Name == rawName {
+				return string(n.Meta) == updated
+			}
+		}
+		return false
+	})
+	waitFor(t, "OnChange after the old host's update", func() bool { return good.changes.Load() > before })
+	if got := good.Members(); len(got) != 1 || !reflect.DeepEqual(got[0], want) {
+		t.Errorf("after the old host's update: Members = %+v, want %+v", got, want)
+	}
+	if got, want := good.Stats(), (Stats{Members: 1, RejectedMetas: uint64(len(bad))}); got != want {
+		t.Errorf("after the old host's update: Stats = %+v, want %+v", got, want)
 	}
 }
 
@@ -562,9 +527,6 @@ func TestShutdownMemberDisappears(t *testing.T) {
 	}
 
 	// Everything fails after shutdown; Shutdown itself is idempotent.
-	if err := ms[2].SetBlocks(blocksOf(2, 2)); !errors.Is(err, ErrClosed) {
-		t.Errorf("SetBlocks after shutdown = %v, want ErrClosed", err)
-	}
 	if _, err := ms[2].Join(t.Context(), []string{ms[0].LocalAddr().String()}); !errors.Is(err, ErrClosed) {
 		t.Errorf("Join after shutdown = %v, want ErrClosed", err)
 	}
@@ -595,8 +557,8 @@ func TestLeaveLoopback(t *testing.T) {
 	if n, err := b.Join(t.Context(), []string{b.LocalAddr().String(), a.LocalAddr().String()}); n != 1 || err != nil {
 		t.Fatalf("Join = %d, %v; want 1, nil", n, err)
 	}
-	waitFor(t, "a to see b", func() bool { return reflect.DeepEqual(a.Members(), []overlay.Member{expected(1, nil)}) })
-	waitFor(t, "b to see a", func() bool { return reflect.DeepEqual(b.Members(), []overlay.Member{expected(0, nil)}) })
+	waitFor(t, "a to see b", func() bool { return reflect.DeepEqual(a.Members(), []overlay.Member{expected(1)}) })
+	waitFor(t, "b to see a", func() bool { return reflect.DeepEqual(b.Members(), []overlay.Member{expected(0)}) })
 
 	if err := b.Leave(t.Context()); err != nil {
 		t.Fatalf("Leave: %v", err)

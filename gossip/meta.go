@@ -14,7 +14,11 @@ import (
 )
 
 // metaVersion is the version of the metadata encoding written by this
-// package. Metadata of any other version is rejected.
+// package. Metadata of any other version is rejected. It stayed 1 when the
+// blocks were taken out of the metadata, so that hosts of the previous
+// release and this one decode each other's during a rolling upgrade: the
+// old encoding differs only by its "b" field (see wireMeta), and the old
+// decoder takes a missing "b" for no blocks.
 const metaVersion = 1
 
 // macLen is the length of an EUI-48 MAC address, the only kind a VXLAN
@@ -27,7 +31,7 @@ var errBadMeta = errors.New("gossip: bad metadata")
 
 // wireMeta is the JSON form of a member's metadata, for example
 //
-//	{"v":1,"h":"host-a","u":"198.18.0.1","m":"02:00:00:00:00:01","b":{"default":["198.19.0.0/26"]}}
+//	{"v":1,"h":"host-a","u":"198.18.0.1","m":"02:00:00:00:00:01"}
 //
 // The field names are one letter because the whole encoding must fit in
 // memberlist.MetaMaxSize bytes.
@@ -40,31 +44,24 @@ type wireMeta struct {
 	U string `json:"u"`
 	// M is the VTEP MAC address.
 	M string `json:"m"`
-	// B are the claimed blocks by network name, each list sorted.
-	B map[string][]string `json:"b,omitempty"`
+	// B is never written. Hosts of the previous release, which speak the
+	// same version, write their claimed blocks here by network name; block
+	// ownership now comes from etcd alone, so B is accepted from them
+	// during a rolling upgrade and ignored entirely. Its contents are not
+	// validated beyond being JSON: rejecting the metadata over a field
+	// nothing reads would make a live old host look absent, and liveness
+	// is the only thing gossip is trusted for.
+	B json.RawMessage `json:"b,omitempty"`
 }
 
 // encodeMeta returns the metadata encoding of m. It does not check the
-// size limit. Networks without blocks are left out.
+// size limit.
 func encodeMeta(m overlay.Member) ([]byte, error) {
 	w := wireMeta{
 		V: metaVersion,
 		H: string(m.Host),
 		U: m.Underlay.String(),
 		M: m.VTEPMAC.String(),
-	}
-	for name, blocks := range m.Blocks {
-		if len(blocks) == 0 {
-			continue
-		}
-		if w.B == nil {
-			w.B = make(map[string][]string, len(m.Blocks))
-		}
-		s := make([]string, len(blocks))
-		for i, b := range blocks {
-			s[i] = b.String()
-		}
-		w.B[name] = s
 	}
 	b, err := json.Marshal(w)
 	if err != nil {
@@ -73,13 +70,13 @@ func encodeMeta(m overlay.Member) ([]byte, error) {
 	return b, nil
 }
 
-// decodeMeta decodes and validates metadata written by encodeMeta. It
-// rejects an unknown version, unknown fields, trailing data, an empty host
-// ID, an invalid underlay address, a MAC address that is not EUI-48, an
-// empty network name, and a prefix that is invalid, has host bits set or
-// appears twice in one network. Errors wrap errBadMeta. The returned
-// member shares no memory with b; its blocks are sorted and a network
-// without blocks is left out.
+// decodeMeta decodes and validates metadata written by encodeMeta, or by
+// a host of the previous release. It rejects an unknown version, unknown
+// fields, trailing data, an empty host ID, an invalid underlay address and
+// a MAC address that is not EUI-48. A "b" field, the blocks the previous
+// release gossiped, is accepted whatever JSON it holds and ignored (see
+// wireMeta). Errors wrap errBadMeta. The returned member shares no memory
+// with b.
 func decodeMeta(b []byte) (overlay.Member, error) {
 	// Look at the version alone first: another version may have other
 	// fields, which the strict decoding below would report less clearly.
@@ -128,65 +125,13 @@ func decodeMeta(b []byte) (overlay.Member, error) {
 		return overlay.Member{}, fmt.Errorf("%w: VTEP MAC %q is not a %d-byte MAC address", errBadMeta, w.M, macLen)
 	}
 	m.VTEPMAC = mac
-	for name, list := range w.B {
-		if name == "" {
-			return overlay.Member{}, fmt.Errorf("%w: empty network name", errBadMeta)
-		}
-		if len(list) == 0 {
-			continue
-		}
-		blocks := make([]netip.Prefix, 0, len(list))
-		for _, s := range list {
-			p, err := netip.ParsePrefix(s)
-			if err != nil {
-				return overlay.Member{}, fmt.Errorf("%w: network %q: block: %w", errBadMeta, name, err)
-			}
-			if p != p.Masked() {
-				return overlay.Member{}, fmt.Errorf("%w: network %q: block %s has host bits set", errBadMeta, name, s)
-			}
-			blocks = append(blocks, p)
-		}
-		slices.SortFunc(blocks, comparePrefix)
-		if i := duplicate(blocks); i >= 0 {
-			return overlay.Member{}, fmt.Errorf("%w: network %q: block %s appears twice", errBadMeta, name, blocks[i])
-		}
-		if m.Blocks == nil {
-			m.Blocks = make(map[string][]netip.Prefix, len(w.B))
-		}
-		m.Blocks[name] = blocks
-	}
+	// w.B is deliberately not looked at.
 	return m, nil
 }
 
-// comparePrefix orders prefixes by address, then by length.
-func comparePrefix(a, b netip.Prefix) int {
-	if c := a.Addr().Compare(b.Addr()); c != 0 {
-		return c
-	}
-	return a.Bits() - b.Bits()
-}
-
-// duplicate returns the index of the first element of the sorted slice s
-// that equals its predecessor, or -1.
-func duplicate(s []netip.Prefix) int {
-	for i := 1; i < len(s); i++ {
-		if s[i] == s[i-1] {
-			return i
-		}
-	}
-	return -1
-}
-
 // cloneMember returns a deep copy of m, so that callers cannot change the
-// package's state through the returned slices and map.
+// package's state through the returned MAC address.
 func cloneMember(m overlay.Member) overlay.Member {
 	m.VTEPMAC = slices.Clone(m.VTEPMAC)
-	if m.Blocks != nil {
-		blocks := make(map[string][]netip.Prefix, len(m.Blocks))
-		for name, b := range m.Blocks {
-			blocks[name] = slices.Clone(b)
-		}
-		m.Blocks = blocks
-	}
 	return m
 }

@@ -1,6 +1,7 @@
 package gossip
 
 import (
+	"encoding/json"
 	"errors"
 	"net"
 	"net/netip"
@@ -16,16 +17,12 @@ func TestMetaRoundTrip(t *testing.T) {
 		Host:     "host-a",
 		Underlay: netip.MustParseAddr("198.18.0.1"),
 		VTEPMAC:  net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01},
-		Blocks: map[string][]netip.Prefix{
-			"default": {netip.MustParsePrefix("198.19.0.0/26"), netip.MustParsePrefix("198.19.0.64/26")},
-			"blue":    {netip.MustParsePrefix("10.1.0.0/24")},
-		},
 	}
 	b, err := encodeMeta(m)
 	if err != nil {
 		t.Fatal(err)
 	}
-	const want = `{"v":1,"h":"host-a","u":"198.18.0.1","m":"02:00:00:00:00:01","b":{"blue":["10.1.0.0/24"],"default":["198.19.0.0/26","198.19.0.64/26"]}}`
+	const want = `{"v":1,"h":"host-a","u":"198.18.0.1","m":"02:00:00:00:00:01"}`
 	if string(b) != want {
 		t.Errorf("encodeMeta:\n got %s\nwant %s", b, want)
 	}
@@ -64,12 +61,10 @@ func TestDecodeMetaRejects(t *testing.T) {
 		{"underlay with zone", obj(v, h, `"u":"fe80::1%eth0"`, m)},
 		{"bad MAC", obj(v, h, u, `"m":"02:00:00:00:00"`)},
 		{"EUI-64 MAC", obj(v, h, u, `"m":"02:00:00:00:00:00:00:01"`)},
-		{"bad prefix", obj(v, h, u, m, `"b":{"default":["198.19.0.0/33"]}`)},
-		{"prefix without length", obj(v, h, u, m, `"b":{"default":["198.19.0.0"]}`)},
-		{"prefix with host bits", obj(v, h, u, m, `"b":{"default":["198.19.0.1/26"]}`)},
-		{"duplicate prefix", obj(v, h, u, m, `"b":{"default":["198.19.0.0/26","198.19.0.0/26"]}`)},
-		{"empty network name", obj(v, h, u, m, `"b":{"":["198.19.0.0/26"]}`)},
-		{"blocks not a map", obj(v, h, u, m, `"b":["198.19.0.0/26"]`)},
+		{"old blocks not JSON", obj(v, h, u, m, `"b":{default:["198.19.0.0/26"]}`)},
+		{"old blocks unterminated", `{"v":1,"h":"host-a","u":"198.18.0.1","m":"02:00:00:00:00:01","b":{"default":[`},
+		{"unknown field with old blocks", obj(v, h, u, m, `"b":{}`, `"x":1`)},
+		{"bad underlay with old blocks", obj(v, h, `"u":"198.18.0.256"`, m, `"b":{"default":["198.19.0.0/26"]}`)},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -82,7 +77,7 @@ func TestDecodeMetaRejects(t *testing.T) {
 }
 
 func TestDecodeMetaNormalizes(t *testing.T) {
-	meta := `{"v":1,"h":"host-a","u":"198.18.0.1","m":"02-00-00-00-00-01","b":{"default":["198.19.0.64/26","198.19.0.0/26"],"empty":[]}}`
+	meta := `{"v":1,"h":"host-a","u":"198.18.0.1","m":"02-00-00-00-00-01"}`
 	got, err := decodeMeta([]byte(meta))
 	if err != nil {
 		t.Fatal(err)
@@ -91,12 +86,52 @@ func TestDecodeMetaNormalizes(t *testing.T) {
 		Host:     "host-a",
 		Underlay: netip.MustParseAddr("198.18.0.1"),
 		VTEPMAC:  net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01},
-		Blocks: map[string][]netip.Prefix{
-			"default": {netip.MustParsePrefix("198.19.0.0/26"), netip.MustParsePrefix("198.19.0.64/26")},
-		},
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("decodeMeta = %+v, want %+v", got, want)
+	}
+}
+
+// TestDecodeMetaIgnoresOldBlocks: metadata of the previous release, which
+// gossiped its blocks in "b", is accepted during a rolling upgrade and its
+// blocks ignored, whatever JSON they are; and it is never written again.
+func TestDecodeMetaIgnoresOldBlocks(t *testing.T) {
+	const prefix = `{"v":1,"h":"host-a","u":"198.18.0.1","m":"02:00:00:00:00:01",`
+	want := overlay.Member{
+		Host:     "host-a",
+		Underlay: netip.MustParseAddr("198.18.0.1"),
+		VTEPMAC:  net.HardwareAddr{0x02, 0, 0, 0, 0, 0x01},
+	}
+	for _, b := range []string{
+		// As the previous release wrote it.
+		`{"default":["198.19.0.0/26","198.19.0.64/26"],"blue":["10.1.0.0/24"]}`,
+		// What it would have refused, which is no reason to refuse a live
+		// host now.
+		`{"default":["198.19.0.1/26"]}`,
+		`{"default":["198.19.0.0/26","198.19.0.0/26"]}`,
+		`{"":["198.19.0.0/26"]}`,
+		`{"default":["not a prefix"]}`,
+		`["198.19.0.0/26"]`,
+		`{}`,
+		`null`,
+		`7`,
+	} {
+		meta := prefix + `"b":` + b + `}`
+		got, err := decodeMeta([]byte(meta))
+		if err != nil {
+			t.Errorf("decodeMeta(%s) = %v, want it accepted", meta, err)
+			continue
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("decodeMeta(%s) = %+v, want %+v", meta, got, want)
+		}
+		enc, err := encodeMeta(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := `{"v":1,"h":"host-a","u":"198.18.0.1","m":"02:00:00:00:00:01"}`; string(enc) != want {
+			t.Errorf("re-encoded %s as %s, want %s", meta, enc, want)
+		}
 	}
 }
 
@@ -115,22 +150,19 @@ func FuzzDecodeMeta(f *testing.F) {
 			}
 			return
 		}
-		if m.Host == "" || !m.Underlay.IsValid() || len(m.VTEPMAC) != macLen {
+		if m.Host == "" || !m.Underlay.Is4() || len(m.VTEPMAC) != macLen {
 			t.Fatalf("decodeMeta accepted an invalid member %+v", m)
-		}
-		for name, blocks := range m.Blocks {
-			if name == "" || len(blocks) == 0 {
-				t.Fatalf("decodeMeta kept network %q with blocks %v", name, blocks)
-			}
-			for _, p := range blocks {
-				if !p.IsValid() || p != p.Masked() {
-					t.Fatalf("decodeMeta accepted block %v", p)
-				}
-			}
 		}
 		enc, err := encodeMeta(m)
 		if err != nil {
 			t.Fatalf("encodeMeta(%+v): %v", m, err)
+		}
+		var fields map[string]json.RawMessage
+		if err := json.Unmarshal(enc, &fields); err != nil {
+			t.Fatalf("encodeMeta wrote %s, not a JSON object: %v", enc, err)
+		}
+		if _, ok := fields["b"]; ok {
+			t.Fatalf("encodeMeta wrote blocks: %s", enc)
 		}
 		m2, err := decodeMeta(enc)
 		if err != nil {

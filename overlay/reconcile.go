@@ -60,7 +60,8 @@ type Disagreement struct {
 	// Host is the member, as it names itself over gossip.
 	Host HostID
 	// Field is what differs: "host record" (the store knows no such
-	// host), "underlay", "vtep-mac" or "block".
+	// host), "underlay" or "vtep-mac". Blocks are not gossiped: their
+	// owners are in the store alone.
 	Field string
 	// Gossip is the member's value, Store the store's ("" for none).
 	Gossip, Store string
@@ -136,11 +137,6 @@ func Desired(n Network, local Local, owners map[netip.Prefix]HostID, hosts []Hos
 		}
 		if !bytes.Equal(m.VTEPMAC, rec.VTEPMAC) {
 			disagree = append(disagree, Disagreement{Host: m.Host, Field: "vtep-mac", Gossip: m.VTEPMAC.String(), Store: rec.VTEPMAC.String()})
-		}
-		for _, b := range m.Blocks[n.Name] {
-			if owner := owners[b]; owner != m.Host {
-				disagree = append(disagree, Disagreement{Host: m.Host, Field: "block", Gossip: b.String(), Store: string(owner)})
-			}
 		}
 	}
 	slices.SortFunc(disagree, func(a, b Disagreement) int {

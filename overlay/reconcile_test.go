@@ -32,12 +32,11 @@ func mac(s string) net.HardwareAddr {
 	return m
 }
 
-func member(host string, underlay string, blocks ...netip.Prefix) overlay.Member {
+func member(host string, underlay string) overlay.Member {
 	return overlay.Member{
 		Host:     overlay.HostID(host),
 		Underlay: netip.MustParseAddr(underlay),
 		VTEPMAC:  mac("02:00:00:00:00:" + underlay[len(underlay)-1:] + "0"),
-		Blocks:   map[string][]netip.Prefix{testNet.Name: blocks},
 	}
 }
 
@@ -95,8 +94,8 @@ func TestDesiredProgramsFromTheStore(t *testing.T) {
 	store := newStore()
 	for _, alive := range [][]overlay.Member{
 		nil, // nobody gossips: overlayd restarting everywhere
-		{member("b", "198.18.0.2", blockB), member("c", "198.18.0.3", blockC)},
-		{member("c", "198.18.0.3", blockC)},
+		{member("b", "198.18.0.2"), member("c", "198.18.0.3")},
+		{member("c", "198.18.0.3")},
 	} {
 		got, d := desired(t, store, alive...)
 		if got != wantBC {
@@ -118,7 +117,7 @@ func TestDesiredProgramsFromTheStore(t *testing.T) {
 // gossip member can say, and checks that no route moves.
 func TestDesiredIgnoresImpersonation(t *testing.T) {
 	evil := func(host string) overlay.Member {
-		m := member(host, "198.18.0.66", blockA, blockB, blockC)
+		m := member(host, "198.18.0.66")
 		m.VTEPMAC = mac("02:66:66:66:66:66")
 		return m
 	}
@@ -136,10 +135,10 @@ func TestDesiredIgnoresImpersonation(t *testing.T) {
 		alive []overlay.Member
 		want  []string // fields of the disagreements, in order
 	}{
-		{"takes b's ID and claims every block", []overlay.Member{evil("b")},
-			[]string{"b block 198.19.0.0/26", "b block 198.19.0.128/26", "b underlay", "b vtep-mac"}},
+		{"takes b's ID from another address", []overlay.Member{evil("b")},
+			[]string{"b underlay", "b vtep-mac"}},
 		{"registered d gossips b's underlay while b is down",
-			[]overlay.Member{member("d", "198.18.0.2", netip.MustParsePrefix("198.19.0.192/26"))},
+			[]overlay.Member{member("d", "198.18.0.2")},
 			[]string{"d underlay", "d vtep-mac"}},
 		{"unregistered member", []overlay.Member{evil("e")}, []string{"e host record"}},
 		{"takes this host's ID", []overlay.Member{evil("a")}, nil},
@@ -151,11 +150,7 @@ func TestDesiredIgnoresImpersonation(t *testing.T) {
 			}
 			var fields []string
 			for _, x := range d {
-				f := string(x.Host) + " " + x.Field
-				if x.Field == "block" {
-					f += " " + x.Gossip
-				}
-				fields = append(fields, f)
+				fields = append(fields, string(x.Host)+" "+x.Field)
 			}
 			if !slices.Equal(fields, tc.want) {
 				t.Errorf("disagreements %v, want %v", fields, tc.want)
@@ -196,7 +191,7 @@ func TestReconcilerConvergesAndRemovesPeers(t *testing.T) {
 	ctx := context.Background()
 	store := newStore()
 	members := &overlaytest.Membership{}
-	members.Set(member("b", "198.18.0.2", blockB), member("c", "198.18.0.3", blockC))
+	members.Set(member("b", "198.18.0.2"), member("c", "198.18.0.3"))
 	dp := &overlaytest.Dataplane{}
 	r := overlay.NewReconciler(testNet, localA(), store, store, members, dp, time.Hour, discard())
 
@@ -209,7 +204,7 @@ func TestReconcilerConvergesAndRemovesPeers(t *testing.T) {
 
 	// c stops gossiping (overlayd restarting) but still owns its block:
 	// its entries stay.
-	members.Set(member("b", "198.18.0.2", blockB))
+	members.Set(member("b", "198.18.0.2"))
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +232,7 @@ func TestReconcilerWarnsOncePerMember(t *testing.T) {
 	var logs strings.Builder
 	log := slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	r := overlay.NewReconciler(testNet, localA(), store, store, members, &overlaytest.Dataplane{}, time.Hour, log)
-	liar := member("b", "198.18.0.9", blockB)
+	liar := member("b", "198.18.0.9")
 	members.Set(liar)
 	for range 3 {
 		if err := r.Pass(ctx); err != nil {
@@ -258,7 +253,7 @@ func TestReconcilerWarnsOncePerMember(t *testing.T) {
 	if n := strings.Count(logs.String(), "level=WARN"); n != 2 || r.Status().DisagreeingMembers != 2 {
 		t.Fatalf("a new disagreement: %d warnings, %d counted; want 2 and 2:\n%s", n, r.Status().DisagreeingMembers, logs.String())
 	}
-	members.Set(member("b", "198.18.0.2", blockB))
+	members.Set(member("b", "198.18.0.2"))
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -273,7 +268,7 @@ func TestReconcilerKeepsStateWhileEtcdIsDown(t *testing.T) {
 	store.SetOwner(blockA, "a")
 	store.SetOwner(blockB, "b")
 	members := &overlaytest.Membership{}
-	members.Set(member("b", "198.18.0.2", blockB))
+	members.Set(member("b", "198.18.0.2"))
 	dp := &overlaytest.Dataplane{}
 	r := overlay.NewReconciler(testNet, localA(), store, store, members, dp, time.Hour, discard())
 	if err := r.Pass(ctx); err != nil {
@@ -353,7 +348,7 @@ func TestReconcilerDoesNotHangOnUnreachableStore(t *testing.T) {
 	store.SetOwner(blockA, "a")
 	store.SetOwner(blockB, "b")
 	members := &overlaytest.Membership{}
-	members.Set(member("b", "198.18.0.2", blockB))
+	members.Set(member("b", "198.18.0.2"))
 	dp := &overlaytest.Dataplane{}
 	owners := &switchOwners{BlockOwners: store}
 	r := overlay.NewReconciler(testNet, localA(), owners, store, members, dp, 200*time.Millisecond, discard())

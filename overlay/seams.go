@@ -179,8 +179,6 @@ type Member struct {
 	Underlay netip.Addr
 	// VTEPMAC is the MAC address of the member's VXLAN devices.
 	VTEPMAC net.HardwareAddr
-	// Blocks are the blocks the member claims, by network name.
-	Blocks map[string][]netip.Prefix
 }
 
 // Membership is the set of live hosts learned over gossip.
