@@ -84,8 +84,8 @@ func (s *Store) hostKey(h overlay.HostID) string { return s.prefix + "hosts/" + 
 
 // networksGenKey changes with every network created: a creation is fenced
 // on it, so that two overlapping networks created at once cannot both be.
-func (s *Store) networksGenKey() string { return s.prefix + "networks-generation" }
-func (s *Store) networkKey(name string) string   { return s.prefix + "networks/" + name + "/config" }
+func (s *Store) networksGenKey() string        { return s.prefix + "networks-generation" }
+func (s *Store) networkKey(name string) string { return s.prefix + "networks/" + name + "/config" }
 func (s *Store) blocksPrefix(name string) string {
 	return s.prefix + "networks/" + name + "/blocks/"
 }
