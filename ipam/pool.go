@@ -481,6 +481,12 @@ func (p *Pool) growOnce(ctx context.Context) error {
 		if err := p.lock(ctx); err != nil {
 			return err
 		}
+		// Another claim (an ADD that found every block full) may have
+		// happened while this one waited for the token.
+		if held := len(p.leaser.Held()); held >= p.cfg.MaxBlocks || held > 0 && p.Free() >= p.cfg.LowWater {
+			p.unlock()
+			return nil
+		}
 		_, err := p.claimLocked(ctx, netip.Prefix{})
 		p.unlock()
 		switch {
