@@ -575,6 +575,13 @@ func (p *Pool) giveBackIdle(ctx context.Context, now time.Time) {
 		}
 	}
 	held := p.Held()
+	// The counts before p.mu: the book calls Held, which takes p.mu, with
+	// its own lock held, so taking the book's lock under p.mu could
+	// deadlock with an ADD.
+	used := make(map[netip.Prefix]bool, len(held))
+	for _, b := range held {
+		used[b] = p.book.Count(b) > 0
+	}
 	p.mu.Lock()
 	for b := range p.emptyFrom {
 		if !slices.Contains(held, b) {
@@ -583,7 +590,7 @@ func (p *Pool) giveBackIdle(ctx context.Context, now time.Time) {
 	}
 	var idle []netip.Prefix
 	for _, b := range held {
-		if p.book.Count(b) > 0 {
+		if used[b] {
 			delete(p.emptyFrom, b)
 			continue
 		}
