@@ -35,16 +35,13 @@ type Leaser interface {
 	// wrapping overlay.ErrPoolExhausted.
 	Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Prefix) bool) (netip.Prefix, error)
 	// Give gives back a held block that has no address allocated. A block
-	// that is no longer the host's is an error wrapping ErrLost.
+	// that is no longer the host's is an error wrapping
+	// overlay.ErrBlockLost.
 	Give(ctx context.Context, b netip.Prefix) error
 	// Verify reads the store and returns the held blocks that are no
 	// longer the host's, dropping them from Held.
 	Verify(ctx context.Context) ([]netip.Prefix, error)
 }
-
-// ErrLost is what the Leaser's errors about a block that is no longer the
-// host's wrap (etcd.ErrBlockLost is the same error).
-var ErrLost = overlay.ErrBlockLost
 
 // Book is the host's own record of its allocations (local.Allocator): it
 // allocates from the blocks the usable function it was opened with
@@ -101,15 +98,13 @@ type Config struct {
 // Validate reports whether c can be used, naming the field that is wrong.
 func (c Config) Validate() error {
 	if c.MaxBlocks < 1 {
-		return fmt.Errorf("max blocks per host %d: want at least 1 (one block of /%d holds %d containers)", c.MaxBlocks, c.Network.BlockBits, blockCapacity(c.Network))
+		return fmt.Errorf("max blocks per host %d: want at least 1 (one block of /%d holds %d containers)", c.MaxBlocks, c.Network.BlockBits, c.Network.BlockCapacity())
 	}
 	if c.LowWater < 0 {
 		return fmt.Errorf("low-water mark %d: want 0 (a quarter of a block) or more", c.LowWater)
 	}
 	return nil
 }
-
-func blockCapacity(n overlay.Network) int { return 1<<(32-n.BlockBits) - 3 }
 
 // Stats counts what a Pool did since it started.
 type Stats struct {
@@ -164,7 +159,7 @@ func New(cfg Config, leaser Leaser, open func(usable func() []netip.Prefix) (Boo
 		return nil, err
 	}
 	if cfg.LowWater == 0 {
-		cfg.LowWater = max(1, blockCapacity(cfg.Network)/4)
+		cfg.LowWater = max(1, cfg.Network.BlockCapacity()/4)
 	}
 	if cfg.IdleBlock <= 0 {
 		cfg.IdleBlock = DefaultIdleBlock
@@ -212,7 +207,7 @@ func (p *Pool) Stats() Stats {
 func (p *Pool) Free() int {
 	free := 0
 	for _, b := range p.Held() {
-		free += max(0, blockCapacity(p.cfg.Network)-p.book.Count(b))
+		free += max(0, p.cfg.Network.BlockCapacity()-p.book.Count(b))
 	}
 	return free
 }
@@ -336,12 +331,10 @@ func (p *Pool) claimFor(ctx context.Context, seen uint64) error {
 	p.mu.Lock()
 	p.stats.WaitedClaims++
 	p.mu.Unlock()
-	if err := p.cannotGrow(); err != nil {
-		// The network may have blocks free again: try once more.
-		if len(p.leaser.Held()) >= p.cfg.MaxBlocks {
-			return err
-		}
+	if len(p.leaser.Held()) >= p.cfg.MaxBlocks {
+		return p.cannotGrow()
 	}
+	// A network found full before may have blocks free again: try.
 	_, err := p.claimLocked(ctx, netip.Prefix{})
 	if errors.Is(err, overlay.ErrPoolExhausted) {
 		if full := p.cannotGrow(); full != nil {
@@ -468,14 +461,19 @@ func (p *Pool) Run(ctx context.Context) error {
 	}
 }
 
+// needsBlock reports whether the pool should claim a block: it holds
+// none, or its free addresses are below the low-water mark, and the cap
+// allows another.
+func (p *Pool) needsBlock() bool {
+	held := len(p.leaser.Held())
+	return held < p.cfg.MaxBlocks && (held == 0 || p.Free() < p.cfg.LowWater)
+}
+
 // growOnce claims blocks while the free addresses are below the low-water
 // mark and the cap allows.
 func (p *Pool) growOnce(ctx context.Context) error {
 	for {
-		if len(p.leaser.Held()) > 0 && p.Free() >= p.cfg.LowWater {
-			return nil
-		}
-		if len(p.leaser.Held()) >= p.cfg.MaxBlocks {
+		if !p.needsBlock() {
 			return nil
 		}
 		if err := p.lock(ctx); err != nil {
@@ -483,7 +481,7 @@ func (p *Pool) growOnce(ctx context.Context) error {
 		}
 		// Another claim (an ADD that found every block full) may have
 		// happened while this one waited for the token.
-		if held := len(p.leaser.Held()); held >= p.cfg.MaxBlocks || held > 0 && p.Free() >= p.cfg.LowWater {
+		if !p.needsBlock() {
 			p.unlock()
 			return nil
 		}
@@ -535,20 +533,22 @@ func (p *Pool) Verify(ctx context.Context) {
 // stranded allocation) are no longer this host's, naming the containers
 // that still hold their addresses. It returns those allocations.
 func (p *Pool) ReportStranded(blocks []netip.Prefix) []overlay.Allocation {
-	stranded := p.book.Stranded()
-	var lost []overlay.Allocation
-	set := make(map[netip.Prefix]bool)
+	all := blocks == nil
+	named := make(map[netip.Prefix]bool)
 	for _, b := range blocks {
-		set[b] = true
+		named[b] = true
 	}
-	for _, al := range stranded {
-		if blocks == nil || set[al.Addr.Masked()] {
-			lost = append(lost, al)
-			if blocks == nil && !set[al.Addr.Masked()] {
-				set[al.Addr.Masked()] = true
-				blocks = append(blocks, al.Addr.Masked())
+	var lost []overlay.Allocation
+	for _, al := range p.book.Stranded() {
+		b := al.Addr.Masked()
+		if !named[b] {
+			if !all {
+				continue
 			}
+			named[b] = true
+			blocks = append(blocks, b)
 		}
+		lost = append(lost, al)
 	}
 	if len(blocks) == 0 {
 		return nil
@@ -607,7 +607,7 @@ func (p *Pool) giveBackIdle(ctx context.Context, now time.Time) {
 	// The highest blocks first: allocation fills the lowest.
 	slices.Reverse(idle)
 	for _, b := range idle {
-		if len(p.Held()) <= 1 || p.Free()-blockCapacity(p.cfg.Network) < p.cfg.LowWater {
+		if len(p.Held()) <= 1 || p.Free()-p.cfg.Network.BlockCapacity() < p.cfg.LowWater {
 			return
 		}
 		if err := p.giveBack(ctx, b); err != nil {
@@ -637,7 +637,7 @@ func (p *Pool) giveBack(ctx context.Context, b netip.Prefix) error {
 		return nil
 	}
 	err := p.leaser.Give(ctx, b)
-	if err != nil && !errors.Is(err, ErrLost) {
+	if err != nil && !errors.Is(err, overlay.ErrBlockLost) {
 		return err
 	}
 	p.mu.Lock()

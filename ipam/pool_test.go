@@ -106,7 +106,7 @@ func (l *leaser) Give(_ context.Context, b netip.Prefix) error {
 	defer l.mu.Unlock()
 	delete(l.held, b)
 	if l.w.owners[b] != l.host {
-		return ipam.ErrLost
+		return overlay.ErrBlockLost
 	}
 	delete(l.w.owners, b)
 	return nil
@@ -128,7 +128,7 @@ func (l *leaser) Verify(context.Context) ([]netip.Prefix, error) {
 		}
 	}
 	if len(lost) > 0 {
-		return lost, ipam.ErrLost
+		return lost, overlay.ErrBlockLost
 	}
 	return nil, nil
 }

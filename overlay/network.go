@@ -144,6 +144,11 @@ func (n Network) BlockIndex(b netip.Prefix) int {
 	return int(off >> (32 - n.BlockBits))
 }
 
+// BlockCapacity returns how many containers one block of the network
+// holds: all its addresses but the network, gateway and broadcast
+// addresses.
+func (n Network) BlockCapacity() int { return 1<<(32-n.BlockBits) - 3 }
+
 // BridgeName returns the name of the bridge that holds the network's
 // gateway addresses and the host ends of its containers' veths.
 func (n Network) BridgeName() string { return "ovbr-" + n.Name }

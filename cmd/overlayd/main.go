@@ -164,7 +164,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 		return cfg, nil, nil, err
 	}
 	if cfg.MaxBlocks < 1 {
-		return cfg, nil, nil, fmt.Errorf("--max-blocks %d: want at least 1 (one block of /%d holds %d containers)", cfg.MaxBlocks, cfg.Network.BlockBits, 1<<(32-cfg.Network.BlockBits)-3)
+		return cfg, nil, nil, fmt.Errorf("--max-blocks %d: want at least 1 (one block of /%d holds %d containers)", cfg.MaxBlocks, cfg.Network.BlockBits, cfg.Network.BlockCapacity())
 	}
 	if cfg.ReclaimAfter < time.Second {
 		return cfg, nil, nil, fmt.Errorf("--reclaim-after %s: want at least 1s (the default, 24h, lets a host be down for a day)", cfg.ReclaimAfter)

@@ -304,7 +304,7 @@ func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (ov
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: host %s holds no block of %s: %w", key, a.host, a.net.Name, overlay.ErrPoolExhausted)
 	}
 	for _, b := range blocks {
-		if a.inBlock[b] >= Capacity(b) {
+		if a.inBlock[b] >= a.net.BlockCapacity() {
 			continue
 		}
 		for addr := overlay.Gateway(b).Next(); addr != overlay.Broadcast(b); addr = addr.Next() {
@@ -391,10 +391,6 @@ func (a *Allocator) Lookup(ctx context.Context, key overlay.AttachmentKey) (over
 	}
 	return al, nil
 }
-
-// Capacity returns how many container addresses block b has: all but
-// its network, gateway and broadcast addresses.
-func Capacity(b netip.Prefix) int { return 1<<(32-b.Bits()) - 3 }
 
 // Count returns how many addresses of block b are allocated.
 func (a *Allocator) Count(b netip.Prefix) int {

@@ -312,10 +312,7 @@ func (s *Store) Hosts(context.Context) ([]overlay.HostInfo, error) {
 func (p *Pool) Headroom() (int, error) {
 	p.s.mu.Lock()
 	defer p.s.mu.Unlock()
-	free := 0
-	for _, b := range p.heldLocked() {
-		free += 1<<(32-b.Bits()) - 3
-	}
+	free := len(p.heldLocked()) * p.s.Network.BlockCapacity()
 	for _, al := range p.s.addrs {
 		if al.Host == p.host {
 			free--
