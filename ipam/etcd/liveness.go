@@ -187,19 +187,11 @@ func (s *Store) Reclaim(ctx context.Context, n overlay.Network, self overlay.Hos
 		return nil, fmt.Errorf("reclaim blocks of %s: %w", n.Name, err)
 	}
 	blocks := make(map[overlay.HostID][]blockKV)
-	bprefix := s.blocksPrefix(n.Name)
-	names := make(map[netip.Prefix]bool)
-	for _, kv := range resp.Responses[0].GetResponseRange().Kvs {
-		b, err := parseBlockName(strings.TrimPrefix(string(kv.Key), bprefix))
-		if err != nil || n.BlockIndex(b) < 0 {
-			continue
+	valid := func(b netip.Prefix) bool { return n.BlockIndex(b) >= 0 }
+	for _, kv := range decodeBlocks(s.blocksPrefix(n.Name), resp.Responses[0].GetResponseRange().Kvs, valid) {
+		if kv.rec.Host != unknownOwner { // never reclaim over a record that cannot be read
+			blocks[kv.rec.Host] = append(blocks[kv.rec.Host], kv)
 		}
-		var rec BlockRecord
-		if json.Unmarshal(kv.Value, &rec) != nil || rec.Host == "" {
-			continue // never reclaim over a record that cannot be read
-		}
-		names[b] = true
-		blocks[rec.Host] = append(blocks[rec.Host], blockKV{rec: rec, createRev: kv.CreateRevision, modRev: kv.ModRevision, block: b})
 	}
 	live := make(map[overlay.HostID]bool)
 	for _, kv := range resp.Responses[1].GetResponseRange().Kvs {
@@ -331,17 +323,13 @@ func (s *Store) RemoveHost(ctx context.Context, h overlay.HostID) (Removed, erro
 			return out, fmt.Errorf("remove host %s: list blocks of %s: %w", h, name, err)
 		}
 		ops = append(ops, clientv3.OpDelete(s.attachPrefix(name, h), clientv3.WithPrefix()))
-		for _, kv := range bresp.Kvs {
-			var rec BlockRecord
-			if json.Unmarshal(kv.Value, &rec) != nil || rec.Host != h {
+		for b, kv := range decodeBlocks(s.blocksPrefix(name), bresp.Kvs, nil) {
+			if kv.rec.Host != h {
 				continue
 			}
-			b, err := parseBlockName(strings.TrimPrefix(string(kv.Key), s.blocksPrefix(name)))
-			if err != nil {
-				continue
-			}
-			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(string(kv.Key)), "=", kv.ModRevision))
-			ops = append(ops, clientv3.OpDelete(string(kv.Key)), clientv3.OpDelete(s.addrsPrefix(name, b), clientv3.WithPrefix()))
+			key := s.blockKey(name, b)
+			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(key), "=", kv.modRev))
+			ops = append(ops, clientv3.OpDelete(key), clientv3.OpDelete(s.addrsPrefix(name, b), clientv3.WithPrefix()))
 			out.Blocks[name] = append(out.Blocks[name], b)
 		}
 	}

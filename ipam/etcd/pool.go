@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/overlaynet/overlay/overlay"
@@ -105,21 +106,31 @@ func (p *Pool) blocks(ctx context.Context) (map[netip.Prefix]blockKV, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list blocks of %s: %w", p.net.Name, err)
 	}
-	out := make(map[netip.Prefix]blockKV, len(resp.Kvs))
-	for _, kv := range resp.Kvs {
+	return decodeBlocks(prefix, resp.Kvs, func(b netip.Prefix) bool { return p.net.BlockIndex(b) >= 0 }), nil
+}
+
+// unknownOwner owns, as far as this package is concerned, a block whose
+// record cannot be decoded: nobody claims, reclaims or removes it over a
+// record it cannot read.
+const unknownOwner overlay.HostID = "?"
+
+// decodeBlocks decodes the block keys below prefix for which valid (nil:
+// any) is true; a key that names no block is skipped, never treated as
+// free.
+func decodeBlocks(prefix string, kvs []*mvccpb.KeyValue, valid func(netip.Prefix) bool) map[netip.Prefix]blockKV {
+	out := make(map[netip.Prefix]blockKV, len(kvs))
+	for _, kv := range kvs {
 		b, err := parseBlockName(strings.TrimPrefix(string(kv.Key), prefix))
-		if err != nil || p.net.BlockIndex(b) < 0 {
-			continue // not ours to interpret; never treat it as free either
+		if err != nil || valid != nil && !valid(b) {
+			continue
 		}
 		var rec BlockRecord
-		if err := json.Unmarshal(kv.Value, &rec); err != nil {
-			// Undecodable: keep the block taken by an unknown owner so
-			// that nobody claims it over a record we cannot read.
-			rec.Host = "?"
+		if json.Unmarshal(kv.Value, &rec) != nil || rec.Host == "" {
+			rec.Host = unknownOwner
 		}
-		out[b] = blockKV{rec: rec, createRev: kv.CreateRevision, modRev: kv.ModRevision}
+		out[b] = blockKV{rec: rec, createRev: kv.CreateRevision, modRev: kv.ModRevision, block: b}
 	}
-	return out, nil
+	return out
 }
 
 // Held returns the blocks this pool knows it holds, sorted.
@@ -206,18 +217,22 @@ func (p *Pool) Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Pr
 		if ok, err := try(want); ok || err != nil {
 			return want, err
 		}
-		recs, err := p.blocks(ctx)
+		resp, err := p.s.cli.Get(ctx, p.s.blockKey(p.net.Name, want))
 		if err != nil {
 			return netip.Prefix{}, fmt.Errorf("claim block %s for %s: %w", want, p.host, err)
 		}
-		owner := recs[want].rec.Host
-		if owner == p.host {
+		rec, ok := decodeBlocks(p.s.blocksPrefix(p.net.Name), resp.Kvs, nil)[want]
+		if !ok {
+			// Given back between the two requests: take it now.
+			return p.Claim(ctx, want, avoid)
+		}
+		if rec.rec.Host == p.host {
 			p.mu.Lock()
-			p.held[want] = held{createRev: recs[want].createRev, modRev: recs[want].modRev}
+			p.held[want] = held{createRev: rec.createRev, modRev: rec.modRev}
 			p.mu.Unlock()
 			return want, nil
 		}
-		return netip.Prefix{}, fmt.Errorf("block %s of network %s is held by host %s: %w", want, p.net.Name, owner, ErrBlockTaken)
+		return netip.Prefix{}, fmt.Errorf("block %s of network %s is held by host %s: %w", want, p.net.Name, rec.rec.Host, ErrBlockTaken)
 	}
 
 	taken, err := p.taken(ctx)
