@@ -472,6 +472,26 @@ func TestStaticAddress(t *testing.T) {
 	}
 }
 
+// strand gives key(1) an address of h's first block, durably, and then
+// frees that block in the store behind h's back, as a reclaim would. It
+// returns the block and the allocation.
+func strand(t *testing.T, w *world, h *host) (netip.Prefix, overlay.Allocation) {
+	t.Helper()
+	ctx := context.Background()
+	b := h.pool.Held()[0]
+	al, err := h.pool.Allocate(ctx, key(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.pool.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	w.mu.Lock()
+	delete(w.owners, b)
+	w.mu.Unlock()
+	return b, al
+}
+
 // TestLostBlock: a block found to be another host's is dropped, logged at
 // ERROR with its containers, counted; its allocations are stranded (CHECK
 // fails), the host claims a new block that is never the lost one, and the
@@ -481,18 +501,7 @@ func TestLostBlock(t *testing.T) {
 	w := newWorld("198.19.0.0/25") // two blocks: the lost one is free again, tempting
 	dir := t.TempDir()
 	h := newHost(t, w, "a", dir, ipam.Config{})
-	old := h.pool.Held()[0]
-	al, err := h.pool.Allocate(ctx, key(1))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := h.pool.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
-	// Reclaimed behind the host's back: freed in the store.
-	w.mu.Lock()
-	delete(w.owners, old)
-	w.mu.Unlock()
+	old, al := strand(t, w, h)
 	h.pool.Verify(ctx)
 	if st := h.pool.Stats(); st.Lost != 1 {
 		t.Fatalf("stats %+v", st)
@@ -525,18 +534,9 @@ func TestReturningHostAvoidsItsOldBlocks(t *testing.T) {
 	w := newWorld("198.19.0.0/25")
 	dir := t.TempDir()
 	h := newHost(t, w, "a", dir, ipam.Config{})
-	old := h.pool.Held()[0]
-	if _, err := h.pool.Allocate(ctx, key(1)); err != nil {
-		t.Fatal(err)
-	}
-	if err := h.pool.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
+	old, _ := strand(t, w, h)
 	// Closing the file is the test's cleanup; a second pool on another
 	// copy of it stands for the restarted host.
-	w.mu.Lock()
-	delete(w.owners, old)
-	w.mu.Unlock()
 	t2 := t.TempDir()
 	copyFile(t, filepath.Join(dir, "alloc.db"), filepath.Join(t2, "alloc.db"))
 	h2 := newHostNoEnsure(t, w, "a", t2)

@@ -107,20 +107,6 @@ type HostDirectory interface {
 	Hosts(ctx context.Context) ([]HostInfo, error)
 }
 
-// BlockLeaser leases blocks of one network for this host.
-type BlockLeaser interface {
-	BlockOwners
-	// Lease returns the blocks this host holds, claiming a free one when
-	// it holds none. It never hands one block to two hosts.
-	Lease(ctx context.Context) ([]netip.Prefix, error)
-	// Held returns the blocks this host is known to hold, sorted,
-	// without asking the store. It does not block.
-	Held() []netip.Prefix
-	// ReleaseBlocks gives back every block this host holds and every
-	// address allocated from them.
-	ReleaseBlocks(ctx context.Context) error
-}
-
 // AttachmentKey identifies one container interface: the key of an
 // address allocation.
 type AttachmentKey struct {

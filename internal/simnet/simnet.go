@@ -303,10 +303,7 @@ func (h *Host) WaitReady(ctx context.Context) error {
 
 // Stop sends overlayd SIGTERM and waits for it to exit.
 func (h *Host) Stop() error {
-	h.mu.Lock()
-	cmd, done := h.cmd, h.done
-	h.cmd, h.done = nil, nil
-	h.mu.Unlock()
+	cmd, done := h.take()
 	if cmd == nil {
 		return nil
 	}
@@ -331,13 +328,20 @@ func (h *Host) Stop() error {
 	}
 }
 
+// take returns the running overlayd and its exit channel, nil when none
+// runs, and forgets them: the caller ends it.
+func (h *Host) take() (*exec.Cmd, chan error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	cmd, done := h.cmd, h.done
+	h.cmd, h.done = nil, nil
+	return cmd, done
+}
+
 // Kill ends overlayd with SIGKILL, as a crash or a power cut would: it
 // cleans nothing up, and its liveness lease runs out in etcd.
 func (h *Host) Kill() error {
-	h.mu.Lock()
-	cmd, done := h.cmd, h.done
-	h.cmd, h.done = nil, nil
-	h.mu.Unlock()
+	cmd, done := h.take()
 	if cmd == nil {
 		return nil
 	}

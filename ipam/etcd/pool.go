@@ -57,8 +57,8 @@ type held struct {
 
 // Pool is one host's view of one network in etcd: it claims, checks and
 // gives back the host's blocks, and mirrors the allocations the host makes from them (which the
-// host keeps itself, see package ipam/local). It implements
-// overlay.BlockLeaser and is safe for concurrent use. Its methods block
+// host keeps itself, see package ipam/local). It implements ipam.Leaser
+// and overlay.BlockOwners and is safe for concurrent use. Its methods block
 // on etcd like Store's, bounded the same way.
 type Pool struct {
 	s    *Store
@@ -71,7 +71,7 @@ type Pool struct {
 	held map[netip.Prefix]held
 }
 
-var _ overlay.BlockLeaser = (*Pool)(nil)
+var _ overlay.BlockOwners = (*Pool)(nil)
 
 // Pool returns host's pool of network n.
 func (s *Store) Pool(n overlay.Network, host overlay.HostID) *Pool {

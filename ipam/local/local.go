@@ -126,7 +126,7 @@ type change struct {
 var _ overlay.Allocator = (*Allocator)(nil)
 
 // Allocator returns the allocator of network n, which allocates from the
-// blocks held returns (overlay.BlockLeaser's Held). Fresh is true when the
+// blocks held returns (ipam.Pool's Held). Fresh is true when the
 // file had no record of the network yet: a host that ran an older
 // overlayd imports its allocations from etcd then.
 func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []netip.Prefix) (a *Allocator, fresh bool, err error) {

@@ -91,7 +91,7 @@ type Pool struct {
 }
 
 var (
-	_ overlay.BlockLeaser = (*Pool)(nil)
+	_ overlay.BlockOwners = (*Pool)(nil)
 	_ overlay.Allocator   = (*Pool)(nil)
 )
 
