@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -14,36 +13,13 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/overlaynet/overlay/internal/etcdtest"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
 )
 
-// startEtcd starts an embedded etcd on a Unix socket in a temporary
-// directory: no TCP port, so tests never collide.
-func startEtcd(t testing.TB) *clientv3.Client {
-	t.Helper()
-	dir, err := os.MkdirTemp("", "ovl-etcd-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	ctx := context.Background()
-	e, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{
-		Dir:       dir,
-		ClientURL: "unix://" + filepath.Join(dir, "client.sock"),
-		PeerURL:   "unix://" + filepath.Join(dir, "peer.sock"),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{e.ClientURL}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cli.Close() })
-	return cli
-}
+// startEtcd starts an embedded etcd for the test and returns its client.
+func startEtcd(t testing.TB) *clientv3.Client { return etcdtest.Start(t) }
 
 func testNetwork() overlay.Network {
 	return overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("198.19.0.0/16"), BlockBits: 26, VNI: 4096, Port: 4789}

@@ -1,0 +1,43 @@
+// Package etcdtest starts embedded etcd servers for tests.
+package etcdtest
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/overlaynet/overlay/ipam/etcd"
+)
+
+// Start starts an embedded etcd on Unix sockets in a temporary directory
+// (no TCP port, so tests never collide) and returns a client of it. The
+// server, the client and the directory are removed when the test ends.
+func Start(t testing.TB) *clientv3.Client {
+	t.Helper()
+	// Not t.TempDir: its long path would exceed the length of a Unix
+	// socket's address.
+	dir, err := os.MkdirTemp("", "ovl-etcd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	ctx := context.Background()
+	e, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{
+		Dir:       dir,
+		ClientURL: "unix://" + filepath.Join(dir, "client.sock"),
+		PeerURL:   "unix://" + filepath.Join(dir, "peer.sock"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(e.Close)
+	cli, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: []string{e.ClientURL}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
