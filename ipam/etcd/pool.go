@@ -115,6 +115,33 @@ func (p *Pool) blocks(ctx context.Context) (map[netip.Prefix]blockKV, error) {
 	return decodeBlocks(prefix, resp.Kvs, func(b netip.Prefix) bool { return p.net.BlockIndex(b) >= 0 }), nil
 }
 
+// maxTxnOps is how many operations one transaction holds at most: etcd's
+// default limit (--max-txn-ops).
+const maxTxnOps = 128
+
+// heldRecords reads the records of blocks bs, and only those, in
+// transactions of at most maxTxnOps reads: what the host checks
+// periodically costs what it holds, not what the cluster holds. A block
+// with no key is missing from the result.
+func (p *Pool) heldRecords(ctx context.Context, bs []netip.Prefix) (map[netip.Prefix]blockKV, error) {
+	out := make(map[netip.Prefix]blockKV, len(bs))
+	prefix := p.s.blocksPrefix(p.net.Name)
+	for chunk := range slices.Chunk(bs, maxTxnOps) {
+		ops := make([]clientv3.Op, len(chunk))
+		for i, b := range chunk {
+			ops[i] = clientv3.OpGet(p.s.blockKey(p.net.Name, b))
+		}
+		resp, err := p.s.cli.Txn(ctx).Then(ops...).Commit()
+		if err != nil {
+			return nil, fmt.Errorf("read blocks of %s: %w", p.net.Name, err)
+		}
+		for _, r := range resp.Responses {
+			maps.Copy(out, decodeBlocks(prefix, r.GetResponseRange().Kvs, nil))
+		}
+	}
+	return out, nil
+}
+
 // unknownOwner owns, as far as this package is concerned, a block whose
 // record cannot be decoded: nobody claims, reclaims or removes it over a
 // record it cannot read.
@@ -358,7 +385,7 @@ func (p *Pool) Give(ctx context.Context, b netip.Prefix) error {
 func (p *Pool) Verify(ctx context.Context) ([]netip.Prefix, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
-	recs, err := p.blocks(ctx)
+	recs, err := p.heldRecords(ctx, p.Held())
 	if err != nil {
 		return nil, fmt.Errorf("verify blocks of %s: %w", p.host, err)
 	}
