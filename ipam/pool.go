@@ -452,10 +452,10 @@ func (p *Pool) Run(ctx context.Context) error {
 		case <-verify.C:
 			p.Verify(ctx)
 		case <-idle.C:
-			p.giveBackIdle(ctx, time.Now())
+			p.GiveBackIdle(ctx, time.Now())
 			continue
 		}
-		if err := p.growOnce(ctx); err != nil && ctx.Err() == nil {
+		if err := p.Grow(ctx); err != nil && ctx.Err() == nil {
 			retry.Reset(backoff.Jitter(claimRetry, claimRetryJitter, rand.Float64()))
 		}
 	}
@@ -469,9 +469,11 @@ func (p *Pool) needsBlock() bool {
 	return held < p.cfg.MaxBlocks && (held == 0 || p.Free() < p.cfg.LowWater)
 }
 
-// growOnce claims blocks while the free addresses are below the low-water
-// mark and the cap allows.
-func (p *Pool) growOnce(ctx context.Context) error {
+// Grow claims blocks while the free addresses are below the low-water
+// mark (or the host holds none) and the cap allows: Run's work when an
+// ADD takes the free addresses below the mark. A full network is not an
+// error; a claim that failed otherwise is, and Run tries again later.
+func (p *Pool) Grow(ctx context.Context) error {
 	for {
 		if !p.needsBlock() {
 			return nil
@@ -562,10 +564,12 @@ func (p *Pool) ReportStranded(blocks []netip.Prefix) []overlay.Allocation {
 	return lost
 }
 
-// giveBackIdle gives back blocks that have been empty since IdleBlock
+// GiveBackIdle gives back blocks that have been empty since IdleBlock
 // before now, keeping at least one block and enough free addresses that
-// the pool does not claim again at once.
-func (p *Pool) giveBackIdle(ctx context.Context, now time.Time) {
+// the pool does not claim again at once; a block first seen empty is
+// noted at now. It also tries again the give-backs whose outcome the
+// store did not tell. Run calls it periodically with the time.
+func (p *Pool) GiveBackIdle(ctx context.Context, now time.Time) {
 	p.mu.Lock()
 	retry := slices.Collect(maps.Keys(p.retired))
 	p.mu.Unlock()
