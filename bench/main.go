@@ -2,6 +2,9 @@
 // figures next to baselines measured in the same run, since this machine
 // is too noisy for absolute numbers:
 //
+//   - a new host programmed on another (its daemon's start to the other's
+//     route to it), against flanneld with its vxlan backend on the same
+//     etcd (built from tools/flannel);
 //   - overlayd start to ready, against a bare process start in a host's
 //     namespace;
 //   - container ADD and DEL through libcni, overlay-cni against the
@@ -61,7 +64,7 @@ func run(samples int) error {
 	// The default /26 blocks: the burst and the concurrent ADDs cross
 	// into new blocks, claimed as the host fills up.
 	network := overlay.Network{Name: "default", CIDR: simnet.OverlayCIDR, BlockBits: overlay.DefaultBlockBits, VNI: overlay.DefaultVNI, Port: overlay.DefaultPort}
-	net, err := simnet.New(ctx, simnet.Options{Hosts: 2, Overlayd: overlayd, CNI: cni, Network: network})
+	net, err := simnet.New(ctx, simnet.Options{Hosts: 3, Overlayd: overlayd, CNI: cni, Network: network})
 	if err != nil {
 		return err
 	}
@@ -94,6 +97,23 @@ func run(samples int) error {
 			}
 		}
 	}
+	// A new host programmed on another, against flannel.
+	if err := net.Hosts[2].Start(ctx); err != nil {
+		return err
+	}
+	flanneld, err := buildFlannel(ctx, bins.Dir)
+	if err != nil {
+		fmt.Printf("new host programmed on another: skipped, flanneld did not build: %v\n\n", err)
+	} else {
+		ov, fl, err := newHostProgrammed(ctx, net, flanneld, samples)
+		if err != nil {
+			return err
+		}
+		fmt.Println("new host programmed on another (its daemon's start to host 1's route to it)")
+		report("overlayd", ov, fl, "flanneld (vxlan, same etcd)")
+		fmt.Println()
+	}
+
 	fmt.Println("overlayd start to ready (socket answers STATUS ready)")
 	fmt.Printf("  host 1, first start, embedded etcd:  %s\n", firstEmbedded.Round(time.Millisecond))
 	report("host 2, etcd over a Unix socket", starts, floor, "bare `ip netns exec true`")

@@ -165,16 +165,23 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}
 	// The host record before the block: a peer that sees the block (its
-	// watch) finds the record that says where to send its traffic.
+	// watch) finds the record that says where to send its traffic. The
+	// liveness key before the blocks too: from then on no host reclaims
+	// this host's blocks, and a note that it was gone is cleared. The two
+	// are written at once: a new host is programmed on the others as soon
+	// as its block exists, so every round trip before it counts.
 	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
-	if err := store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()}); err != nil {
-		return err
-	}
-	// The liveness key before the blocks: from now on no host reclaims
-	// this host's blocks, and a note that it was gone is cleared.
 	live := store.Liveness(host, 0, log.With("component", "liveness"))
-	lease, err := live.Create(ctx)
-	if err != nil {
+	var lease clientv3.LeaseID
+	var first errgroup.Group
+	first.Go(func() error {
+		return store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()})
+	})
+	first.Go(func() (err error) {
+		lease, err = live.Create(ctx)
+		return err
+	})
+	if err := first.Wait(); err != nil {
 		return err
 	}
 	pool := store.Pool(network, host)

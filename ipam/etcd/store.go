@@ -142,7 +142,14 @@ func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.N
 		genRev = kvs[0].ModRevision
 	}
 	for _, kv := range read.Responses[0].GetResponseRange().Kvs {
-		if !strings.HasSuffix(string(kv.Key), "/config") || string(kv.Key) == key {
+		if string(kv.Key) == key {
+			// It exists: compare, and write nothing (a start of every
+			// host but the first).
+			return s.sameNetwork(n, kv.Value)
+		}
+	}
+	for _, kv := range read.Responses[0].GetResponseRange().Kvs {
+		if !strings.HasSuffix(string(kv.Key), "/config") {
 			continue
 		}
 		var o overlay.Network
@@ -170,9 +177,16 @@ func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.N
 	if len(kvs) == 0 {
 		return overlay.Network{}, fmt.Errorf("ensure network %s: the networks in etcd changed while it was created; try again: %w", n.Name, overlay.ErrConflict)
 	}
+	return s.sameNetwork(n, kvs[0].Value)
+}
+
+// sameNetwork decodes the stored definition of n's network and returns
+// it, or an error wrapping overlay.ErrConflict that names the first
+// field where n differs.
+func (s *Store) sameNetwork(n overlay.Network, val []byte) (overlay.Network, error) {
 	var stored overlay.Network
-	if err := json.Unmarshal(kvs[0].Value, &stored); err != nil {
-		return overlay.Network{}, fmt.Errorf("decode network %s at %s: %w", n.Name, key, err)
+	if err := json.Unmarshal(val, &stored); err != nil {
+		return overlay.Network{}, fmt.Errorf("decode network %s at %s: %w", n.Name, s.networkKey(n.Name), err)
 	}
 	if field := stored.Diff(n); field != "" {
 		return stored, fmt.Errorf("network %q: configuration differs from etcd in field %s (etcd has %s, configuration has %s): change the configuration to match, or remove the network from etcd first: %w",
