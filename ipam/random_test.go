@@ -123,8 +123,6 @@ func (s *sim) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), downTimeout)
 }
 
-func (s *sim) logf(format string, args ...any) { s.t.Logf(format, args...) }
-
 // start starts h's overlayd the way the daemon does: open its record,
 // read its blocks, report stranded allocations, claim a first block,
 // create its liveness key. etcd is up.
