@@ -120,16 +120,11 @@ func newHostProgrammed(ctx context.Context, net *simnet.Net, flanneld string, sa
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 		return cmd, cmd.Start()
 	}
+	// stopFlannel kills flanneld: how it goes does not matter to a new
+	// host, and it takes seconds to end on SIGTERM.
 	stopFlannel := func(cmd *exec.Cmd) {
-		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
 	}
 	// forgetFlannel deletes host 3's flannel lease, as for a host etcd
 	// has never seen.

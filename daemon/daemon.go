@@ -184,6 +184,10 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := first.Wait(); err != nil {
 		return err
 	}
+	// The blocks after the liveness key, never beside it: a reclaim that
+	// committed between reading them and creating the key would leave
+	// this host allocating from blocks no longer its own. Once the key
+	// exists no reclaim can commit.
 	pool := store.Pool(network, host)
 	blocks, err := pool.Load(ctx)
 	if err != nil {

@@ -123,31 +123,20 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", cfg.Endpoints, err)
 	}
-	// Ask every endpoint for its status at once, rather than read a key:
-	// it needs no permission on any key, and a member that is down does
-	// not use up the time the others need.
+	// List the members over the client's own connection, rather than
+	// read a key: it needs no permission on any key, a member that is down
+	// is passed over by the client's balancer, and the connection every
+	// later request uses is then up (a separate status request per
+	// endpoint would dial each once more, and leave the first request to
+	// dial again).
 	cctx, cancel := context.WithTimeout(ctx, cfg.DialTimeout)
 	defer cancel()
-	results := make(chan error, len(cfg.Endpoints))
-	for _, ep := range cfg.Endpoints {
-		go func() {
-			_, err := cli.Status(cctx, ep)
-			if err != nil {
-				err = fmt.Errorf("%s: %w", ep, err)
-			}
-			results <- err
-		}()
-	}
-	var errs []error
-	for range cfg.Endpoints {
-		err := <-results
-		if err == nil {
-			return cli, nil
-		}
-		errs = append(errs, err)
+	_, err = cli.MemberList(cctx, clientv3.WithSerializable())
+	if err == nil {
+		return cli, nil
 	}
 	cli.Close()
-	return nil, fmt.Errorf("etcd at %v does not answer within %s (check --etcd-endpoints and TLS flags): %w", cfg.Endpoints, cfg.DialTimeout, errors.Join(errs...))
+	return nil, fmt.Errorf("etcd at %v does not answer within %s (check --etcd-endpoints and TLS flags): %w", cfg.Endpoints, cfg.DialTimeout, err)
 }
 
 // EmbedConfig configures an embedded single-member etcd.
