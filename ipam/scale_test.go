@@ -195,3 +195,55 @@ func TestThousandHostsClaimAtOnce(t *testing.T) {
 		}
 	}
 }
+
+// TestAddsWriteNothingToEtcd: allocations from a held block, each flushed
+// as an ADD's answer is, leave etcd's revision where it was; the mirror
+// then copies all of them in one transaction, and the host's periodic
+// check of its blocks writes nothing.
+func TestAddsWriteNothingToEtcd(t *testing.T) {
+	ctx := context.Background()
+	cli := etcdtest.Start(t)
+	store := etcd.NewStore(cli, "")
+	n := overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("10.64.0.0/16"), BlockBits: 24, VNI: 1, Port: 4789}
+	if _, err := store.EnsureNetwork(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	h := newEtcdHost(t, store, n, "h1", t.TempDir(), ipam.Config{MaxBlocks: 4})
+	if err := h.pool.Ensure(ctx); err != nil {
+		t.Fatal(err)
+	}
+	revision := func() int64 {
+		resp, err := cli.Get(ctx, "any")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.Header.Revision
+	}
+	before := revision()
+	for i := range 50 {
+		if _, err := h.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: fmt.Sprint("c", i), IfName: "eth0"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.pool.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := revision(); got != before {
+		t.Fatalf("50 ADDs moved etcd's revision from %d to %d: an ADD wrote to etcd", before, got)
+	}
+	list, err := h.pool.List(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.leaser.Mirror(ctx, list); err != nil {
+		t.Fatal(err)
+	}
+	if got := revision(); got != before+1 {
+		t.Fatalf("mirroring 50 allocations moved the revision by %d, want one transaction", got-before)
+	}
+	mirrored := revision()
+	h.pool.Verify(ctx)
+	if got := revision(); got != mirrored {
+		t.Fatalf("verifying the host's blocks moved the revision by %d: it wrote", got-mirrored)
+	}
+}
