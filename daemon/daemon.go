@@ -65,6 +65,25 @@ func Run(ctx context.Context, cfg Config) error {
 			return fmt.Errorf("--gossip-key-file: %w", err)
 		}
 	}
+	// A cluster's etcd is dialled while this host's own checks run: a
+	// connection changes nothing, and a new host reaches its first block
+	// (the moment the others route it) sooner. The embedded etcd starts
+	// after the checks, as it writes its data directory.
+	var early chan etcdConnection
+	taken := false
+	if len(cfg.Etcd.Endpoints) > 0 {
+		dctx, cancelDial := context.WithCancel(ctx)
+		early = make(chan etcdConnection, 1)
+		go func() { early <- dialEtcd(dctx, cfg) }()
+		defer func() {
+			if !taken { // a check failed first
+				cancelDial()
+				if c := <-early; c.err == nil {
+					c.close()
+				}
+			}
+		}()
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
@@ -88,6 +107,14 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer lock.Unlock()
+	// The host's record of the network, read whole now: a corrupt record
+	// fails the start before anything changes. It allocates from the
+	// pool's blocks once the pool exists (usable).
+	var usable func() []netip.Prefix
+	alloc, freshAlloc, err := allocs.Allocator(cfg.Network, host, func() []netip.Prefix { return usable() })
+	if err != nil {
+		return err
+	}
 
 	h, err := netlink.NewHandle()
 	if err != nil {
@@ -149,11 +176,17 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("gossip is not encrypted: set --gossip-key-file so that hosts without the key cannot join")
 	}
 
-	cli, emb, closeEtcd, err := connectEtcd(ctx, cfg)
-	if err != nil {
-		return err
+	var conn etcdConnection
+	if early != nil {
+		conn, taken = <-early, true
+	} else {
+		conn = dialEtcd(ctx, cfg)
 	}
-	defer closeEtcd()
+	if conn.err != nil {
+		return conn.err
+	}
+	defer conn.close()
+	cli, emb := conn.cli, conn.emb
 	store := etcd.NewStore(cli, cfg.EtcdPrefix)
 	network, err := store.EnsureNetwork(ctx, cfg.Network)
 	if err != nil {
@@ -167,13 +200,20 @@ func Run(ctx context.Context, cfg Config) error {
 	// The host record before the block: a peer that sees the block (its
 	// watch) finds the record that says where to send its traffic. The
 	// liveness key before the blocks too: from then on no host reclaims
-	// this host's blocks, and a note that it was gone is cleared. The two
-	// are written at once: a new host is programmed on the others as soon
-	// as its block exists, so every round trip before it counts.
+	// this host's blocks, and a note that it was gone is cleared. Both are
+	// written at once, and the blocks read beside them: a new host is
+	// programmed on the others as soon as its block exists, so every
+	// round trip before it counts.
 	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
 	live := store.Liveness(host, 0, log.With("component", "liveness"))
+	pool := store.Pool(network, host)
 	var lease clientv3.LeaseID
 	var first errgroup.Group
+	if freshAlloc {
+		// A record new to this network: the host may have run a release
+		// that kept none, and etcd's copy is what there is.
+		first.Go(func() error { return importAllocations(ctx, alloc, pool, network, log) })
+	}
 	first.Go(func() error {
 		return store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()})
 	})
@@ -181,25 +221,30 @@ func Run(ctx context.Context, cfg Config) error {
 		lease, err = live.Create(ctx)
 		return err
 	})
+	// The blocks this host holds, read beside them. A reclaim may commit
+	// between that read and the liveness key; none can after it, so the
+	// blocks read are checked once the key exists (a new host has none).
+	var blocks []netip.Prefix
+	first.Go(func() (err error) {
+		blocks, err = pool.Load(ctx)
+		return err
+	})
 	if err := first.Wait(); err != nil {
 		return err
 	}
-	// The blocks after the liveness key, never beside it: a reclaim that
-	// committed between reading them and creating the key would leave
-	// this host allocating from blocks no longer its own. Once the key
-	// exists no reclaim can commit.
-	pool := store.Pool(network, host)
-	blocks, err := pool.Load(ctx)
-	if err != nil {
-		return err
+	if len(blocks) > 0 {
+		if _, err := pool.Verify(ctx); err != nil && !errors.Is(err, etcd.ErrBlockLost) {
+			return err
+		}
+		// A block lost here leaves its containers stranded: reported
+		// below.
 	}
-	var alloc *local.Allocator
 	addrs, err := ipam.New(ipam.Config{
 		Network: network, Host: host, MaxBlocks: cfg.MaxBlocks, IdleBlock: cfg.IdleBlock,
 		VerifyInterval: cfg.VerifyInterval, Log: log.With("component", "ipam"),
-	}, pool, func(usable func() []netip.Prefix) (ipam.Book, error) {
-		alloc, err = openAllocator(ctx, allocs, pool, network, host, usable, log)
-		return alloc, err
+	}, pool, func(held func() []netip.Prefix) (ipam.Book, error) {
+		usable = held
+		return alloc, nil
 	})
 	if err != nil {
 		return err
@@ -306,6 +351,22 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	}
 	return err
+}
+
+// etcdConnection is what connectEtcd returns, in one value that a
+// channel can carry.
+type etcdConnection struct {
+	cli   *clientv3.Client
+	emb   *etcd.Embedded
+	close func()
+	err   error
+}
+
+// dialEtcd is connectEtcd, returning one value.
+func dialEtcd(ctx context.Context, cfg Config) etcdConnection {
+	var c etcdConnection
+	c.cli, c.emb, c.close, c.err = connectEtcd(ctx, cfg)
+	return c
 }
 
 // connectEtcd returns a client of the configured etcd, starting an
@@ -417,25 +478,21 @@ func (d *daemon) reclaimLoop(ctx context.Context) error {
 	}
 }
 
-// openAllocator returns the host's allocator of network. On the first
-// start with an allocation file (a new host, or one that ran an overlayd
-// that kept its allocations in etcd alone) it imports what etcd has.
-func openAllocator(ctx context.Context, db *local.DB, pool *etcd.Pool, network overlay.Network, host overlay.HostID, usable func() []netip.Prefix, log *slog.Logger) (*local.Allocator, error) {
-	alloc, fresh, err := db.Allocator(network, host, usable)
-	if err != nil || !fresh {
-		return alloc, err
-	}
+// importAllocations records in alloc, new to network, the host's
+// allocations in etcd's copy: on the first start of a host that ran a
+// release which kept no record of its own.
+func importAllocations(ctx context.Context, alloc *local.Allocator, pool *etcd.Pool, network overlay.Network, log *slog.Logger) error {
 	list, err := pool.List(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("import this host's allocations from etcd: %w", err)
+		return fmt.Errorf("import this host's allocations from etcd: %w", err)
 	}
 	if err := alloc.Import(ctx, list); err != nil {
-		return nil, err
+		return err
 	}
 	if len(list) > 0 {
 		log.Info("imported this host's allocations from etcd", "network", network.Name, "allocations", len(list))
 	}
-	return alloc, nil
+	return nil
 }
 
 // mirrorDelay is how long the mirror lets changes gather before it copies

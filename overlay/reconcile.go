@@ -272,13 +272,18 @@ func (r *Reconciler) Run(ctx context.Context) error {
 
 // Pass makes one reconcile pass and returns its error.
 func (r *Reconciler) Pass(ctx context.Context) error {
+	// Both reads at once: a pass woken by a new block programs it one
+	// round trip sooner.
 	octx, cancel := context.WithTimeout(ctx, min(ownersTimeout, r.interval))
-	owners, ownersErr := r.owners.Owners(octx)
 	var hosts []HostInfo
 	var hostsErr error
-	if ownersErr == nil {
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
 		hosts, hostsErr = r.hosts.Hosts(octx)
-	}
+	}()
+	owners, ownersErr := r.owners.Owners(octx)
+	<-read
 	cancel()
 	readErr := errors.Join(ownersErr, hostsErr)
 	alive := r.members.Members()
