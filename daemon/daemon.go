@@ -25,6 +25,7 @@ import (
 	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/ipam/etcd/embedded"
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/metrics"
 	"github.com/overlaynet/overlay/overlay"
@@ -357,7 +358,7 @@ func Run(ctx context.Context, cfg Config) error {
 // channel can carry.
 type etcdConnection struct {
 	cli   *clientv3.Client
-	emb   *etcd.Embedded
+	emb   *embedded.Server
 	close func()
 	err   error
 }
@@ -372,12 +373,12 @@ func dialEtcd(ctx context.Context, cfg Config) etcdConnection {
 // connectEtcd returns a client of the configured etcd, starting an
 // embedded one (returned too) when no endpoints are configured. The
 // returned func closes both.
-func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, *etcd.Embedded, func(), error) {
+func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, *embedded.Server, func(), error) {
 	ecfg := cfg.Etcd
-	var emb *etcd.Embedded
+	var emb *embedded.Server
 	if len(ecfg.Endpoints) == 0 {
 		var err error
-		emb, err = etcd.StartEmbedded(ctx, etcd.EmbedConfig{
+		emb, err = embedded.Start(ctx, embedded.Config{
 			Dir: cfg.DataDir, ClientURL: cfg.EmbeddedClientURL, PeerURL: cfg.EmbeddedPeerURL, Logger: cfg.Logger,
 		})
 		if err != nil {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/ipam/etcd/embedded"
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/overlay"
 )
@@ -39,8 +40,8 @@ const (
 
 // simEtcd is an embedded etcd that the test stops and starts again.
 type simEtcd struct {
-	cfg etcd.EmbedConfig
-	e   *etcd.Embedded
+	cfg embedded.Config
+	e   *embedded.Server
 	cli *clientv3.Client
 }
 
@@ -48,7 +49,7 @@ func (s *simEtcd) up() bool { return s.e != nil }
 
 func (s *simEtcd) start(t *testing.T) {
 	t.Helper()
-	e, err := etcd.StartEmbedded(context.Background(), s.cfg)
+	e, err := embedded.Start(context.Background(), s.cfg)
 	if err != nil {
 		t.Fatalf("start etcd: %v", err)
 	}
@@ -402,12 +403,12 @@ func TestRandomized(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	se := &simEtcd{cfg: etcd.EmbedConfig{
+	se := &simEtcd{cfg: embedded.Config{
 		Dir:       filepath.Join(dir, "etcd"),
 		ClientURL: "unix://" + filepath.Join(dir, "client.sock"),
 		PeerURL:   "unix://" + filepath.Join(dir, "peer.sock"),
 	}}
-	if se.e, err = etcd.StartEmbedded(context.Background(), se.cfg); err != nil {
+	if se.e, err = embedded.Start(context.Background(), se.cfg); err != nil {
 		t.Fatal(err)
 	}
 	if se.cli, err = etcd.Connect(context.Background(), etcd.ClientConfig{Endpoints: []string{se.cfg.ClientURL}}); err != nil {

@@ -10,6 +10,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/ipam/etcd/embedded"
 )
 
 // Start starts an embedded etcd on Unix sockets in a temporary directory
@@ -25,7 +26,7 @@ func Start(t testing.TB) *clientv3.Client {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	ctx := context.Background()
-	e, err := etcd.StartEmbedded(ctx, etcd.EmbedConfig{
+	e, err := embedded.Start(ctx, embedded.Config{
 		Dir:       dir,
 		ClientURL: "unix://" + filepath.Join(dir, "client.sock"),
 		PeerURL:   "unix://" + filepath.Join(dir, "peer.sock"),

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/ipam/etcd/embedded"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -339,13 +340,13 @@ func TestClientsRecoverAfterEmbeddedRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	cfg := etcd.EmbedConfig{
+	cfg := embedded.Config{
 		Dir:       dir,
 		ClientURL: "unix://" + filepath.Join(dir, "client.sock"),
 		PeerURL:   "unix://" + filepath.Join(dir, "peer.sock"),
 	}
 	ctx := context.Background()
-	e, err := etcd.StartEmbedded(ctx, cfg)
+	e, err := embedded.Start(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -365,7 +366,7 @@ func TestClientsRecoverAfterEmbeddedRestart(t *testing.T) {
 	checkOutage(t, hosts)
 	time.Sleep(time.Until(stopped.Add(outage)))
 
-	if e, err = etcd.StartEmbedded(ctx, cfg); err != nil {
+	if e, err = embedded.Start(ctx, cfg); err != nil {
 		t.Fatal(err)
 	}
 	checkRecovered(t, hosts, time.Now())

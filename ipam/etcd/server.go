@@ -5,22 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"log/slog"
-	"net/url"
-	"path/filepath"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 )
-
-// embedStartTimeout bounds how long an embedded etcd may take to elect
-// itself leader and serve clients.
-const embedStartTimeout = 60 * time.Second
 
 // ClientConfig says how to reach an etcd cluster.
 type ClientConfig struct {
@@ -138,77 +130,3 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 	cli.Close()
 	return nil, fmt.Errorf("etcd at %v does not answer within %s (check --etcd-endpoints and TLS flags): %w", cfg.Endpoints, cfg.DialTimeout, err)
 }
-
-// EmbedConfig configures an embedded single-member etcd.
-type EmbedConfig struct {
-	// Dir is the data directory.
-	Dir string
-	// ClientURL is where it serves clients, for example
-	// http://127.0.0.1:2379 or unix:///run/overlay/etcd.sock.
-	ClientURL string
-	// PeerURL is where it listens for peers; a single member talks to
-	// none, but etcd always listens.
-	PeerURL string
-	// Logger receives a line when it starts and stops.
-	Logger *slog.Logger
-}
-
-// Embedded is a running embedded etcd.
-type Embedded struct {
-	e *embed.Etcd
-	// ClientURL is where it serves clients.
-	ClientURL string
-}
-
-// StartEmbedded starts a single-member etcd in cfg.Dir and waits until it
-// serves clients. Its own logs are discarded: its failures reach the
-// caller as errors (here and on Err). Close stops it.
-func StartEmbedded(ctx context.Context, cfg EmbedConfig) (*Embedded, error) {
-	ecfg := embed.NewConfig()
-	ecfg.Dir = filepath.Join(cfg.Dir, "etcd")
-	ecfg.Name = "overlayd"
-	ecfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
-	cu, err := url.Parse(cfg.ClientURL)
-	if err != nil {
-		return nil, fmt.Errorf("embedded etcd client URL %q: %w", cfg.ClientURL, err)
-	}
-	pu, err := url.Parse(cfg.PeerURL)
-	if err != nil {
-		return nil, fmt.Errorf("embedded etcd peer URL %q: %w", cfg.PeerURL, err)
-	}
-	ecfg.ListenClientUrls = []url.URL{*cu}
-	ecfg.AdvertiseClientUrls = []url.URL{*cu}
-	ecfg.ListenPeerUrls = []url.URL{*pu}
-	ecfg.AdvertisePeerUrls = []url.URL{*pu}
-	ecfg.InitialCluster = ecfg.Name + "=" + pu.String()
-	// Auto-compact hourly so the revision history of renewals stays small.
-	ecfg.AutoCompactionMode = "periodic"
-	ecfg.AutoCompactionRetention = "1h"
-
-	e, err := embed.StartEtcd(ecfg)
-	if err != nil {
-		return nil, fmt.Errorf("start embedded etcd in %s: %w", ecfg.Dir, err)
-	}
-	select {
-	case <-e.Server.ReadyNotify():
-	case err := <-e.Err():
-		e.Close()
-		return nil, fmt.Errorf("embedded etcd failed: %w", err)
-	case <-time.After(embedStartTimeout):
-		e.Close()
-		return nil, fmt.Errorf("embedded etcd not ready after %s", embedStartTimeout)
-	case <-ctx.Done():
-		e.Close()
-		return nil, ctx.Err()
-	}
-	if cfg.Logger != nil {
-		cfg.Logger.Info("running embedded etcd (single machine; pass --etcd-endpoints for a cluster)", "dir", ecfg.Dir, "client-url", cfg.ClientURL)
-	}
-	return &Embedded{e: e, ClientURL: cfg.ClientURL}, nil
-}
-
-// Err returns a channel that receives a fatal server error.
-func (e *Embedded) Err() <-chan error { return e.e.Err() }
-
-// Close stops the server.
-func (e *Embedded) Close() { e.e.Close() }
