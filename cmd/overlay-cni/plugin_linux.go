@@ -5,17 +5,13 @@ package main
 import (
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"net/netip"
-	"strings"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netlink/nl"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/overlaynet/overlay/cnirpc"
@@ -26,13 +22,14 @@ import (
 // container's namespace cont, sets address and routes there, then calls
 // confirm. When configuring or confirm fails, it removes the pair.
 func attach(conf *NetConf, args *skel.CmdArgs, cont *container, att cnirpc.Attachment, confirm func() error) (*current.Result, error) {
-	bridge, err := ifIndex(att.Bridge)
+	bridge, err := hostlink.IfIndex(att.Bridge)
 	if err != nil {
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
 	}
 	hostName := hostVethName(conf, args)
-	hostMAC := randomMAC()
-	if err := addVeth(hostName, hostMAC, bridge, att.MTU, args.IfName, conf.mac, cont.ns); err != nil {
+	hostMAC := hostlink.RandomMAC()
+	veth := hostlink.Veth{HostName: hostName, HostMAC: hostMAC, Master: bridge, MTU: att.MTU, PeerName: args.IfName, PeerMAC: conf.mac, PeerNS: cont.ns}
+	if err := hostlink.AddVeth(veth); err != nil {
 		// An existing interface is found out here rather than looked for
 		// beforehand: the lookup would cost every ADD a round trip.
 		if errors.Is(err, unix.EEXIST) {
@@ -62,62 +59,6 @@ func attach(conf *NetConf, args *skel.CmdArgs, cont *container, att cnirpc.Attac
 	}
 	result.DNS = conf.DNS
 	return result, nil
-}
-
-// addVeth creates a veth pair in one RTM_NEWLINK request: the host end
-// named hostName, with hostMAC, up on the bridge with index master; the
-// container end named peerName, with peerMAC unless it is nil, born in
-// the namespace ns; both with mtu. netlink.LinkAdd would take two more
-// requests, to look the host end up and to enslave it.
-func addVeth(hostName string, hostMAC net.HardwareAddr, master, mtu int, peerName string, peerMAC net.HardwareAddr, ns netns.NsHandle) error {
-	req := nl.NewNetlinkRequest(unix.RTM_NEWLINK, unix.NLM_F_CREATE|unix.NLM_F_EXCL|unix.NLM_F_ACK)
-	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
-	msg.Flags, msg.Change = unix.IFF_UP, unix.IFF_UP
-	req.AddData(msg)
-	req.AddData(nl.NewRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(hostName)))
-	req.AddData(nl.NewRtAttr(unix.IFLA_ADDRESS, hostMAC))
-	req.AddData(nl.NewRtAttr(unix.IFLA_MTU, nl.Uint32Attr(uint32(mtu))))
-	req.AddData(nl.NewRtAttr(unix.IFLA_MASTER, nl.Uint32Attr(uint32(master))))
-	info := nl.NewRtAttr(unix.IFLA_LINKINFO, nil)
-	info.AddRtAttr(nl.IFLA_INFO_KIND, nl.NonZeroTerminated("veth"))
-	peer := info.AddRtAttr(nl.IFLA_INFO_DATA, nil).AddRtAttr(nl.VETH_INFO_PEER, nil)
-	nl.NewIfInfomsgChild(peer, unix.AF_UNSPEC)
-	peer.AddRtAttr(unix.IFLA_IFNAME, nl.ZeroTerminated(peerName))
-	peer.AddRtAttr(unix.IFLA_MTU, nl.Uint32Attr(uint32(mtu)))
-	if peerMAC != nil {
-		peer.AddRtAttr(unix.IFLA_ADDRESS, []byte(peerMAC))
-	}
-	peer.AddRtAttr(unix.IFLA_NET_NS_FD, nl.Uint32Attr(uint32(ns)))
-	req.AddData(info)
-	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
-	return err
-}
-
-// ifIndex returns the index of the host interface name, by ioctl: a
-// netlink lookup would decode every attribute of the link.
-func ifIndex(name string) (int, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return 0, fmt.Errorf("socket: %w", err)
-	}
-	defer unix.Close(fd)
-	ifr, err := unix.NewIfreq(name)
-	if err != nil {
-		return 0, err
-	}
-	if err := unix.IoctlIfreq(fd, unix.SIOCGIFINDEX, ifr); err != nil {
-		return 0, fmt.Errorf("index of %s: %w", name, err)
-	}
-	return int(ifr.Uint32()), nil
-}
-
-// randomMAC returns a random locally administered unicast MAC address,
-// as the kernel gives a veth end; choosing it here saves looking it up.
-func randomMAC() net.HardwareAddr {
-	v := rand.Uint64()
-	mac := net.HardwareAddr{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24), byte(v >> 32), byte(v >> 40)}
-	mac[0] = mac[0]&^1 | 2 // unicast, locally administered
-	return mac
 }
 
 func configure(cont *netlink.Handle, hostName string, hostMAC net.HardwareAddr, args *skel.CmdArgs, att cnirpc.Attachment) (*current.Result, error) {
@@ -218,24 +159,5 @@ func deleteStaleVeths(bridge string, keep map[string]bool) error {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer host.Close()
-	br, err := host.LinkByName(bridge)
-	if hostlink.Vanished(err) {
-		return nil // no bridge: nothing attached to it
-	}
-	if err != nil {
-		return fmt.Errorf("find bridge %s: %w", bridge, err)
-	}
-	links, err := host.LinkList()
-	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		return fmt.Errorf("list links: %w", err)
-	}
-	var errs []error
-	for _, l := range links {
-		a := l.Attrs()
-		if l.Type() != "veth" || a.MasterIndex != br.Attrs().Index || !strings.HasPrefix(a.Name, cnirpc.HostVethPrefix) || keep[a.Name] {
-			continue
-		}
-		errs = append(errs, hostlink.New(host).DeleteLink(l))
-	}
-	return errors.Join(errs...)
+	return hostlink.New(host).DeleteStale(bridge, cnirpc.HostVethPrefix, keep)
 }
