@@ -75,10 +75,11 @@ func Run(ctx context.Context, cfg Config) error {
 	if len(cfg.Etcd.Endpoints) > 0 {
 		dctx, cancelDial := context.WithCancel(ctx)
 		early = make(chan etcdConnection, 1)
-		go func() { early <- dialEtcd(dctx, cfg) }()
+		go func() { early <- connectEtcd(dctx, cfg) }()
 		defer func() {
+			// The client outlives dctx: etcd.Connect detaches it.
+			cancelDial()
 			if !taken { // a check failed first
-				cancelDial()
 				if c := <-early; c.err == nil {
 					c.close()
 				}
@@ -181,7 +182,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if early != nil {
 		conn, taken = <-early, true
 	} else {
-		conn = dialEtcd(ctx, cfg)
+		conn = connectEtcd(ctx, cfg)
 	}
 	if conn.err != nil {
 		return conn.err
@@ -354,51 +355,41 @@ func Run(ctx context.Context, cfg Config) error {
 	return err
 }
 
-// etcdConnection is what connectEtcd returns, in one value that a
-// channel can carry.
+// etcdConnection is a client of the configured etcd, with the embedded
+// server it talks to when no endpoints are configured, or the error that
+// kept it from being made: one value, so that a channel can carry it.
 type etcdConnection struct {
-	cli   *clientv3.Client
-	emb   *embedded.Server
-	close func()
-	err   error
+	cli *clientv3.Client
+	emb *embedded.Server // nil with --etcd-endpoints
+	err error
 }
 
-// dialEtcd is connectEtcd, returning one value.
-func dialEtcd(ctx context.Context, cfg Config) etcdConnection {
-	var c etcdConnection
-	c.cli, c.emb, c.close, c.err = connectEtcd(ctx, cfg)
-	return c
+// close closes the client, then the embedded server.
+func (c etcdConnection) close() {
+	c.cli.Close()
+	if c.emb != nil {
+		c.emb.Close()
+	}
 }
 
 // connectEtcd returns a client of the configured etcd, starting an
-// embedded one (returned too) when no endpoints are configured. The
-// returned func closes both.
-func connectEtcd(ctx context.Context, cfg Config) (*clientv3.Client, *embedded.Server, func(), error) {
+// embedded one when no endpoints are configured.
+func connectEtcd(ctx context.Context, cfg Config) etcdConnection {
 	ecfg := cfg.Etcd
-	var emb *embedded.Server
+	var c etcdConnection
 	if len(ecfg.Endpoints) == 0 {
-		var err error
-		emb, err = embedded.Start(ctx, embedded.Config{
+		c.emb, c.err = embedded.Start(ctx, embedded.Config{
 			Dir: cfg.DataDir, ClientURL: cfg.EmbeddedClientURL, PeerURL: cfg.EmbeddedPeerURL, Logger: cfg.Logger,
 		})
-		if err != nil {
-			return nil, nil, nil, err
+		if c.err != nil {
+			return c
 		}
-		ecfg.Endpoints = []string{emb.ClientURL}
+		ecfg.Endpoints = []string{c.emb.ClientURL}
 	}
-	cli, err := etcd.Connect(ctx, ecfg)
-	if err != nil {
-		if emb != nil {
-			emb.Close()
-		}
-		return nil, nil, nil, err
+	if c.cli, c.err = etcd.Connect(ctx, ecfg); c.err != nil && c.emb != nil {
+		c.emb.Close()
 	}
-	return cli, emb, func() {
-		cli.Close()
-		if emb != nil {
-			emb.Close()
-		}
-	}, nil
+	return c
 }
 
 // daemon is the running state shared by the loops and the CNI handler.

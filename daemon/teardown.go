@@ -47,12 +47,12 @@ func Teardown(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("teardown: %w", err)
 	}
 	defer allocs.Close()
-	cli, _, closeEtcd, err := connectEtcd(ctx, cfg)
-	if err != nil {
-		return err
+	conn := connectEtcd(ctx, cfg)
+	if conn.err != nil {
+		return conn.err
 	}
-	defer closeEtcd()
-	store := etcd.NewStore(cli, cfg.EtcdPrefix)
+	defer conn.close()
+	store := etcd.NewStore(conn.cli, cfg.EtcdPrefix)
 	network, err := store.Network(ctx, cfg.Network.Name)
 	if err != nil {
 		return fmt.Errorf("teardown: %w", err)
