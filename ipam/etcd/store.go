@@ -141,25 +141,24 @@ func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.N
 	if kvs := read.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
 		genRev = kvs[0].ModRevision
 	}
+	var overlap error
 	for _, kv := range read.Responses[0].GetResponseRange().Kvs {
 		if string(kv.Key) == key {
 			// It exists: compare, and write nothing (a start of every
 			// host but the first).
 			return s.sameNetwork(n, kv.Value)
 		}
-	}
-	for _, kv := range read.Responses[0].GetResponseRange().Kvs {
-		if !strings.HasSuffix(string(kv.Key), "/config") {
+		if overlap != nil || !strings.HasSuffix(string(kv.Key), "/config") {
 			continue
 		}
 		var o overlay.Network
-		if json.Unmarshal(kv.Value, &o) != nil || !o.CIDR.IsValid() {
-			continue
-		}
-		if o.CIDR.Overlaps(n.CIDR) {
-			return overlay.Network{}, fmt.Errorf("network %q: cidr %s overlaps network %q (%s) in etcd: give it an address space of its own: %w",
+		if json.Unmarshal(kv.Value, &o) == nil && o.CIDR.IsValid() && o.CIDR.Overlaps(n.CIDR) {
+			overlap = fmt.Errorf("network %q: cidr %s overlaps network %q (%s) in etcd: give it an address space of its own: %w",
 				n.Name, n.CIDR, o.Name, o.CIDR, overlay.ErrConflict)
 		}
+	}
+	if overlap != nil {
+		return overlay.Network{}, overlap
 	}
 	resp, err := s.cli.Txn(ctx).
 		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
