@@ -33,11 +33,10 @@ var flCIDR = netip.MustParsePrefix("10.250.0.0/16")
 // buildFlannel builds flanneld from tools/flannel (a module of its own)
 // into dir.
 func buildFlannel(ctx context.Context, dir string) (string, error) {
-	gomod, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	root, err := simnet.ModuleRoot(ctx)
 	if err != nil {
-		return "", fmt.Errorf("find the module root: %w", err)
+		return "", err
 	}
-	root := filepath.Dir(strings.TrimSpace(string(gomod)))
 	cmd := exec.CommandContext(ctx, "go", "-C", filepath.Join(root, "tools", "flannel"), "build", "-o", dir+"/", "tool")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -188,26 +187,25 @@ func newHostProgrammed(ctx context.Context, net *simnet.Net, flanneld string, sa
 	// it (one more remote route into cidr than base), watching from
 	// before the start.
 	measure := func(cidr netip.Prefix, base int, start func() error) (time.Duration, error) {
-		seen := make(chan time.Time, 1)
-		errc := make(chan error, 1)
+		type seen struct {
+			at  time.Time
+			err error
+		}
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		res := make(chan seen, 1)
 		go func() {
-			t, err := waitRoutes(ctx, nh, cidr, base+1)
-			if err != nil {
-				errc <- err
-				return
-			}
-			seen <- t
+			at, err := waitRoutes(wctx, nh, cidr, base+1)
+			res <- seen{at, err}
 		}()
 		t0 := time.Now()
 		if err := start(); err != nil {
+			cancel()
+			<-res // the poller is done with nh
 			return 0, err
 		}
-		select {
-		case t := <-seen:
-			return t.Sub(t0), nil
-		case err := <-errc:
-			return 0, err
-		}
+		r := <-res
+		return r.at.Sub(t0), r.err
 	}
 	for i := range samples {
 		d, err := measure(net.Network.CIDR, base, func() error {

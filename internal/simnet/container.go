@@ -339,7 +339,7 @@ func (b Binaries) Remove() error { return os.RemoveAll(b.Dir) }
 // dir and returns their paths. It runs from the module that holds this
 // package.
 func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
-	root, err := moduleRoot(ctx)
+	root, err := ModuleRoot(ctx)
 	if err != nil {
 		return "", "", err
 	}
@@ -360,7 +360,7 @@ func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
 // (tools/go.mod) into dir: the reference CNI plugins bridge, loopback,
 // host-local, portmap and bandwidth, and cnitool.
 func BuildTools(ctx context.Context, dir string) error {
-	root, err := moduleRoot(ctx)
+	root, err := ModuleRoot(ctx)
 	if err != nil {
 		return err
 	}
@@ -372,7 +372,9 @@ func BuildTools(ctx context.Context, dir string) error {
 	return nil
 }
 
-func moduleRoot(ctx context.Context) (string, error) {
+// ModuleRoot returns the directory of the go command's main module (go
+// env GOMOD), which tests and the bench run from: this repository.
+func ModuleRoot(ctx context.Context) (string, error) {
 	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
 	if err != nil {
 		return "", fmt.Errorf("find module root: %w", err)
