@@ -1,6 +1,7 @@
 package ipam_test
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"flag"
@@ -16,6 +17,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/overlaynet/overlay/internal/etcdtest"
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/etcd/embedded"
@@ -187,10 +189,7 @@ func (s *sim) start(h *simHost) {
 // crash abandons h's overlayd without a flush: decisions not on disk are
 // lost, as with kill -9. Its liveness lease stays until it expires.
 func (s *sim) crash(h *simHost) {
-	st := h.pool.Stats()
-	s.stats["blocks claimed"] += int(st.Claims)
-	s.stats["blocks given back"] += int(st.GiveBacks)
-	s.stats["ADDs that waited for a claim"] += int(st.WaitedClaims)
+	s.countStats(h)
 	h.stopLive()
 	<-h.liveDone
 	h.db.Close()
@@ -242,24 +241,29 @@ func pickKey[V any](rng *rand.Rand, m map[overlay.AttachmentKey]V) (overlay.Atta
 	if len(m) == 0 {
 		return overlay.AttachmentKey{}, false
 	}
-	keys := slices.SortedFunc(maps.Keys(m), func(a, b overlay.AttachmentKey) int { return compareKeys(a, b) })
+	keys := slices.SortedFunc(maps.Keys(m), compareKeys)
 	return keys[rng.IntN(len(keys))], true
 }
 
 func compareKeys(a, b overlay.AttachmentKey) int {
-	if a.ContainerID != b.ContainerID {
-		if a.ContainerID < b.ContainerID {
-			return -1
-		}
-		return 1
+	return cmp.Or(cmp.Compare(a.ContainerID, b.ContainerID), cmp.Compare(a.IfName, b.IfName))
+}
+
+// byKey returns list's addresses by key.
+func byKey(list []overlay.Allocation) map[overlay.AttachmentKey]netip.Prefix {
+	out := make(map[overlay.AttachmentKey]netip.Prefix, len(list))
+	for _, al := range list {
+		out[al.Key] = al.Addr
 	}
-	switch {
-	case a.IfName < b.IfName:
-		return -1
-	case a.IfName > b.IfName:
-		return 1
-	}
-	return 0
+	return out
+}
+
+// countStats adds what h's pool did since it started to s.stats.
+func (s *sim) countStats(h *simHost) {
+	st := h.pool.Stats()
+	s.stats["blocks claimed"] += int(st.Claims)
+	s.stats["blocks given back"] += int(st.GiveBacks)
+	s.stats["ADDs that waited for a claim"] += int(st.WaitedClaims)
 }
 
 // add is the runtime's ADD on h: allocate, flush, answer.
@@ -398,16 +402,9 @@ func TestRandomized(t *testing.T) {
 	}
 	t.Logf("seed %d: rerun with go test ./ipam -run TestRandomized -ipam.seed=%d", seed, seed)
 
-	dir, err := os.MkdirTemp("", "ovl-random-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	se := &simEtcd{cfg: embedded.Config{
-		Dir:       filepath.Join(dir, "etcd"),
-		ClientURL: "unix://" + filepath.Join(dir, "client.sock"),
-		PeerURL:   "unix://" + filepath.Join(dir, "peer.sock"),
-	}}
+	se := &simEtcd{cfg: etcdtest.Config(t)}
+	dir := se.cfg.Dir // the hosts' files beside etcd's
+	var err error
 	if se.e, err = embedded.Start(context.Background(), se.cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -622,10 +619,7 @@ func TestRandomized(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		mine := make(map[overlay.AttachmentKey]netip.Prefix, len(list))
-		for _, al := range list {
-			mine[al.Key] = al.Addr
-		}
+		mine := byKey(list)
 		if !maps.Equal(mine, h.containers) {
 			t.Errorf("%s: record %v, runtime's containers %v: leaked or lost addresses", h.id, mine, h.containers)
 		}
@@ -633,10 +627,7 @@ func TestRandomized(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		copied := make(map[overlay.AttachmentKey]netip.Prefix, len(copyList))
-		for _, al := range copyList {
-			copied[al.Key] = al.Addr
-		}
+		copied := byKey(copyList)
 		if !maps.Equal(copied, mine) {
 			t.Errorf("%s: etcd's copy %v differs from the host's record %v", h.id, copied, mine)
 		}
@@ -653,10 +644,7 @@ func TestRandomized(t *testing.T) {
 		}
 	}
 	for _, h := range s.hosts {
-		st := h.pool.Stats()
-		s.stats["blocks claimed"] += int(st.Claims)
-		s.stats["blocks given back"] += int(st.GiveBacks)
-		s.stats["ADDs that waited for a claim"] += int(st.WaitedClaims)
+		s.countStats(h)
 	}
 	if !maps.Equal(owners, believed) {
 		t.Errorf("etcd's block owners %v differ from what the hosts believe they hold %v", owners, believed)

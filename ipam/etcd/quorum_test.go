@@ -16,6 +16,7 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
 
+	"github.com/overlaynet/overlay/internal/etcdtest"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/etcd/embedded"
 	"github.com/overlaynet/overlay/overlay"
@@ -335,16 +336,7 @@ func TestClientsRecoverAfterQuorumLoss(t *testing.T) {
 // while and starts it again on the same directory and sockets.
 func TestClientsRecoverAfterEmbeddedRestart(t *testing.T) {
 	t.Parallel()
-	dir, err := os.MkdirTemp("", "ovl-restart-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	cfg := embedded.Config{
-		Dir:       dir,
-		ClientURL: "unix://" + filepath.Join(dir, "client.sock"),
-		PeerURL:   "unix://" + filepath.Join(dir, "peer.sock"),
-	}
+	cfg := etcdtest.Config(t)
 	ctx := context.Background()
 	e, err := embedded.Start(ctx, cfg)
 	if err != nil {
