@@ -1,8 +1,9 @@
-// Package hostlink handles the host ends of containers' veths by name,
-// on one netlink handle: their state, detaching them, deleting them. A
-// link that does not exist, or vanishes while it is handled (destroying
-// a namespace takes the pair with it), is what detaching and deleting
-// want anyway, so neither calls that an error.
+// Package hostlink handles containers' veths: creating a pair in one
+// netlink request (AddVeth), and, by name on one netlink handle, their
+// host ends' state, detaching them, deleting them and deleting stale
+// ones. A link that does not exist, or vanishes while it is handled
+// (destroying a namespace takes the pair with it), is what detaching and
+// deleting want anyway, so neither calls that an error.
 package hostlink
 
 import (
