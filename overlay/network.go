@@ -73,7 +73,33 @@ type Network struct {
 	VNI uint32 `json:"vni"`
 	// Port is the VXLAN UDP destination port.
 	Port uint16 `json:"port"`
+	// ID identifies this network for its whole life, across a deletion
+	// and a re-creation under the same name (CNM's network ID): 32
+	// lower-case hex digits, given when the network is created. A network
+	// created before IDs existed has none.
+	ID string `json:"id,omitempty"`
+	// MTU, when not 0, is the MTU of the network's devices and container
+	// interfaces; 0 derives it on each host from the underlay's MTU less
+	// the VXLAN overhead. A host whose underlay cannot carry it uses what
+	// it can, and says so.
+	MTU int `json:"mtu,omitempty"`
+	// Labels are the operator's key/value pairs on the network (CNM's
+	// network labels). The overlay does not interpret them.
+	Labels map[string]string `json:"labels,omitempty"`
 }
+
+// Limits on a network's optional fields.
+const (
+	// MinMTU is the smallest MTU override: IPv4's minimum datagram size.
+	MinMTU = 576
+	// MaxMTU is the largest MTU override: a jumbo frame.
+	MaxMTU = 9000
+	// MaxLabels bounds the labels of one network or endpoint.
+	MaxLabels = 64
+	// MaxLabelKeyLen and MaxLabelValueLen bound one label.
+	MaxLabelKeyLen   = 128
+	MaxLabelValueLen = 1024
+)
 
 // Validate reports whether the definition can be used, naming the field
 // that is wrong.
@@ -102,11 +128,66 @@ func (n Network) Validate() error {
 	if n.Port == 0 {
 		return fmt.Errorf("%w: port must not be 0", ErrInvalidNetwork)
 	}
+	if n.ID != "" && !validID(n.ID) {
+		return fmt.Errorf("%w: id %q: want %d lower-case hex digits", ErrInvalidNetwork, n.ID, IDLen)
+	}
+	if n.MTU != 0 && (n.MTU < MinMTU || n.MTU > MaxMTU) {
+		return fmt.Errorf("%w: mtu %d: want %d to %d, or 0 to derive it from the underlay", ErrInvalidNetwork, n.MTU, MinMTU, MaxMTU)
+	}
+	if err := ValidateLabels(n.Labels); err != nil {
+		return fmt.Errorf("%w: %w", ErrInvalidNetwork, err)
+	}
 	return nil
 }
 
-// Diff returns the name of the first field in which n and o differ, or ""
-// when they are the same.
+// IDLen is the length of a network ID in hex digits.
+const IDLen = 32
+
+func validID(s string) bool {
+	if len(s) != IDLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// ValidateLabels checks a set of labels: at most MaxLabels, each key 1 to
+// MaxLabelKeyLen printable bytes without '=' or white space, each value at
+// most MaxLabelValueLen bytes without control characters.
+func ValidateLabels(labels map[string]string) error {
+	if len(labels) > MaxLabels {
+		return fmt.Errorf("%d labels: want at most %d", len(labels), MaxLabels)
+	}
+	for k, v := range labels {
+		if k == "" || len(k) > MaxLabelKeyLen {
+			return fmt.Errorf("label key %q: want 1 to %d bytes", k, MaxLabelKeyLen)
+		}
+		for i := 0; i < len(k); i++ {
+			if c := k[i]; c <= ' ' || c == '=' || c == 0x7f {
+				return fmt.Errorf("label key %q: want no '=', white space or control characters", k)
+			}
+		}
+		if len(v) > MaxLabelValueLen {
+			return fmt.Errorf("label %q: value of %d bytes: want at most %d", k, len(v), MaxLabelValueLen)
+		}
+		for i := 0; i < len(v); i++ {
+			if c := v[i]; c < ' ' || c == 0x7f {
+				return fmt.Errorf("label %q: value has a control character", k)
+			}
+		}
+	}
+	return nil
+}
+
+// Diff returns the name of the first field of the address space and the
+// encapsulation (name, cidr, blockBits, vni, port) in which n and o
+// differ, or "" when they are the same. ID, MTU and labels are not
+// compared: a start-up flag that makes sure a network exists does not
+// give them.
 func (n Network) Diff(o Network) string {
 	switch {
 	case n.Name != o.Name:

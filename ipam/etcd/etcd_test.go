@@ -19,7 +19,21 @@ import (
 )
 
 // startEtcd starts an embedded etcd for the test and returns its client.
-func startEtcd(t testing.TB) *clientv3.Client { return etcdtest.Start(t) }
+// startEtcd returns a client of a new embedded etcd that holds
+// testNetwork (block claims are fenced on their network existing).
+func startEtcd(t testing.TB) *clientv3.Client {
+	cli := etcdtest.Start(t)
+	ensureNetwork(t, cli, "")
+	return cli
+}
+
+// ensureNetwork stores testNetwork below prefix.
+func ensureNetwork(t testing.TB, cli *clientv3.Client, prefix string) {
+	t.Helper()
+	if _, err := etcd.NewStore(cli, prefix).EnsureNetwork(context.Background(), testNetwork()); err != nil {
+		t.Fatal(err)
+	}
+}
 
 func testNetwork() overlay.Network {
 	return overlay.Network{Name: "default", CIDR: netip.MustParsePrefix("198.19.0.0/16"), BlockBits: 26, VNI: 4096, Port: 4789}
@@ -42,7 +56,7 @@ func TestEnsureNetwork(t *testing.T) {
 		t.Fatalf("differing vni: %v, want a conflict naming vni", err)
 	}
 	got, err := s.Network(ctx, "default")
-	if err != nil || got != n {
+	if err != nil || got.Diff(n) != "" || got.ID == "" {
 		t.Fatalf("Network = %+v, %v; want %+v", got, err, n)
 	}
 	bad := n

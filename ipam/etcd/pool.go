@@ -238,12 +238,19 @@ func (p *Pool) Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Pr
 	}
 	try := func(b netip.Prefix) (bool, error) {
 		key := p.s.blockKey(p.net.Name, b)
+		// Fenced on the network: a claim racing with its deletion must
+		// not leave a block behind.
 		resp, err := p.s.cli.Txn(ctx).
-			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0)).
+			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+				clientv3.Compare(clientv3.CreateRevision(p.s.networkKey(p.net.Name)), ">", 0)).
 			Then(clientv3.OpPut(key, string(val))).
+			Else(clientv3.OpGet(p.s.networkKey(p.net.Name), clientv3.WithCountOnly())).
 			Commit()
 		if err != nil {
 			return false, fmt.Errorf("claim block %s for %s: %w", b, p.host, err)
+		}
+		if !resp.Succeeded && resp.Responses[0].GetResponseRange().Count == 0 {
+			return false, fmt.Errorf("claim block %s for %s: network %q was deleted: %w", b, p.host, p.net.Name, overlay.ErrNotFound)
 		}
 		if resp.Succeeded {
 			rev := resp.Header.Revision

@@ -195,6 +195,7 @@ func newHost(t *testing.T, name string, endpoints []string) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cli.Close() })
+	ensureNetwork(t, cli, "")
 	h := &host{name: name, pool: etcd.NewStore(cli, "").Pool(testNetwork(), overlay.HostID(name)), next: 2}
 	blocks, err := h.pool.Lease(ctx)
 	if err != nil {

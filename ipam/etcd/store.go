@@ -6,8 +6,9 @@
 //	hosts/<host-id>                               HostRecord
 //	live/<host-id>                                LiveRecord, bound to the host's lease
 //	gone/<host-id>                                GoneRecord: since when live/ was seen gone
-//	networks/<net>/config                         overlay.Network
-//	networks-generation                           the last network created (a fence)
+//	netdefs/<net>                                 overlay.Network: the list of networks
+//	networks/<net>/config                         overlay.Network, the same (read by older hosts)
+//	networks-generation                           the last network created or deleted (a fence)
 //	networks/<net>/blocks/<a.b.c.d-bits>          BlockRecord
 //	networks/<net>/addrs/<a.b.c.d-bits>/<ip>      AddrRecord
 //	networks/<net>/attach/<host>/<container>/<if> the address, as text
@@ -86,6 +87,14 @@ func (s *Store) hostKey(h overlay.HostID) string { return s.prefix + "hosts/" + 
 // on it, so that two overlapping networks created at once cannot both be.
 func (s *Store) networksGenKey() string        { return s.prefix + "networks-generation" }
 func (s *Store) networkKey(name string) string { return s.prefix + "networks/" + name + "/config" }
+func (s *Store) netdefsPrefix() string         { return s.prefix + "netdefs/" }
+func (s *Store) netdefKey(name string) string  { return s.netdefsPrefix() + name }
+func (s *Store) networkPrefix(name string) string {
+	return s.prefix + "networks/" + name + "/"
+}
+func (s *Store) attachNetPrefix(name string) string {
+	return s.prefix + "networks/" + name + "/attach/"
+}
 func (s *Store) blocksPrefix(name string) string {
 	return s.prefix + "networks/" + name + "/blocks/"
 }
@@ -109,124 +118,6 @@ func blockName(b netip.Prefix) string {
 
 func parseBlockName(s string) (netip.Prefix, error) {
 	return netip.ParsePrefix(strings.Replace(s, "-", "/", 1))
-}
-
-// EnsureNetwork stores n as the definition of its network when none
-// exists, and otherwise checks that the stored one is the same. It
-// returns the stored definition, or an error wrapping overlay.ErrConflict
-// that names the first field that differs.
-func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.Network, error) {
-	ctx, cancel := bound(ctx)
-	defer cancel()
-	if err := n.Validate(); err != nil {
-		return overlay.Network{}, err
-	}
-	val, err := json.Marshal(n)
-	if err != nil {
-		return overlay.Network{}, fmt.Errorf("encode network %s: %w", n.Name, err)
-	}
-	key := s.networkKey(n.Name)
-	// Another network whose address space overlaps n's is refused: their
-	// containers' addresses would collide. The creation is fenced on the
-	// networks read, so two overlapping networks created at once cannot
-	// both succeed.
-	read, err := s.cli.Txn(ctx).Then(
-		clientv3.OpGet(s.prefix+"networks/", clientv3.WithPrefix()),
-		clientv3.OpGet(s.networksGenKey()),
-	).Commit()
-	if err != nil {
-		return overlay.Network{}, fmt.Errorf("ensure network %s: list networks: %w", n.Name, err)
-	}
-	var genRev int64
-	if kvs := read.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 {
-		genRev = kvs[0].ModRevision
-	}
-	var overlap error
-	for _, kv := range read.Responses[0].GetResponseRange().Kvs {
-		if string(kv.Key) == key {
-			// It exists: compare, and write nothing (a start of every
-			// host but the first).
-			return s.sameNetwork(n, kv.Value)
-		}
-		if overlap != nil || !strings.HasSuffix(string(kv.Key), "/config") {
-			continue
-		}
-		var o overlay.Network
-		if json.Unmarshal(kv.Value, &o) == nil && o.CIDR.IsValid() && o.CIDR.Overlaps(n.CIDR) {
-			overlap = fmt.Errorf("network %q: cidr %s overlaps network %q (%s) in etcd: give it an address space of its own: %w",
-				n.Name, n.CIDR, o.Name, o.CIDR, overlay.ErrConflict)
-		}
-	}
-	if overlap != nil {
-		return overlay.Network{}, overlap
-	}
-	resp, err := s.cli.Txn(ctx).
-		If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
-			clientv3.Compare(clientv3.ModRevision(s.networksGenKey()), "=", genRev)).
-		Then(clientv3.OpPut(key, string(val)), clientv3.OpPut(s.networksGenKey(), n.Name)).
-		Else(clientv3.OpGet(key)).
-		Commit()
-	if err != nil {
-		return overlay.Network{}, fmt.Errorf("ensure network %s in etcd: %w", n.Name, err)
-	}
-	if resp.Succeeded {
-		return n, nil
-	}
-	kvs := resp.Responses[0].GetResponseRange().Kvs
-	if len(kvs) == 0 {
-		return overlay.Network{}, fmt.Errorf("ensure network %s: the networks in etcd changed while it was created; try again: %w", n.Name, overlay.ErrConflict)
-	}
-	return s.sameNetwork(n, kvs[0].Value)
-}
-
-// sameNetwork decodes the stored definition of n's network and returns
-// it, or an error wrapping overlay.ErrConflict that names the first
-// field where n differs.
-func (s *Store) sameNetwork(n overlay.Network, val []byte) (overlay.Network, error) {
-	var stored overlay.Network
-	if err := json.Unmarshal(val, &stored); err != nil {
-		return overlay.Network{}, fmt.Errorf("decode network %s at %s: %w", n.Name, s.networkKey(n.Name), err)
-	}
-	if field := stored.Diff(n); field != "" {
-		return stored, fmt.Errorf("network %q: configuration differs from etcd in field %s (etcd has %s, configuration has %s): change the configuration to match, or remove the network from etcd first: %w",
-			n.Name, field, fieldValue(stored, field), fieldValue(n, field), overlay.ErrConflict)
-	}
-	return stored, nil
-}
-
-func fieldValue(n overlay.Network, field string) string {
-	switch field {
-	case "name":
-		return n.Name
-	case "cidr":
-		return n.CIDR.String()
-	case "blockBits":
-		return fmt.Sprint(n.BlockBits)
-	case "vni":
-		return fmt.Sprint(n.VNI)
-	case "port":
-		return fmt.Sprint(n.Port)
-	}
-	return "?"
-}
-
-// Network returns the stored definition of network name, or an error
-// wrapping overlay.ErrNotFound.
-func (s *Store) Network(ctx context.Context, name string) (overlay.Network, error) {
-	ctx, cancel := bound(ctx)
-	defer cancel()
-	resp, err := s.cli.Get(ctx, s.networkKey(name))
-	if err != nil {
-		return overlay.Network{}, fmt.Errorf("get network %s: %w", name, err)
-	}
-	if len(resp.Kvs) == 0 {
-		return overlay.Network{}, fmt.Errorf("network %q: %w", name, overlay.ErrNotFound)
-	}
-	var n overlay.Network
-	if err := json.Unmarshal(resp.Kvs[0].Value, &n); err != nil {
-		return overlay.Network{}, fmt.Errorf("decode network %s: %w", name, err)
-	}
-	return n, nil
 }
 
 // HostRecord is what etcd knows of a host: enough to find it over gossip.
@@ -318,7 +209,18 @@ const (
 // within watchRetry, and fn is called then too, since changes may have
 // been missed. It returns ctx's error.
 func (s *Store) WatchNetwork(ctx context.Context, name string, fn func()) error {
-	prefix := s.blocksPrefix(name)
+	return s.watch(ctx, s.blocksPrefix(name), fn)
+}
+
+// WatchNetworks calls fn after every network created or deleted, until
+// ctx is done, as WatchNetwork does for blocks. fn must not block.
+func (s *Store) WatchNetworks(ctx context.Context, fn func()) error {
+	return s.watch(ctx, s.netdefsPrefix(), fn)
+}
+
+// watch calls fn after every change below prefix, and after every broken
+// watch, until ctx is done; it returns ctx's error.
+func (s *Store) watch(ctx context.Context, prefix string, fn func()) error {
 	for {
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		for wr := range s.cli.Watch(wctx, prefix, clientv3.WithPrefix()) {
