@@ -52,7 +52,11 @@ func TestCreateNetwork(t *testing.T) {
 		{"vni taken", func() overlay.Network { n := netDef("green", "10.3.0.0/16"); n.VNI = 101; return n }(), overlay.ErrConflict, `vni 101 is used by network "blue"`},
 		{"bad name", netDef("Bad_Name", "10.3.0.0/16"), overlay.ErrInvalidNetwork, "name"},
 		{"long name", netDef("abcdefghijk", "10.3.0.0/16"), overlay.ErrInvalidNetwork, "1 to 10"},
-		{"bad label", func() overlay.Network { n := netDef("green", "10.3.0.0/16"); n.Labels = map[string]string{"a=b": "c"}; return n }(), overlay.ErrInvalidNetwork, "label key"},
+		{"bad label", func() overlay.Network {
+			n := netDef("green", "10.3.0.0/16")
+			n.Labels = map[string]string{"a=b": "c"}
+			return n
+		}(), overlay.ErrInvalidNetwork, "label key"},
 		{"bad mtu", func() overlay.Network { n := netDef("green", "10.3.0.0/16"); n.MTU = 100; return n }(), overlay.ErrInvalidNetwork, "mtu 100"},
 	} {
 		_, err := s.CreateNetwork(ctx, c.n, vnis)
