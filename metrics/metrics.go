@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -79,6 +80,56 @@ func (m *Metrics) CounterFunc(subsystem, name, help string, labels prometheus.La
 	m.Registry.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Namespace: namespace, Subsystem: subsystem, Name: name, Help: help, ConstLabels: labels,
 	}, fn))
+}
+
+// Group is a set of metrics with the same constant labels that are
+// registered and unregistered together: those of one network, which come
+// and go as networks are created and deleted. It is safe for concurrent
+// use.
+type Group struct {
+	reg    *prometheus.Registry
+	labels prometheus.Labels
+
+	mu sync.Mutex
+	cs []prometheus.Collector
+}
+
+// Group returns an empty group whose metrics carry labels.
+func (m *Metrics) Group(labels prometheus.Labels) *Group {
+	return &Group{reg: m.Registry, labels: labels}
+}
+
+func (g *Group) register(c prometheus.Collector) {
+	g.reg.MustRegister(c)
+	g.mu.Lock()
+	g.cs = append(g.cs, c)
+	g.mu.Unlock()
+}
+
+// GaugeFunc registers a gauge of the group whose value fn reads at scrape
+// time; fn must be safe for concurrent use and must not block.
+func (g *Group) GaugeFunc(subsystem, name, help string, fn func() float64) {
+	g.register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Subsystem: subsystem, Name: name, Help: help, ConstLabels: g.labels,
+	}, fn))
+}
+
+// CounterFunc registers a counter of the group whose value fn reads at
+// scrape time.
+func (g *Group) CounterFunc(subsystem, name, help string, fn func() float64) {
+	g.register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: namespace, Subsystem: subsystem, Name: name, Help: help, ConstLabels: g.labels,
+	}, fn))
+}
+
+// Unregister removes every metric of the group from the registry.
+func (g *Group) Unregister() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, c := range g.cs {
+		g.reg.Unregister(c)
+	}
+	g.cs = nil
 }
 
 // Serve serves /metrics on l until ctx is done. The caller opens l, so

@@ -37,3 +37,33 @@ overlay_dataplane_peers{network="default"} 1
 		t.Fatal(err)
 	}
 }
+
+func TestGroup(t *testing.T) {
+	m := New()
+	red := m.Group(prometheus.Labels{"network": "red"})
+	blue := m.Group(prometheus.Labels{"network": "blue"})
+	red.GaugeFunc("ipam", "blocks", "Blocks.", func() float64 { return 1 })
+	blue.GaugeFunc("ipam", "blocks", "Blocks.", func() float64 { return 2 })
+	want := `
+# HELP overlay_ipam_blocks Blocks.
+# TYPE overlay_ipam_blocks gauge
+overlay_ipam_blocks{network="blue"} 2
+overlay_ipam_blocks{network="red"} 1
+`
+	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(want), "overlay_ipam_blocks"); err != nil {
+		t.Fatal(err)
+	}
+	red.Unregister()
+	// A network created again under the same name registers again.
+	again := m.Group(prometheus.Labels{"network": "red"})
+	again.GaugeFunc("ipam", "blocks", "Blocks.", func() float64 { return 3 })
+	want = `
+# HELP overlay_ipam_blocks Blocks.
+# TYPE overlay_ipam_blocks gauge
+overlay_ipam_blocks{network="blue"} 2
+overlay_ipam_blocks{network="red"} 3
+`
+	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(want), "overlay_ipam_blocks"); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -230,12 +230,18 @@ func (n Network) BlockIndex(b netip.Prefix) int {
 // addresses.
 func (n Network) BlockCapacity() int { return 1<<(32-n.BlockBits) - 3 }
 
+// Prefixes of the names of a network's devices, followed by its name.
+const (
+	BridgePrefix = "ovbr-"
+	VXLANPrefix  = "ovvx-"
+)
+
 // BridgeName returns the name of the bridge that holds the network's
 // gateway addresses and the host ends of its containers' veths.
-func (n Network) BridgeName() string { return "ovbr-" + n.Name }
+func (n Network) BridgeName() string { return BridgePrefix + n.Name }
 
 // VXLANName returns the name of the network's VXLAN device.
-func (n Network) VXLANName() string { return "ovvx-" + n.Name }
+func (n Network) VXLANName() string { return VXLANPrefix + n.Name }
 
 // Gateway returns the gateway address of a block: its first host address.
 // It sits on the bridge and is the containers' next hop.

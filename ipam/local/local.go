@@ -95,6 +95,23 @@ func (d *DB) Drop(network string) error {
 
 func bucketName(network string) []byte { return []byte("network/" + network) }
 
+// Networks returns the networks the file holds allocations of, sorted.
+func (d *DB) Networks() ([]string, error) {
+	var out []string
+	err := d.db.View(func(tx *bolt.Tx) error {
+		return tx.ForEach(func(name []byte, _ *bolt.Bucket) error {
+			if n, ok := strings.CutPrefix(string(name), "network/"); ok {
+				out = append(out, n)
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list networks in %s: %w", d.path, err)
+	}
+	return out, nil
+}
+
 // Allocator hands out addresses of one network from the blocks this host
 // holds. It implements overlay.Allocator and is safe for concurrent use.
 type Allocator struct {
