@@ -138,6 +138,11 @@ type Attachment struct {
 	Addr netip.Prefix `json:"addr"`
 	// Gateway is the block's gateway on the host's bridge.
 	Gateway netip.Addr `json:"gateway"`
+	// Subnet is the network's whole address space: the route through the
+	// gateway of a container interface that does not take the default
+	// route (its container is on another network first). Older overlayds
+	// send none.
+	Subnet netip.Prefix `json:"subnet,omitzero"`
 	// MTU is the MTU for the veth pair.
 	MTU int `json:"mtu"`
 	// Bridge is the host bridge the veth's host end joins.

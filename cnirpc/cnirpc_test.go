@@ -30,7 +30,7 @@ type fakeHandler struct {
 	flushErr error
 }
 
-func (f *fakeHandler) Flush(context.Context) error { return f.flushErr }
+func (f *fakeHandler) Flush(context.Context, string) error { return f.flushErr }
 
 func (f *fakeHandler) Add(_ context.Context, r cnirpc.Request) (cnirpc.Attachment, error) {
 	if r.Network != "default" {

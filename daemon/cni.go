@@ -88,10 +88,13 @@ func (d *CNIHandler) Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachme
 	return d.attachment(al), nil
 }
 
-// Flush returns once every allocation and release decided so far is
-// durable: the socket server calls it before it tells the plugin an
-// address is its own.
-func (d *CNIHandler) Flush(ctx context.Context) error {
+// Flush returns once every allocation and release of the network decided
+// so far is durable: the socket server calls it before it tells the
+// plugin an address is its own.
+func (d *CNIHandler) Flush(ctx context.Context, network string) error {
+	if err := d.checkNetwork(network); err != nil {
+		return err
+	}
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
 	if err := d.pool.Flush(ctx); err != nil {
@@ -392,6 +395,7 @@ func (d *CNIHandler) attachment(al overlay.Allocation) cnirpc.Attachment {
 		Network: d.network.Name,
 		Addr:    al.Addr,
 		Gateway: overlay.Gateway(block),
+		Subnet:  d.network.CIDR,
 		MTU:     d.mtu,
 		Bridge:  d.network.BridgeName(),
 		New:     al.New,

@@ -5,25 +5,23 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/vishvananda/netlink"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/gossip"
-	"github.com/overlaynet/overlay/internal/backoff"
-	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/etcd/embedded"
 	"github.com/overlaynet/overlay/ipam/local"
@@ -49,15 +47,18 @@ const ipForwardPath = "/proc/sys/net/ipv4/ip_forward"
 // unreachable, a network that differs from etcd's) or when a component
 // fails. Everything that can fail on this host alone is checked, and
 // every listener opened, before anything changes in etcd or the kernel,
-// so that a start that fails changes nothing. On return the dataplane is
-// left in place, so that restarting overlayd does not cut established
-// flows.
+// so that a start that fails changes nothing. Then it serves every
+// network in etcd, starting and removing networks as they are created
+// and deleted. On return the dataplane is left in place, so that
+// restarting overlayd does not cut established flows.
 func Run(ctx context.Context, cfg Config) error {
 	start := time.Now()
 	cfg = cfg.withDefaults()
 	log := cfg.Logger
-	if err := cfg.Network.Validate(); err != nil {
-		return fmt.Errorf("configuration: %w", err)
+	if cfg.Network.Name != "" {
+		if err := cfg.Network.Validate(); err != nil {
+			return fmt.Errorf("configuration: %w", err)
+		}
 	}
 	var keys [][]byte
 	if cfg.GossipKeyFile != "" {
@@ -89,44 +90,30 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	host, err := LoadIdentity(cfg.DataDir)
+	id, err := LoadIdentity(cfg.DataDir)
 	if err != nil {
 		return err
 	}
-	mac := VTEPMAC(host)
-	log = log.With("host", host)
+	mac := VTEPMAC(id)
+	log = log.With("host", id)
 	// The allocation file first: its lock keeps a second overlayd on this
-	// data directory from touching etcd or the kernel; the namespace's
-	// lock keeps one with another data directory off this network's
-	// devices.
-	allocs, err := local.Open(filepath.Join(cfg.DataDir, AllocationsFile), host)
+	// data directory from touching etcd or the kernel.
+	allocs, err := local.Open(filepath.Join(cfg.DataDir, AllocationsFile), id)
 	if err != nil {
 		return err
 	}
 	defer allocs.Close()
-	lock, err := lockNetwork(cfg.Network.Name)
-	if err != nil {
-		return err
-	}
-	defer lock.Unlock()
-	// The host's record of the network, read whole now: a corrupt record
-	// fails the start before anything changes. It allocates from the
-	// pool's blocks once the pool exists (usable).
-	var usable func() []netip.Prefix
-	alloc, freshAlloc, err := allocs.Allocator(cfg.Network, host, func() []netip.Prefix { return usable() })
-	if err != nil {
-		return err
-	}
 
-	h, err := netlink.NewHandle()
+	nl, err := netlink.NewHandle()
 	if err != nil {
 		return fmt.Errorf("netlink: %w", err)
 	}
-	defer h.Close()
-	ul, err := vxlan.DetectUnderlay(h, cfg.UnderlayAddr)
+	defer nl.Close()
+	ul, err := vxlan.DetectUnderlay(nl, cfg.UnderlayAddr)
 	if err != nil {
 		return err
 	}
+	links := hostlink.New(nl)
 
 	// Every listener before a change: a socket path or a port that cannot
 	// be used fails the start here.
@@ -138,9 +125,8 @@ func Run(ctx context.Context, cfg Config) error {
 	cniLog := log.With("component", "cni")
 	m := metrics.New()
 	// Every request is counted, those a starting overlayd answers too.
-	var cniHandler switchHandler
-	cniHandler.Set(rpcserver.NewHandler(starting{network: cfg.Network.Name, links: hostlink.New(h)}, cniLog))
-	srv := rpcserver.NewServer(rpcserver.Observed(&cniHandler, m.ObserveCNI), rpcserver.DefaultServerConfig(), cniLog)
+	rt := &router{links: links}
+	srv := rpcserver.NewServer(rpcserver.Observed(rpcserver.NewHandler(rt, cniLog), m.ObserveCNI), rpcserver.DefaultServerConfig(), cniLog)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	defer srv.Close()
@@ -153,11 +139,11 @@ func Run(ctx context.Context, cfg Config) error {
 		defer metricsListener.Close()
 	}
 
-	// Gossip starts before the reconciler exists (the reconciler reads
-	// its members); its callbacks find the reconciler here once it does.
-	var recPtr atomic.Pointer[overlay.Reconciler]
+	// Gossip starts before the networks exist (their reconcilers read its
+	// members); its callbacks find them here once they do.
+	var setPtr atomic.Pointer[networkSet]
 	gcfg := gossip.DefaultConfig()
-	gcfg.Host = host
+	gcfg.Host = id
 	gcfg.Underlay = ul.Addr
 	gcfg.VTEPMAC = mac
 	gcfg.BindAddr = ul.Addr
@@ -165,8 +151,8 @@ func Run(ctx context.Context, cfg Config) error {
 	gcfg.Keys = keys
 	gcfg.Logger = log.With("component", "gossip")
 	gcfg.OnChange = func() {
-		if r := recPtr.Load(); r != nil {
-			r.Kick()
+		if s := setPtr.Load(); s != nil {
+			s.KickAll()
 		}
 	}
 	g, err := gossip.New(gcfg)
@@ -188,127 +174,70 @@ func Run(ctx context.Context, cfg Config) error {
 		return conn.err
 	}
 	defer conn.close()
-	cli, emb := conn.cli, conn.emb
-	store := etcd.NewStore(cli, cfg.EtcdPrefix)
-	network, err := store.EnsureNetwork(ctx, cfg.Network)
-	if err != nil {
-		return err
+	emb := conn.emb
+	store := etcd.NewStore(conn.cli, cfg.EtcdPrefix)
+	rt.exists = func(ctx context.Context, name string) (bool, error) {
+		_, err := store.Network(ctx, name)
+		if errors.Is(err, overlay.ErrNotFound) {
+			return false, nil
+		}
+		return err == nil, err
+	}
+	if cfg.Network.Name != "" {
+		// The flags' network: made sure of before anything else changes,
+		// so that one that differs from etcd's fails the start.
+		if _, err := store.EnsureNetwork(ctx, cfg.Network); err != nil {
+			return err
+		}
 	}
 
 	// From here on, etcd and the kernel change.
 	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}
-	// The host record before the block: a peer that sees the block (its
+	// The host record before the blocks: a peer that sees a block (its
 	// watch) finds the record that says where to send its traffic. The
 	// liveness key before the blocks too: from then on no host reclaims
 	// this host's blocks, and a note that it was gone is cleared. Both are
-	// written at once, and the blocks read beside them: a new host is
-	// programmed on the others as soon as its block exists, so every
-	// round trip before it counts.
+	// written at once.
 	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
-	live := store.Liveness(host, 0, log.With("component", "liveness"))
-	pool := store.Pool(network, host)
+	live := store.Liveness(id, 0, log.With("component", "liveness"))
 	var lease clientv3.LeaseID
 	var first errgroup.Group
-	if freshAlloc {
-		// A record new to this network: the host may have run a release
-		// that kept none, and etcd's copy is what there is.
-		first.Go(func() error { return importAllocations(ctx, alloc, pool, network, log) })
-	}
 	first.Go(func() error {
-		return store.RegisterHost(ctx, etcd.HostRecord{Host: host, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()})
+		return store.RegisterHost(ctx, etcd.HostRecord{Host: id, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()})
 	})
 	first.Go(func() (err error) {
 		lease, err = live.Create(ctx)
 		return err
 	})
-	// The blocks this host holds, read beside them. A reclaim may commit
-	// between that read and the liveness key; none can after it, so the
-	// blocks read are checked once the key exists (a new host has none).
-	var blocks []netip.Prefix
-	first.Go(func() (err error) {
-		blocks, err = pool.Load(ctx)
-		return err
-	})
 	if err := first.Wait(); err != nil {
 		return err
 	}
-	if len(blocks) > 0 {
-		if _, err := pool.Verify(ctx); err != nil && !errors.Is(err, etcd.ErrBlockLost) {
-			return err
-		}
-		// A block lost here leaves its containers stranded: reported
-		// below.
-	}
-	addrs, err := ipam.New(ipam.Config{
-		Network: network, Host: host, MaxBlocks: cfg.MaxBlocks, IdleBlock: cfg.IdleBlock,
-		VerifyInterval: cfg.VerifyInterval, Log: log.With("component", "ipam"),
-	}, pool, func(held func() []netip.Prefix) (ipam.Book, error) {
-		usable = held
-		return alloc, nil
-	})
-	if err != nil {
+	h := &host{cfg: cfg, log: log, id: id, mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
+		metrics: m, links: links, dp: vxlan.New(nl, log.With("component", "dataplane")), nl: nl,
+		dir: &hostDirectory{store: store, log: log.With("component", "reconcile")}}
+	set := newNetworkSet(store.Networks, h.startNetwork, h.sweep, networkResync, networkRetry, log)
+	setPtr.Store(set)
+	if err := set.Start(ctx); err != nil {
 		return err
 	}
-	// Containers whose block was reclaimed while this host was away
-	// keep addresses another host may hand out: say so before anything
-	// else.
-	addrs.ReportStranded(nil)
-	if err := addrs.Ensure(ctx); err != nil {
-		return err
-	}
-	log.Info("holding blocks", "network", network.Name, "blocks", pool.Held(), "loaded", len(blocks))
-	d := &daemon{cfg: cfg, log: log, host: host, store: store, pool: pool, addrs: addrs, alloc: alloc, live: live, gossip: g, network: network, metrics: m}
-
-	// The first pass needs no gossip: peers are programmed from their
-	// host records, so a restarted overlayd keeps every host that owns
-	// blocks, and a registered host that is gone does not hold up the
-	// start. Joining is the background loop's work.
-	local := overlay.Local{Host: host, Underlay: ul.Addr, UnderlayLink: ul.Link, MTU: ul.MTU - vxlan.Overhead, VTEPMAC: mac, BridgeMAC: BridgeMAC(host, network.Name)}
-	dp := vxlan.New(h, log.With("component", "dataplane"))
-	rec := overlay.NewReconciler(network, local, pool, &hostDirectory{store: store, log: log.With("component", "reconcile")}, g, dp, cfg.ResyncInterval, log.With("component", "reconcile"))
-	d.rec = rec
-	recPtr.Store(rec)
-	if err := rec.Pass(ctx); err != nil {
-		// Not fatal: one failing entry must not crash-loop overlayd. The
-		// loop retries; STATUS says "not ready" until a pass succeeds.
-		log.Error("programming the dataplane failed; retrying", "err", err)
-	}
-	d.registerMetrics()
-
-	handler := NewCNIHandler(ctx, network, local.MTU, addrs, rec.Status, func() int { return g.Stats().Members }, hostlink.New(h), cniLog)
-	before, err := handler.Allocations(ctx)
-	if err != nil {
-		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
-	}
-	if stale := handler.StaleMTU(before); len(stale) > 0 {
-		var ids []string
-		for k, mtu := range stale {
-			ids = append(ids, fmt.Sprintf("%s (%d)", k, mtu))
-		}
-		slices.Sort(ids)
-		log.Warn("containers created before the MTU changed keep their old MTU, and CHECK fails for them: recreate them",
-			"network", network.Name, "mtu", local.MTU, "containers", ids)
-	}
-	cniHandler.Set(rpcserver.NewHandler(handler, cniLog))
-	log.Info("ready", "network", network.Name, "underlay", ul.Addr, "vtep-mac", mac.String(), "mtu", local.MTU,
+	rt.set.Store(set)
+	h.registerMetrics()
+	log.Info("ready", "networks", set.names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
 	eg, ctx := errgroup.WithContext(ctx)
-	eg.Go(func() error { return rec.Run(ctx) })
+	eg.Go(func() error { return set.Run(ctx) })
+	eg.Go(func() error { return store.WatchNetworks(ctx, set.Kick) })
 	eg.Go(func() error { return g.Run(ctx) })
-	eg.Go(func() error { return store.WatchNetwork(ctx, network.Name, rec.Kick) })
-	eg.Go(func() error { return addrs.Run(ctx) })
 	eg.Go(func() error { return live.Run(ctx, lease) })
-	eg.Go(func() error { return d.reclaimLoop(ctx) })
-	eg.Go(func() error { return d.mirror(ctx) })
 	eg.Go(func() error {
-		d.rejoin(ctx)
-		return every(ctx, cfg.RejoinInterval, d.rejoin)
+		h.rejoin(ctx)
+		return every(ctx, cfg.RejoinInterval, h.rejoin)
 	})
 	if cfg.ReloadKeys != nil {
-		eg.Go(func() error { return d.reloadKeys(ctx, cfg.ReloadKeys) })
+		eg.Go(func() error { return h.reloadKeys(ctx, cfg.ReloadKeys) })
 	}
 	eg.Go(func() error {
 		select {
@@ -326,17 +255,6 @@ func Run(ctx context.Context, cfg Config) error {
 	if metricsListener != nil {
 		eg.Go(func() error { return m.Serve(ctx, metricsListener) })
 	}
-	eg.Go(func() error {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(cfg.OrphanGrace):
-		}
-		if _, err := handler.ReleaseOrphans(ctx, before); err != nil {
-			log.Warn("releasing addresses of vanished containers", "err", err)
-		}
-		return nil
-	})
 	if emb != nil {
 		eg.Go(func() error {
 			select {
@@ -354,6 +272,14 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	return err
 }
+
+// networkResync is how often the list of networks is read when no watch
+// event came; networkRetry how long after a network failed to start it is
+// tried again (jittered down to half).
+const (
+	networkResync = 10 * time.Second
+	networkRetry  = 2 * time.Second
+)
 
 // etcdConnection is a client of the configured etcd, with the embedded
 // server it talks to when no endpoints are configured, or the error that
@@ -392,25 +318,79 @@ func connectEtcd(ctx context.Context, cfg Config) etcdConnection {
 	return c
 }
 
-// daemon is the running state shared by the loops and the CNI handler.
-type daemon struct {
+// host is the host runtime: what every network on this host shares
+// (identity, etcd, netlink, gossip, liveness, the allocation file, the
+// host veths, metrics), and the host-wide loops.
+type host struct {
 	cfg     Config
 	log     *slog.Logger
-	host    overlay.HostID
+	id      overlay.HostID
+	mac     net.HardwareAddr
+	ul      vxlan.Underlay
+	nl      *netlink.Handle
 	store   *etcd.Store
-	pool    *etcd.Pool
-	addrs   *ipam.Pool
-	alloc   *local.Allocator
-	live    *etcd.Liveness
+	allocs  *local.DB
 	gossip  *gossip.Gossip
-	network overlay.Network
-	rec     *overlay.Reconciler
+	live    *etcd.Liveness
 	metrics *metrics.Metrics
-	// reclaimed counts the blocks of gone hosts this host freed.
-	reclaimed atomic.Uint64
-	// mirrored is when the mirror last copied the allocations to etcd
-	// (Unix nanoseconds), 0 before the first copy.
-	mirrored atomic.Int64
+	links   HostLinks
+	dp      overlay.Dataplane
+	dir     *hostDirectory
+}
+
+// removeNetwork removes network n from this host: its devices and this
+// host's record of its allocations.
+func (h *host) removeNetwork(ctx context.Context, n overlay.Network) {
+	if err := h.dp.Delete(ctx, n); err != nil {
+		h.log.Warn("removing the devices of a deleted network", "network", n.Name, "err", err)
+	}
+	if err := h.allocs.Drop(n.Name); err != nil {
+		h.log.Warn("dropping the allocations of a deleted network", "network", n.Name, "err", err)
+	}
+	h.log.Info("network removed from this host", "network", n.Name)
+}
+
+// sweep removes the networks that this host holds devices or
+// allocations of and that etcd no longer lists (keep): deleted while
+// overlayd was down. A network whose lock another overlayd in this
+// namespace holds is not ours, and is left alone.
+func (h *host) sweep(ctx context.Context, keep map[string]bool) {
+	stale := make(map[string]bool)
+	if names, err := h.allocs.Networks(); err == nil {
+		for _, n := range names {
+			stale[n] = true
+		}
+	}
+	if ls, err := h.nl.LinkList(); err == nil {
+		for _, l := range ls {
+			if name, ok := strings.CutPrefix(l.Attrs().Name, overlay.VXLANPrefix); ok {
+				stale[name] = true
+			}
+		}
+	}
+	for name := range stale {
+		if keep[name] {
+			continue
+		}
+		lock, err := lockNetwork(name)
+		if err != nil {
+			continue
+		}
+		var cut []string
+		if alloc, _, err := h.allocs.Allocator(overlay.Network{Name: name}, h.id, func() []netip.Prefix { return nil }); err == nil {
+			list, _ := alloc.List(ctx)
+			for _, al := range list {
+				_ = h.links.Delete(cnirpc.HostVethName(name, al.Key))
+				cut = append(cut, al.Key.String())
+			}
+		}
+		if len(cut) > 0 {
+			slices.Sort(cut)
+			h.log.Warn("a network deleted while overlayd was down had containers on this host: they are cut off; remove them", "network", name, "containers", cut)
+		}
+		h.removeNetwork(ctx, overlay.Network{Name: name})
+		lock.Unlock()
+	}
 }
 
 // every calls fn every interval until ctx is done, and returns ctx's
@@ -428,156 +408,33 @@ func every(ctx context.Context, interval time.Duration, fn func(context.Context)
 	}
 }
 
-// reclaimInterval returns how often the host looks for blocks of gone
-// hosts to free: every verify interval, or four times a reclaim period
-// shorter than that, but at most once a second.
-func (d *daemon) reclaimInterval() time.Duration {
-	return max(time.Second, min(d.cfg.VerifyInterval, d.cfg.ReclaimAfter/4))
-}
-
-// reclaimLoop frees the blocks of hosts whose liveness key has been gone
-// for the reclaim period, until ctx is done. Every host runs it; the
-// transactions are fenced, so two hosts freeing the same block, or an
-// owner coming back meanwhile, is safe. The waits are jittered so that
-// hosts do not look in lockstep.
-func (d *daemon) reclaimLoop(ctx context.Context) error {
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(backoff.Jitter(d.reclaimInterval(), 0.5, rand.Float64())):
-		}
-		rctx, cancel := context.WithTimeout(ctx, storeTimeout)
-		freed, err := d.store.Reclaim(rctx, d.network, d.host, d.cfg.ReclaimAfter, time.Now())
-		cancel()
-		if err != nil && ctx.Err() == nil {
-			d.log.Warn("looking for blocks of gone hosts failed; will retry", "err", err)
-		}
-		byOwner := make(map[overlay.HostID][]netip.Prefix)
-		since := make(map[overlay.HostID]time.Time)
-		for _, r := range freed {
-			byOwner[r.Owner] = append(byOwner[r.Owner], r.Block)
-			since[r.Owner] = r.GoneSince
-		}
-		for owner, blocks := range byOwner {
-			d.log.Warn("freed the blocks of a host whose liveness key is gone for longer than the reclaim period",
-				"network", d.network.Name, "owner", owner, "blocks", blocks, "gone-since", since[owner].Format(time.RFC3339), "reclaim-after", d.cfg.ReclaimAfter)
-		}
-		if len(freed) > 0 {
-			d.reclaimed.Add(uint64(len(freed)))
-			d.rec.Kick()
-		}
-	}
-}
-
-// importAllocations records in alloc, new to network, the host's
-// allocations in etcd's copy: on the first start of a host that ran a
-// release which kept no record of its own.
-func importAllocations(ctx context.Context, alloc *local.Allocator, pool *etcd.Pool, network overlay.Network, log *slog.Logger) error {
-	list, err := pool.List(ctx)
-	if err != nil {
-		return fmt.Errorf("import this host's allocations from etcd: %w", err)
-	}
-	if err := alloc.Import(ctx, list); err != nil {
-		return err
-	}
-	if len(list) > 0 {
-		log.Info("imported this host's allocations from etcd", "network", network.Name, "allocations", len(list))
-	}
-	return nil
-}
-
-// mirrorDelay is how long the mirror lets changes gather before it copies
-// them. A failed copy is tried again mirrorRetry later at most, spread down
-// to half of it (mirrorRetryJitter) so that hosts failed by the same etcd
-// outage do not retry in lockstep.
-const (
-	mirrorDelay       = 100 * time.Millisecond
-	mirrorRetry       = time.Second
-	mirrorRetryJitter = 0.5
-)
-
-// mirror copies the host's allocations to etcd, until ctx is done: at
-// once, mirrorDelay after a change (so that a burst of ADDs and DELs
-// costs one etcd transaction, not one each, and etcd's disk writes stay
-// out of the way of the ADDs'), every resync interval, and within a second
-// after a failed copy (etcd down).
-func (d *daemon) mirror(ctx context.Context) error {
-	tick := time.NewTicker(d.cfg.ResyncInterval)
-	defer tick.Stop()
-	pass := time.NewTimer(0)
-	defer pass.Stop()
-	scheduled := true
-	var failingSince time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-d.alloc.Changed():
-			if !scheduled {
-				pass.Reset(mirrorDelay)
-				scheduled = true
-			}
-			continue
-		case <-tick.C:
-		case <-pass.C:
-			scheduled = false
-		}
-		mctx, cancel := context.WithTimeout(ctx, storeTimeout)
-		list, err := d.alloc.List(mctx)
-		var n int
-		if err == nil {
-			n, err = d.pool.Mirror(mctx, list)
-		}
-		cancel()
-		if err == nil {
-			d.mirrored.Store(time.Now().UnixNano())
-		}
-		switch {
-		case err != nil && ctx.Err() == nil:
-			d.metrics.MirrorFailures.Inc()
-			if failingSince.IsZero() {
-				failingSince = time.Now()
-				d.log.Warn("copying allocations to etcd failed; retrying within a second (allocation goes on from this host's own record)", "err", err)
-			}
-			pass.Reset(backoff.Jitter(mirrorRetry, mirrorRetryJitter, rand.Float64()))
-			scheduled = true
-		case err == nil && !failingSince.IsZero():
-			d.log.Info("allocations copied to etcd again", "after", time.Since(failingSince).Round(time.Second), "changed", n)
-			failingSince = time.Time{}
-		case err == nil && n > 0:
-			d.log.Debug("allocations copied to etcd", "changed", n)
-		}
-	}
-}
-
 // rejoin joins the hosts registered in etcd that gossip does not know: run
 // periodically, it heals partitions and hosts that started at the same
 // moment and found nobody.
-func (d *daemon) rejoin(ctx context.Context) { d.join(ctx, d.hosts(ctx)) }
+func (h *host) rejoin(ctx context.Context) { h.join(ctx, h.hosts(ctx)) }
 
 // hosts returns the host records in etcd; on a failure, what it could
 // read (maybe nothing), after a warning.
-func (d *daemon) hosts(ctx context.Context) []etcd.HostRecord {
+func (h *host) hosts(ctx context.Context) []etcd.HostRecord {
 	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
 	defer cancel()
-	hosts, err := d.store.Hosts(ctx)
+	hosts, err := h.store.Hosts(ctx)
 	if err != nil {
-		d.log.Warn("listing host records", "err", err)
+		h.log.Warn("listing host records", "err", err)
 	}
 	return hosts
 }
 
 // join joins over gossip the hosts that gossip does not know yet.
-func (d *daemon) join(ctx context.Context, hosts []etcd.HostRecord) {
+func (h *host) join(ctx context.Context, hosts []etcd.HostRecord) {
 	known := make(map[overlay.HostID]bool)
-	for _, m := range d.gossip.Members() {
+	for _, m := range h.gossip.Members() {
 		known[m.Host] = true
 	}
 	var addrs []string
-	for _, h := range hosts {
-		if h.Host != d.host && !known[h.Host] && h.Gossip != "" {
-			addrs = append(addrs, h.Gossip)
+	for _, rec := range hosts {
+		if rec.Host != h.id && !known[rec.Host] && rec.Gossip != "" {
+			addrs = append(addrs, rec.Gossip)
 		}
 	}
 	if len(addrs) == 0 {
@@ -585,83 +442,30 @@ func (d *daemon) join(ctx context.Context, hosts []etcd.HostRecord) {
 	}
 	jctx, cancel := context.WithTimeout(ctx, joinTimeout)
 	defer cancel()
-	n, err := d.gossip.Join(jctx, addrs)
+	n, err := h.gossip.Join(jctx, addrs)
 	if err != nil && n == 0 {
-		d.log.Warn("no registered host answered gossip; will retry", "hosts", len(addrs), "err", err)
+		h.log.Warn("no registered host answered gossip; will retry", "hosts", len(addrs), "err", err)
 		return
 	}
-	d.log.Info("joined gossip", "contacted", n, "of", len(addrs))
+	h.log.Info("joined gossip", "contacted", n, "of", len(addrs))
 }
 
-// registerMetrics exports the reconcile and gossip state.
-func (d *daemon) registerMetrics() {
-	lbl := prometheus.Labels{"network": d.network.Name}
-	m := d.metrics
-	m.GaugeFunc("dataplane", "peers", "Other hosts programmed in the dataplane.", lbl, func() float64 {
-		return float64(len(d.rec.Status().Config.Peers))
-	})
-	m.GaugeFunc("ipam", "blocks", "Blocks this host allocates from.", lbl, func() float64 {
-		return float64(len(d.addrs.Held()))
-	})
-	m.GaugeFunc("ipam", "addresses", "Addresses allocated to containers on this host.", lbl, func() float64 {
-		list, _ := d.alloc.List(context.Background())
-		return float64(len(list))
-	})
-	m.GaugeFunc("ipam", "free_addresses", "Free addresses in the blocks this host holds.", lbl, func() float64 {
-		return float64(d.addrs.Free())
-	})
-	m.GaugeFunc("ipam", "max_blocks", "The cap on the blocks this host may hold (--max-blocks).", lbl, func() float64 {
-		return float64(d.cfg.MaxBlocks)
-	})
-	m.GaugeFunc("ipam", "stranded_addresses", "Addresses containers on this host hold in blocks it lost (reclaimed or removed while it was away): recreate those containers.", lbl, func() float64 {
-		return float64(len(d.alloc.Stranded()))
-	})
-	m.CounterFunc("ipam", "block_claims_total", "Blocks this host claimed.", lbl, func() float64 {
-		return float64(d.addrs.Stats().Claims)
-	})
-	m.CounterFunc("ipam", "block_claim_failures_total", "Block claims that failed for another reason than a full network (etcd unreachable).", lbl, func() float64 {
-		return float64(d.addrs.Stats().ClaimFailures)
-	})
-	m.CounterFunc("ipam", "block_claim_waits_total", "ADDs that found every held block full and waited for a claim.", lbl, func() float64 {
-		return float64(d.addrs.Stats().WaitedClaims)
-	})
-	m.CounterFunc("ipam", "block_give_backs_total", "Empty blocks this host gave back.", lbl, func() float64 {
-		return float64(d.addrs.Stats().GiveBacks)
-	})
-	m.CounterFunc("ipam", "blocks_lost_total", "Blocks this host found taken by another host or removed in etcd.", lbl, func() float64 {
-		return float64(d.addrs.Stats().Lost)
-	})
-	m.CounterFunc("ipam", "reclaimed_blocks_total", "Blocks of gone hosts (liveness key gone for the reclaim period) this host freed.", lbl, func() float64 {
-		return float64(d.reclaimed.Load())
-	})
+// registerMetrics exports the host's own state: liveness and gossip.
+func (h *host) registerMetrics() {
+	m := h.metrics
 	m.CounterFunc("ipam", "liveness_lost_total", "Times this host's liveness key was lost (its lease expired, as in a quorum loss longer than its TTL) and created again.", nil, func() float64 {
-		return float64(d.live.Lost())
+		return float64(h.live.Lost())
 	})
 	m.GaugeFunc("ipam", "liveness", "1 while this host's liveness key exists in etcd, as far as it knows; 0 while it is being created again.", nil, func() float64 {
-		if d.live.Alive() {
+		if h.live.Alive() {
 			return 1
 		}
 		return 0
 	})
-	m.GaugeFunc("ipam", "mirror_last_success_timestamp_seconds", "When this host's allocations were last copied to etcd, in Unix seconds; 0 before the first copy.", nil, func() float64 {
-		return float64(d.mirrored.Load()) / 1e9
-	})
-	m.CounterFunc("reconcile", "passes_total", "Reconcile passes, failed ones included.", lbl, func() float64 {
-		return float64(d.rec.Status().Passes)
-	})
-	m.CounterFunc("reconcile", "failures_total", "Reconcile passes that failed.", lbl, func() float64 {
-		return float64(d.rec.Status().Failures)
-	})
-	m.GaugeFunc("gossip", "disagreements", "Fields of live members' gossip metadata that differ from etcd in the last pass (ignored).", lbl, func() float64 {
-		return float64(len(d.rec.Status().Disagreements))
-	})
-	m.CounterFunc("gossip", "disagreeing_members_total", "Times a live member's gossip metadata came to differ from etcd (each logged once at WARN).", lbl, func() float64 {
-		return float64(d.rec.Status().DisagreeingMembers)
-	})
 	m.GaugeFunc("gossip", "members", "Other live hosts with valid metadata.", nil, func() float64 {
-		return float64(d.gossip.Stats().Members)
+		return float64(h.gossip.Stats().Members)
 	})
 	m.CounterFunc("gossip", "rejected_metadata_total", "Gossip metadata rejected as malformed.", nil, func() float64 {
-		return float64(d.gossip.Stats().RejectedMetas)
+		return float64(h.gossip.Stats().RejectedMetas)
 	})
 }

@@ -9,25 +9,25 @@ import (
 // reloadKeys reads the gossip key file again after every value of reload,
 // until ctx is done. A file that cannot be read, or whose keys gossip
 // refuses, leaves the keys in use as they are.
-func (d *daemon) reloadKeys(ctx context.Context, reload <-chan struct{}) error {
+func (h *host) reloadKeys(ctx context.Context, reload <-chan struct{}) error {
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-reload:
 		}
-		if d.cfg.GossipKeyFile == "" {
-			d.log.Warn("asked to reload the gossip keys, but no --gossip-key-file is set")
+		if h.cfg.GossipKeyFile == "" {
+			h.log.Warn("asked to reload the gossip keys, but no --gossip-key-file is set")
 			continue
 		}
-		keys, err := gossip.LoadKeys(d.cfg.GossipKeyFile)
+		keys, err := gossip.LoadKeys(h.cfg.GossipKeyFile)
 		if err == nil {
-			err = d.gossip.SetKeys(keys)
+			err = h.gossip.SetKeys(keys)
 		}
 		if err != nil {
-			d.log.Error("reloading the gossip keys failed; the keys in use stay", "file", d.cfg.GossipKeyFile, "err", err)
+			h.log.Error("reloading the gossip keys failed; the keys in use stay", "file", h.cfg.GossipKeyFile, "err", err)
 			continue
 		}
-		d.log.Info("gossip keys reloaded", "file", d.cfg.GossipKeyFile, "keys", len(keys))
+		h.log.Info("gossip keys reloaded", "file", h.cfg.GossipKeyFile, "keys", len(keys))
 	}
 }

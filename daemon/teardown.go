@@ -7,19 +7,22 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
+	"github.com/overlaynet/overlay/overlay"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
 
 // Teardown removes this host from the overlay for good: it releases the
-// host's blocks and addresses in etcd, deletes its host record and
-// removes the network's devices. The other hosts then remove their routes,
-// neighbour and FDB entries for it. overlayd must be stopped first.
+// host's blocks and addresses of every network in etcd, deletes its host
+// record and removes the networks' devices. The other hosts then remove
+// their routes, neighbour and FDB entries for it. overlayd must be
+// stopped first.
 func Teardown(ctx context.Context, cfg Config) error {
 	log := cfg.Logger
 	if c, err := net.DialTimeout("unix", cfg.Socket, time.Second); err == nil {
@@ -34,14 +37,6 @@ func Teardown(ctx context.Context, cfg Config) error {
 		return err
 	}
 	cfg = cfg.withDefaults()
-	// An overlayd of this network in this namespace, whatever its data
-	// directory and socket, holds the lock: its devices are not ours to
-	// remove.
-	lock, err := lockNetwork(cfg.Network.Name)
-	if err != nil {
-		return fmt.Errorf("teardown: %w: stop it first", err)
-	}
-	defer lock.Unlock()
 	allocs, err := local.Open(filepath.Join(cfg.DataDir, AllocationsFile), host)
 	if err != nil {
 		return fmt.Errorf("teardown: %w", err)
@@ -53,34 +48,57 @@ func Teardown(ctx context.Context, cfg Config) error {
 	}
 	defer conn.close()
 	store := etcd.NewStore(conn.cli, cfg.EtcdPrefix)
-	network, err := store.Network(ctx, cfg.Network.Name)
-	if err != nil {
+	networks, err := store.Networks(ctx)
+	if err != nil && networks == nil {
 		return fmt.Errorf("teardown: %w", err)
 	}
-
-	var errs []error
-	// The host's own record goes only once etcd has let go of its blocks:
-	// until then a restarted overlayd must still know what it gave out.
-	if err := store.Pool(network, host).ReleaseBlocks(ctx); err != nil {
-		errs = append(errs, err)
-	} else if err := allocs.Drop(network.Name); err != nil {
-		errs = append(errs, err)
+	if cfg.Network.Name != "" && !slices.ContainsFunc(networks, func(n overlay.Network) bool { return n.Name == cfg.Network.Name }) {
+		// Listed by no host of this release yet.
+		if n, err := store.Network(ctx, cfg.Network.Name); err == nil {
+			networks = append(networks, n)
+		}
 	}
-	if err := store.DeleteHost(ctx, host); err != nil {
-		errs = append(errs, err)
+	// An overlayd of one of these networks in this namespace, whatever
+	// its data directory and socket, holds its lock: its devices are not
+	// ours to remove.
+	for _, n := range networks {
+		lock, err := lockNetwork(n.Name)
+		if err != nil {
+			return fmt.Errorf("teardown: %w: stop it first", err)
+		}
+		defer lock.Unlock()
 	}
 	h, err := netlink.NewHandle()
 	if err != nil {
-		errs = append(errs, fmt.Errorf("netlink: %w", err))
-	} else {
-		defer h.Close()
-		if err := vxlan.New(h, log).Delete(ctx, network); err != nil {
+		return fmt.Errorf("teardown: netlink: %w", err)
+	}
+	defer h.Close()
+	dp := vxlan.New(h, log)
+
+	var errs []error
+	var names []string
+	for _, n := range networks {
+		names = append(names, n.Name)
+		// The host's own record goes only once etcd has let go of its
+		// blocks: until then a restarted overlayd must still know what
+		// it gave out.
+		if err := store.Pool(n, host).ReleaseBlocks(ctx); err != nil {
+			errs = append(errs, err)
+		} else if err := allocs.Drop(n.Name); err != nil {
+			errs = append(errs, err)
+		}
+		if err := dp.Delete(ctx, n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == 0 {
+		if err := store.DeleteHost(ctx, host); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("teardown of host %s: %w", host, err)
 	}
-	log.Info("host torn down: blocks released, devices removed", "host", host, "network", network.Name)
+	log.Info("host torn down: blocks released, devices removed", "host", host, "networks", names)
 	return nil
 }

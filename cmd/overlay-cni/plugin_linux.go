@@ -77,9 +77,17 @@ func configure(cont *netlink.Handle, hostName string, hostMAC net.HardwareAddr, 
 		return fail("set container interface up", err)
 	}
 	gw := net.IP(att.Gateway.AsSlice())
-	defaultDst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
-	if err := cont.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: defaultDst, Gw: gw}); err != nil {
-		return fail("add default route", err)
+	// The first overlay interface of a container takes the default
+	// route; one on a further network, which finds it taken, a route to
+	// its network's address space. Trying first costs no lookup.
+	dst := &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}
+	err = cont.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Gw: gw})
+	if errors.Is(err, unix.EEXIST) && att.Subnet.IsValid() {
+		dst = prefixIPNet(att.Subnet)
+		err = cont.RouteAdd(&netlink.Route{LinkIndex: link.Attrs().Index, Dst: dst, Gw: gw})
+	}
+	if err != nil {
+		return fail(fmt.Sprintf("add the route to %s", dst), err)
 	}
 	return &current.Result{
 		CNIVersion: current.ImplementedSpecVersion,
@@ -88,7 +96,7 @@ func configure(cont *netlink.Handle, hostName string, hostMAC net.HardwareAddr, 
 			{Name: args.IfName, Mac: link.Attrs().HardwareAddr.String(), Mtu: att.MTU, Sandbox: args.Netns},
 		},
 		IPs:    []*current.IPConfig{{Address: *ipnet, Gateway: gw, Interface: current.Int(1)}},
-		Routes: []*types.Route{{Dst: *defaultDst, GW: gw}},
+		Routes: []*types.Route{{Dst: *dst, GW: gw}},
 	}, nil
 }
 

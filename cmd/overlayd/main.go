@@ -102,7 +102,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	fs.StringVar(&cfg.EtcdPrefix, "etcd-prefix", cfg.EtcdPrefix, "key prefix of the overlay's state in etcd")
 	fs.StringVar(&cfg.EmbeddedClientURL, "embedded-etcd-client-url", cfg.EmbeddedClientURL, "where the embedded etcd serves clients (http:// or unix://)")
 	fs.StringVar(&cfg.EmbeddedPeerURL, "embedded-etcd-peer-url", cfg.EmbeddedPeerURL, "where the embedded etcd listens for peers")
-	fs.StringVar(&cfg.Network.Name, "network", cfg.Network.Name, "name of the overlay network")
+	fs.StringVar(&cfg.Network.Name, "network", cfg.Network.Name, "network made sure of at start, with the four flags below (created when absent, checked when present); empty for none: overlayctl creates the others")
 	cidr := fs.String("network-cidr", cfg.Network.CIDR.String(), "address space of the network")
 	fs.IntVar(&cfg.Network.BlockBits, "block-bits", cfg.Network.BlockBits, "prefix length of the blocks hosts lease (26 = 64 addresses)")
 	vni := fs.Uint("vni", uint(cfg.Network.VNI), "VXLAN network identifier")
@@ -160,8 +160,10 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 			return cfg, nil, nil, fmt.Errorf("--underlay-addr %q: want an IPv4 address", *underlay)
 		}
 	}
-	if err := cfg.Network.Validate(); err != nil {
-		return cfg, nil, nil, err
+	if cfg.Network.Name != "" {
+		if err := cfg.Network.Validate(); err != nil {
+			return cfg, nil, nil, err
+		}
 	}
 	if cfg.MaxBlocks < 1 {
 		return cfg, nil, nil, fmt.Errorf("--max-blocks %d: want at least 1 (one block of /%d holds %d containers)", cfg.MaxBlocks, cfg.Network.BlockBits, cfg.Network.BlockCapacity())

@@ -17,7 +17,7 @@ import (
 // failingFlush is a handler whose allocations never reach the disk.
 type failingFlush struct{ *fakeHandler }
 
-func (*failingFlush) Flush(context.Context) error {
+func (*failingFlush) Flush(context.Context, string) error {
 	return &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: "add: the allocation store failed; try again later"}
 }
 

@@ -38,10 +38,10 @@ type Handler interface {
 	// Add allocates (or returns the existing) address of the container
 	// interface. The allocation needs not be durable before Flush.
 	Add(ctx context.Context, r cnirpc.Request) (cnirpc.Attachment, error)
-	// Flush returns once every allocation made so far is durable. The
-	// answer to an ADD is sent after it, or, for an Early request, its
-	// outcome follows the answer.
-	Flush(ctx context.Context) error
+	// Flush returns once every allocation of network made so far is
+	// durable. The answer to an ADD is sent after it, or, for an Early
+	// request, its outcome follows the answer.
+	Flush(ctx context.Context, network string) error
 	// Del releases the container interface's address; one that holds
 	// none is not an error.
 	Del(ctx context.Context, r cnirpc.Request) error
@@ -175,7 +175,7 @@ func serveAdd(w http.ResponseWriter, r *http.Request, log *slog.Logger, h Handle
 		return
 	}
 	if !req.Early {
-		if err := h.Flush(r.Context()); err != nil {
+		if err := h.Flush(r.Context(), req.Network); err != nil {
 			writeError(w, log, "add", err)
 			return
 		}
@@ -189,7 +189,7 @@ func serveAdd(w http.ResponseWriter, r *http.Request, log *slog.Logger, h Handle
 	_ = enc.Encode(att)
 	_ = http.NewResponseController(w).Flush()
 	conf := cnirpc.Confirmation{Durable: true}
-	if err := h.Flush(r.Context()); err != nil {
+	if err := h.Flush(r.Context(), req.Network); err != nil {
 		conf = cnirpc.Confirmation{Err: asError("add", err)}
 		setOutcome(w, statusOf(conf.Err))
 		log.Warn("cni request failed", "op", "add", "code", conf.Err.Code, "err", conf.Err.Error())

@@ -35,7 +35,7 @@ func (f *fakeHandler) Add(_ context.Context, r cnirpc.Request) (cnirpc.Attachmen
 		Gateway: netip.MustParseAddr("198.19.0.1"), MTU: 1450, Bridge: "ovbr-default", New: true}, nil
 }
 
-func (f *fakeHandler) Flush(ctx context.Context) error {
+func (f *fakeHandler) Flush(ctx context.Context, _ string) error {
 	if f.flushDelay == 0 {
 		return nil
 	}

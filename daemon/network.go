@@ -1,0 +1,403 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/internal/backoff"
+	"github.com/overlaynet/overlay/ipam"
+	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/ipam/local"
+	"github.com/overlaynet/overlay/metrics"
+	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/vxlan"
+)
+
+// netRuntime is one network on this host: its blocks (pool), its
+// allocations (alloc), its reconcile loop, its CNI handler, the mirror of
+// its allocations to etcd and the reclaim of gone hosts' blocks, with
+// their metrics. The host runtime starts one per network in etcd and
+// stops it when the network is deleted or overlayd stops.
+type netRuntime struct {
+	h       *host
+	network overlay.Network
+	log     *slog.Logger
+	lock    *netnsLock
+	alloc   *local.Allocator
+	pool    *etcd.Pool
+	addrs   *ipam.Pool
+	rec     *overlay.Reconciler
+	handler *CNIHandler
+	metrics *metrics.Group
+	// before are the allocations that existed when the runtime started:
+	// those whose veth is gone are released after the orphan grace.
+	before []overlay.Allocation
+	// reclaimed counts the blocks of gone hosts this host freed.
+	reclaimed atomic.Uint64
+	// mirrored is when the mirror last copied the allocations to etcd
+	// (Unix nanoseconds), 0 before the first copy.
+	mirrored atomic.Int64
+	// bg bounds the work the handler leaves running (the deletions of
+	// DEL); cancelled by Close.
+	bg     context.Context
+	stopBg context.CancelFunc
+}
+
+var _ network = (*netRuntime)(nil)
+
+// startNetwork starts network n on host h: it takes the network's lock in
+// this namespace, opens this host's record of its allocations, loads the
+// blocks it holds (or claims its first), programs the dataplane once and
+// makes its CNI handler. A failure releases what it took.
+func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, err error) {
+	log := h.log.With("network", n.Name)
+	r := &netRuntime{h: h, network: n, log: log}
+	r.bg, r.stopBg = context.WithCancel(context.WithoutCancel(ctx))
+	defer func() {
+		if err != nil {
+			r.Close()
+		}
+	}()
+	// The namespace's lock keeps an overlayd with another data directory
+	// off this network's devices.
+	if r.lock, err = lockNetwork(n.Name); err != nil {
+		return nil, err
+	}
+	// The host's record of the network, read whole now: a corrupt record
+	// fails the start before anything changes. It allocates from the
+	// pool's blocks once the pool exists (usable).
+	var usable func() []netip.Prefix
+	alloc, fresh, err := h.allocs.Allocator(n, h.id, func() []netip.Prefix { return usable() })
+	if err != nil {
+		return nil, err
+	}
+	r.alloc = alloc
+	r.pool = h.store.Pool(n, h.id)
+	// The blocks this host holds, read (and, for a record new to this
+	// network, etcd's copy of its allocations imported) at once. The
+	// host's liveness key exists by now, so no reclaim can take a block
+	// after this read: what it returns is this host's.
+	var blocks []netip.Prefix
+	var first errgroup.Group
+	if fresh {
+		first.Go(func() error { return importAllocations(ctx, alloc, r.pool, n, log) })
+	}
+	first.Go(func() (err error) {
+		blocks, err = r.pool.Load(ctx)
+		return err
+	})
+	if err := first.Wait(); err != nil {
+		return nil, err
+	}
+	r.addrs, err = ipam.New(ipam.Config{
+		Network: n, Host: h.id, MaxBlocks: h.cfg.MaxBlocks, IdleBlock: h.cfg.IdleBlock,
+		VerifyInterval: h.cfg.VerifyInterval, Log: log.With("component", "ipam"),
+	}, r.pool, func(held func() []netip.Prefix) (ipam.Book, error) {
+		usable = held
+		return alloc, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	// Containers whose block was reclaimed while this host was away keep
+	// addresses another host may hand out: say so before anything else.
+	r.addrs.ReportStranded(nil)
+	if err := r.addrs.Ensure(ctx); err != nil {
+		return nil, err
+	}
+	log.Info("holding blocks", "blocks", r.pool.Held(), "loaded", len(blocks))
+
+	mtu := h.ul.MTU - vxlan.Overhead
+	if n.MTU > mtu {
+		log.Warn("the network's MTU is more than this host's underlay carries; using what it does", "mtu", n.MTU, "underlay-mtu", h.ul.MTU, "using", mtu)
+	} else if n.MTU != 0 {
+		mtu = n.MTU
+	}
+	// The first pass needs no gossip: peers are programmed from their
+	// host records, so a restarted overlayd keeps every host that owns
+	// blocks, and a registered host that is gone does not hold up the
+	// start.
+	localHost := overlay.Local{Host: h.id, Underlay: h.ul.Addr, UnderlayLink: h.ul.Link, MTU: mtu, VTEPMAC: h.mac, BridgeMAC: BridgeMAC(h.id, n.Name)}
+	rlog := log.With("component", "reconcile")
+	r.rec = overlay.NewReconciler(n, localHost, r.pool, h.dir, h.gossip, h.dp, h.cfg.ResyncInterval, rlog)
+	if err := r.rec.Pass(ctx); err != nil {
+		// Not fatal: one failing entry must not stop the network. The
+		// loop retries; STATUS says "not ready" until a pass succeeds.
+		log.Error("programming the dataplane failed; retrying", "err", err)
+	}
+	r.handler = NewCNIHandler(r.bg, n, mtu, r.addrs, r.rec.Status, func() int { return h.gossip.Stats().Members }, h.links, h.log.With("component", "cni"))
+	before, err := r.handler.Allocations(ctx)
+	if err != nil {
+		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
+	}
+	r.before = before
+	if stale := r.handler.StaleMTU(before); len(stale) > 0 {
+		var ids []string
+		for k, mtu := range stale {
+			ids = append(ids, fmt.Sprintf("%s (%d)", k, mtu))
+		}
+		slices.Sort(ids)
+		log.Warn("containers created before the MTU changed keep their old MTU, and CHECK fails for them: recreate them",
+			"mtu", mtu, "containers", ids)
+	}
+	r.registerMetrics()
+	return r, nil
+}
+
+// Handler returns the network's CNI handler.
+func (r *netRuntime) Handler() rpcserver.Handler { return r.handler }
+
+// Kick asks the reconcile loop for a pass.
+func (r *netRuntime) Kick() { r.rec.Kick() }
+
+// Run runs the network's loops until ctx is done.
+func (r *netRuntime) Run(ctx context.Context) error {
+	eg, ctx := errgroup.WithContext(ctx)
+	eg.Go(func() error { return r.rec.Run(ctx) })
+	eg.Go(func() error { return r.h.store.WatchNetwork(ctx, r.network.Name, r.rec.Kick) })
+	eg.Go(func() error { return r.addrs.Run(ctx) })
+	eg.Go(func() error { return r.reclaimLoop(ctx) })
+	eg.Go(func() error { return r.mirror(ctx) })
+	eg.Go(func() error {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(r.h.cfg.OrphanGrace):
+		}
+		if _, err := r.handler.ReleaseOrphans(ctx, r.before); err != nil {
+			r.log.Warn("releasing addresses of vanished containers", "err", err)
+		}
+		return nil
+	})
+	return eg.Wait()
+}
+
+// Remove removes the deleted network from this host: the host veths of
+// its containers, its devices and this host's record of its allocations.
+// The containers keep their interfaces, cut off.
+func (r *netRuntime) Remove(ctx context.Context) {
+	list, err := r.alloc.List(ctx)
+	if err != nil {
+		r.log.Warn("listing the deleted network's containers", "err", err)
+	}
+	var cut []string
+	for _, al := range list {
+		name := cnirpc.HostVethName(r.network.Name, al.Key)
+		if err := r.h.links.Delete(name); err != nil {
+			r.log.Warn("deleting the host veth of a container of the deleted network", "veth", name, "err", err)
+		}
+		cut = append(cut, al.Key.String())
+	}
+	if len(cut) > 0 {
+		slices.Sort(cut)
+		r.log.Warn("the network was deleted with containers on it: they are cut off; remove them", "containers", cut)
+	}
+	r.h.removeNetwork(ctx, r.network)
+}
+
+// Close releases the network's lock and metrics and stops the work its
+// handler left running.
+func (r *netRuntime) Close() {
+	if r.stopBg != nil {
+		r.stopBg()
+	}
+	if r.metrics != nil {
+		r.metrics.Unregister()
+	}
+	if r.lock != nil {
+		r.lock.Unlock()
+	}
+}
+
+// reclaimInterval returns how often the host looks for blocks of gone
+// hosts to free: every verify interval, or four times a reclaim period
+// shorter than that, but at most once a second.
+func reclaimInterval(cfg Config) time.Duration {
+	return max(time.Second, min(cfg.VerifyInterval, cfg.ReclaimAfter/4))
+}
+
+// reclaimLoop frees the blocks of hosts whose liveness key has been gone
+// for the reclaim period, until ctx is done. Every host runs it; the
+// transactions are fenced, so two hosts freeing the same block, or an
+// owner coming back meanwhile, is safe. The waits are jittered so that
+// hosts do not look in lockstep.
+func (r *netRuntime) reclaimLoop(ctx context.Context) error {
+	cfg := r.h.cfg
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff.Jitter(reclaimInterval(cfg), 0.5, rand.Float64())):
+		}
+		rctx, cancel := context.WithTimeout(ctx, storeTimeout)
+		freed, err := r.h.store.Reclaim(rctx, r.network, r.h.id, cfg.ReclaimAfter, time.Now())
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			r.log.Warn("looking for blocks of gone hosts failed; will retry", "err", err)
+		}
+		byOwner := make(map[overlay.HostID][]netip.Prefix)
+		since := make(map[overlay.HostID]time.Time)
+		for _, f := range freed {
+			byOwner[f.Owner] = append(byOwner[f.Owner], f.Block)
+			since[f.Owner] = f.GoneSince
+		}
+		for owner, blocks := range byOwner {
+			r.log.Warn("freed the blocks of a host whose liveness key is gone for longer than the reclaim period",
+				"owner", owner, "blocks", blocks, "gone-since", since[owner].Format(time.RFC3339), "reclaim-after", cfg.ReclaimAfter)
+		}
+		if len(freed) > 0 {
+			r.reclaimed.Add(uint64(len(freed)))
+			r.rec.Kick()
+		}
+	}
+}
+
+// importAllocations records in alloc, new to network, the host's
+// allocations in etcd's copy: on the first start of a host that ran a
+// release which kept no record of its own.
+func importAllocations(ctx context.Context, alloc *local.Allocator, pool *etcd.Pool, network overlay.Network, log *slog.Logger) error {
+	list, err := pool.List(ctx)
+	if err != nil {
+		return fmt.Errorf("import this host's allocations from etcd: %w", err)
+	}
+	if err := alloc.Import(ctx, list); err != nil {
+		return err
+	}
+	if len(list) > 0 {
+		log.Info("imported this host's allocations from etcd", "allocations", len(list))
+	}
+	return nil
+}
+
+// mirrorDelay is how long the mirror lets changes gather before it copies
+// them. A failed copy is tried again mirrorRetry later at most, spread down
+// to half of it (mirrorRetryJitter) so that hosts failed by the same etcd
+// outage do not retry in lockstep.
+const (
+	mirrorDelay       = 100 * time.Millisecond
+	mirrorRetry       = time.Second
+	mirrorRetryJitter = 0.5
+)
+
+// mirror copies the host's allocations to etcd, until ctx is done: at
+// once, mirrorDelay after a change (so that a burst of ADDs and DELs
+// costs one etcd transaction, not one each, and etcd's disk writes stay
+// out of the way of the ADDs'), every resync interval, and within a second
+// after a failed copy (etcd down).
+func (r *netRuntime) mirror(ctx context.Context) error {
+	tick := time.NewTicker(r.h.cfg.ResyncInterval)
+	defer tick.Stop()
+	pass := time.NewTimer(0)
+	defer pass.Stop()
+	scheduled := true
+	var failingSince time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-r.alloc.Changed():
+			if !scheduled {
+				pass.Reset(mirrorDelay)
+				scheduled = true
+			}
+			continue
+		case <-tick.C:
+		case <-pass.C:
+			scheduled = false
+		}
+		mctx, cancel := context.WithTimeout(ctx, storeTimeout)
+		list, err := r.alloc.List(mctx)
+		var n int
+		if err == nil {
+			n, err = r.pool.Mirror(mctx, list)
+		}
+		cancel()
+		if err == nil {
+			r.mirrored.Store(time.Now().UnixNano())
+		}
+		switch {
+		case err != nil && ctx.Err() == nil:
+			r.h.metrics.MirrorFailures.Inc()
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+				r.log.Warn("copying allocations to etcd failed; retrying within a second (allocation goes on from this host's own record)", "err", err)
+			}
+			pass.Reset(backoff.Jitter(mirrorRetry, mirrorRetryJitter, rand.Float64()))
+			scheduled = true
+		case err == nil && !failingSince.IsZero():
+			r.log.Info("allocations copied to etcd again", "after", time.Since(failingSince).Round(time.Second), "changed", n)
+			failingSince = time.Time{}
+		case err == nil && n > 0:
+			r.log.Debug("allocations copied to etcd", "changed", n)
+		}
+	}
+}
+
+// registerMetrics exports the network's state, labelled with its name.
+func (r *netRuntime) registerMetrics() {
+	m := r.h.metrics.Group(prometheus.Labels{"network": r.network.Name})
+	r.metrics = m
+	m.GaugeFunc("dataplane", "peers", "Other hosts programmed in the dataplane.", func() float64 {
+		return float64(len(r.rec.Status().Config.Peers))
+	})
+	m.GaugeFunc("ipam", "blocks", "Blocks this host allocates from.", func() float64 {
+		return float64(len(r.addrs.Held()))
+	})
+	m.GaugeFunc("ipam", "addresses", "Addresses allocated to containers on this host.", func() float64 {
+		list, _ := r.alloc.List(context.Background())
+		return float64(len(list))
+	})
+	m.GaugeFunc("ipam", "free_addresses", "Free addresses in the blocks this host holds.", func() float64 {
+		return float64(r.addrs.Free())
+	})
+	m.GaugeFunc("ipam", "max_blocks", "The cap on the blocks this host may hold (--max-blocks).", func() float64 {
+		return float64(r.h.cfg.MaxBlocks)
+	})
+	m.GaugeFunc("ipam", "stranded_addresses", "Addresses containers on this host hold in blocks it lost (reclaimed or removed while it was away): recreate those containers.", func() float64 {
+		return float64(len(r.alloc.Stranded()))
+	})
+	m.CounterFunc("ipam", "block_claims_total", "Blocks this host claimed.", func() float64 {
+		return float64(r.addrs.Stats().Claims)
+	})
+	m.CounterFunc("ipam", "block_claim_failures_total", "Block claims that failed for another reason than a full network (etcd unreachable).", func() float64 {
+		return float64(r.addrs.Stats().ClaimFailures)
+	})
+	m.CounterFunc("ipam", "block_claim_waits_total", "ADDs that found every held block full and waited for a claim.", func() float64 {
+		return float64(r.addrs.Stats().WaitedClaims)
+	})
+	m.CounterFunc("ipam", "block_give_backs_total", "Empty blocks this host gave back.", func() float64 {
+		return float64(r.addrs.Stats().GiveBacks)
+	})
+	m.CounterFunc("ipam", "blocks_lost_total", "Blocks this host found taken by another host or removed in etcd.", func() float64 {
+		return float64(r.addrs.Stats().Lost)
+	})
+	m.CounterFunc("ipam", "reclaimed_blocks_total", "Blocks of gone hosts (liveness key gone for the reclaim period) this host freed.", func() float64 {
+		return float64(r.reclaimed.Load())
+	})
+	m.GaugeFunc("ipam", "mirror_last_success_timestamp_seconds", "When this host's allocations were last copied to etcd, in Unix seconds; 0 before the first copy.", func() float64 {
+		return float64(r.mirrored.Load()) / 1e9
+	})
+	m.CounterFunc("reconcile", "passes_total", "Reconcile passes, failed ones included.", func() float64 {
+		return float64(r.rec.Status().Passes)
+	})
+	m.CounterFunc("reconcile", "failures_total", "Reconcile passes that failed.", func() float64 {
+		return float64(r.rec.Status().Failures)
+	})
+	m.GaugeFunc("gossip", "disagreements", "Fields of live members' gossip metadata that differ from etcd in the last pass (ignored).", func() float64 {
+		return float64(len(r.rec.Status().Disagreements))
+	})
+	m.CounterFunc("gossip", "disagreeing_members_total", "Times a live member's gossip metadata came to differ from etcd (each logged once at WARN).", func() float64 {
+		return float64(r.rec.Status().DisagreeingMembers)
+	})
+}

@@ -1,0 +1,379 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/internal/backoff"
+	"github.com/overlaynet/overlay/overlay"
+)
+
+// network is one network's runtime on this host, as the network set
+// drives it (netRuntime).
+type network interface {
+	// Run runs the network's loops until ctx is done, and returns ctx's
+	// error or the error of a loop that failed.
+	Run(ctx context.Context) error
+	// Handler serves the network's CNI requests.
+	Handler() rpcserver.Handler
+	// Kick asks the network's reconcile loop for a pass.
+	Kick()
+	// Remove removes the network from this host once it is deleted in
+	// etcd: its devices, its containers' host veths and this host's
+	// record of its allocations. It is called after Run has returned.
+	Remove(ctx context.Context)
+	// Close releases what the runtime holds (its lock, its metrics); the
+	// dataplane stays in place.
+	Close()
+}
+
+// networkSet runs one network runtime for every network in etcd: it
+// starts the runtimes of the networks created and stops and removes
+// those of the networks deleted, from a list that a watch refreshes
+// (Kick) and that is read again every resync interval. It is safe for
+// concurrent use.
+type networkSet struct {
+	// list returns every network in etcd.
+	list func(ctx context.Context) ([]overlay.Network, error)
+	// start starts the runtime of n: its first block and first
+	// dataplane pass. It fails when the network cannot be served yet.
+	start func(ctx context.Context, n overlay.Network) (network, error)
+	// sweep removes from this host the networks that are gone from etcd
+	// and that no runtime serves (deleted while overlayd was down): all
+	// but keep.
+	sweep func(ctx context.Context, keep map[string]bool)
+	// resync is how often the list is read when nothing changed; retry
+	// how long after a failed start it is tried again.
+	resync, retry time.Duration
+	log           *slog.Logger
+
+	kick chan struct{}
+
+	mu   sync.Mutex
+	nets map[string]*entry // by name
+	wg   sync.WaitGroup    // the entries' goroutines
+}
+
+// entry is one network the set serves.
+type entry struct {
+	def     overlay.Network
+	cancel  context.CancelFunc
+	started chan struct{} // closed when start returned
+	done    chan struct{} // closed when the runtime is closed
+	deleted bool          // remove on stop; guarded by networkSet.mu
+	net     network       // nil until started; guarded by networkSet.mu
+}
+
+// newNetworkSet returns an empty set; Run fills it.
+func newNetworkSet(list func(context.Context) ([]overlay.Network, error), start func(context.Context, overlay.Network) (network, error),
+	sweep func(context.Context, map[string]bool), resync, retry time.Duration, log *slog.Logger) *networkSet {
+	return &networkSet{list: list, start: start, sweep: sweep, resync: resync, retry: retry, log: log,
+		kick: make(chan struct{}, 1), nets: make(map[string]*entry)}
+}
+
+// Kick asks for the list to be read again soon. It never blocks.
+func (s *networkSet) Kick() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// KickAll asks every running network's reconcile loop for a pass.
+func (s *networkSet) KickAll() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, e := range s.nets {
+		if e.net != nil {
+			e.net.Kick()
+		}
+	}
+}
+
+// listTimeout bounds one read of the list of networks.
+const listTimeout = 5 * time.Second
+
+// Start reads the list and starts every network's runtime, and returns
+// once each has started or failed to: overlayd says it is ready then. A
+// list that cannot be read is an error; a network that fails to start is
+// logged and tried again by Run.
+func (s *networkSet) Start(ctx context.Context) error {
+	lctx, cancel := context.WithTimeout(ctx, listTimeout)
+	defs, err := s.list(lctx)
+	cancel()
+	if err != nil && defs == nil {
+		return fmt.Errorf("list the networks in etcd: %w", err)
+	}
+	if err != nil {
+		s.log.Warn("leaving out network definitions that cannot be decoded", "err", err)
+	}
+	for _, e := range s.sync(ctx, defs) {
+		<-e.started
+	}
+	return nil
+}
+
+// Run keeps the set equal to the list of networks until ctx is done,
+// then stops every runtime (leaving their dataplanes in place). It
+// returns ctx's error.
+func (s *networkSet) Run(ctx context.Context) error {
+	defer s.stopAll()
+	t := time.NewTicker(s.resync)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.kick:
+		case <-t.C:
+		}
+		lctx, cancel := context.WithTimeout(ctx, listTimeout)
+		defs, err := s.list(lctx)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			s.log.Warn("listing the networks in etcd failed; keeping those running", "err", err)
+		}
+		if defs == nil && err != nil {
+			continue // never stop a network because etcd cannot be read
+		}
+		s.sync(ctx, defs)
+	}
+}
+
+// sync starts the runtimes of defs that do not run and stops (and
+// removes) those of networks not in defs, or defined anew under the same
+// name. It returns the entries it started.
+func (s *networkSet) sync(ctx context.Context, defs []overlay.Network) []*entry {
+	want := make(map[string]overlay.Network, len(defs))
+	for _, n := range defs {
+		want[n.Name] = n
+	}
+	s.mu.Lock()
+	var gone []*entry
+	for name, e := range s.nets {
+		if n, ok := want[name]; !ok || n.ID != e.def.ID || n.Diff(e.def) != "" {
+			e.deleted = true
+			gone = append(gone, e)
+			delete(s.nets, name)
+		}
+	}
+	s.mu.Unlock()
+	for _, e := range gone {
+		s.log.Info("network deleted in etcd; removing it from this host", "network", e.def.Name)
+		e.cancel()
+		<-e.done
+	}
+
+	var started []*entry
+	s.mu.Lock()
+	keep := make(map[string]bool, len(want))
+	for _, n := range defs {
+		keep[n.Name] = true
+		if _, ok := s.nets[n.Name]; ok {
+			continue
+		}
+		ectx, cancel := context.WithCancel(ctx)
+		e := &entry{def: n, cancel: cancel, started: make(chan struct{}), done: make(chan struct{})}
+		s.nets[n.Name] = e
+		started = append(started, e)
+		s.wg.Add(1)
+		go s.serve(ectx, e)
+	}
+	s.mu.Unlock()
+	s.sweep(ctx, keep)
+	return started
+}
+
+// serve starts e's runtime and runs it until its context is done.
+func (s *networkSet) serve(ctx context.Context, e *entry) {
+	defer s.wg.Done()
+	defer close(e.done)
+	log := s.log.With("network", e.def.Name)
+	n, err := s.start(ctx, e.def)
+	if err != nil {
+		close(e.started)
+		if ctx.Err() == nil {
+			retry := backoff.Jitter(s.retry, 0.5, rand.Float64())
+			log.Error("starting the network failed; retrying", "err", err, "retry", retry)
+			s.forget(e)
+			time.AfterFunc(retry, s.Kick)
+		}
+		return
+	}
+	s.mu.Lock()
+	e.net = n
+	s.mu.Unlock()
+	close(e.started)
+	err = n.Run(ctx)
+	if ctx.Err() == nil {
+		// A loop failed on its own: start the network again.
+		log.Error("the network's runtime failed; restarting it", "err", err)
+		s.forget(e)
+		s.Kick()
+	}
+	s.mu.Lock()
+	deleted := e.deleted
+	s.mu.Unlock()
+	if deleted {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
+		n.Remove(rctx)
+		cancel()
+	}
+	n.Close()
+}
+
+// forget drops e from the set, unless the set holds another entry by
+// now.
+func (s *networkSet) forget(e *entry) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.nets[e.def.Name] == e {
+		delete(s.nets, e.def.Name)
+	}
+}
+
+// stopAll stops every runtime and waits for them.
+func (s *networkSet) stopAll() {
+	s.mu.Lock()
+	for _, e := range s.nets {
+		e.cancel()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+}
+
+// lookup returns the network's handler, or nil with whether the set
+// knows the network (it is starting) at all.
+func (s *networkSet) lookup(name string) (rpcserver.Handler, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.nets[name]
+	if !ok || e.net == nil {
+		return nil, ok
+	}
+	return e.net.Handler(), true
+}
+
+// names returns the names of the networks the set serves, sorted.
+func (s *networkSet) names() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]string, 0, len(s.nets))
+	for name := range s.nets {
+		out = append(out, name)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// router is the rpcserver.Handler of the CNI socket: it hands each
+// request to its network's handler. Before the host is ready, and for a
+// network that is starting, it answers as starting does; for a network
+// it does not serve, it looks the name up in etcd, so that an ADD right
+// after "overlayctl network create" gets "try again" rather than
+// "unknown network".
+type router struct {
+	links HostLinks
+	// set is nil until overlayd has started its networks.
+	set atomic.Pointer[networkSet]
+	// exists reports whether etcd knows network name.
+	exists func(ctx context.Context, name string) (bool, error)
+}
+
+var _ rpcserver.Handler = (*router)(nil)
+
+// lookupTimeout bounds the etcd lookup of a network this host does not
+// serve.
+const lookupTimeout = 2 * time.Second
+
+// handler returns the handler of network name.
+func (r *router) handler(ctx context.Context, name string) (rpcserver.Handler, error) {
+	set := r.set.Load()
+	if set == nil {
+		return starting{links: r.links, why: "overlayd"}, nil
+	}
+	if h, known := set.lookup(name); h != nil {
+		return h, nil
+	} else if known {
+		return starting{links: r.links, why: "network " + name}, nil
+	}
+	lctx, cancel := context.WithTimeout(ctx, lookupTimeout)
+	defer cancel()
+	ok, err := r.exists(lctx, name)
+	switch {
+	case err != nil:
+		return nil, &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: fmt.Sprintf("network %q is not served on this host, and etcd cannot be asked whether it exists; try again later", name), Details: err.Error()}
+	case ok:
+		set.Kick()
+		return starting{links: r.links, why: "network " + name}, nil
+	}
+	served := strings.Join(set.names(), ", ")
+	if served == "" {
+		served = "none"
+	}
+	return nil, cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: create it first (overlayctl network create %s --cidr ...) or fix the CNI configuration's \"network\"; networks in etcd: %s", name, name, served)
+}
+
+func (r *router) Add(ctx context.Context, req cnirpc.Request) (cnirpc.Attachment, error) {
+	h, err := r.handler(ctx, req.Network)
+	if err != nil {
+		return cnirpc.Attachment{}, err
+	}
+	return h.Add(ctx, req)
+}
+
+func (r *router) Flush(ctx context.Context, network string) error {
+	h, err := r.handler(ctx, network)
+	if err != nil {
+		return err
+	}
+	return h.Flush(ctx, network)
+}
+
+// Del of a network that does not exist succeeds: CNI's DEL must, and its
+// host veth, if any, is deleted as the plugin does when overlayd is down.
+func (r *router) Del(ctx context.Context, req cnirpc.Request) error {
+	h, err := r.handler(ctx, req.Network)
+	var e *cnirpc.Error
+	if errors.As(err, &e) && e.Code == cnirpc.CodeInvalidNetwork {
+		h, err = starting{links: r.links}, nil
+	}
+	if err != nil {
+		return err
+	}
+	return h.Del(ctx, req)
+}
+
+func (r *router) Check(ctx context.Context, req cnirpc.Request) (cnirpc.Attachment, error) {
+	h, err := r.handler(ctx, req.Network)
+	if err != nil {
+		return cnirpc.Attachment{}, err
+	}
+	return h.Check(ctx, req)
+}
+
+func (r *router) Status(ctx context.Context, network string) (cnirpc.Status, error) {
+	h, err := r.handler(ctx, network)
+	if err != nil {
+		return cnirpc.Status{}, err
+	}
+	return h.Status(ctx, network)
+}
+
+func (r *router) GC(ctx context.Context, req cnirpc.GCRequest) (cnirpc.GCResponse, error) {
+	h, err := r.handler(ctx, req.Network)
+	if err != nil {
+		return cnirpc.GCResponse{}, err
+	}
+	return h.GC(ctx, req)
+}

@@ -1,0 +1,281 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/hostlink"
+)
+
+// fakeNetwork is a network runtime that records what the set does to it.
+type fakeNetwork struct {
+	def    overlay.Network
+	events *eventLog
+}
+
+func (f *fakeNetwork) Run(ctx context.Context) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+func (f *fakeNetwork) Handler() rpcserver.Handler { return starting{why: "fake " + f.def.Name} }
+func (f *fakeNetwork) Kick()                      { f.events.add("kick " + f.def.Name) }
+func (f *fakeNetwork) Remove(ctx context.Context) {
+	f.events.add("remove " + f.def.Name + " " + f.def.ID)
+}
+func (f *fakeNetwork) Close() { f.events.add("close " + f.def.Name + " " + f.def.ID) }
+
+type eventLog struct {
+	mu     sync.Mutex
+	events []string
+}
+
+func (l *eventLog) add(e string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.events = append(l.events, e)
+}
+
+func (l *eventLog) has(e string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Contains(l.events, e)
+}
+
+func (l *eventLog) count(e string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	n := 0
+	for _, x := range l.events {
+		if x == e {
+			n++
+		}
+	}
+	return n
+}
+
+// fakeEtcd is the list of networks and whether it can be read.
+type fakeEtcd struct {
+	mu      sync.Mutex
+	defs    []overlay.Network
+	err     error
+	failing map[string]int // starts of a network that fail before one succeeds
+	swept   []map[string]bool
+}
+
+func (f *fakeEtcd) set(defs ...overlay.Network) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.defs = defs
+}
+
+func (f *fakeEtcd) list(ctx context.Context) ([]overlay.Network, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil {
+		return nil, f.err
+	}
+	return slices.Clone(f.defs), nil
+}
+
+func testDef(name, id string) overlay.Network {
+	return overlay.Network{Name: name, ID: id, CIDR: netip.MustParsePrefix("10.0.0.0/16"), BlockBits: 26, VNI: 1, Port: 4789}
+}
+
+func newTestSet(t *testing.T) (*networkSet, *fakeEtcd, *eventLog) {
+	t.Helper()
+	store := &fakeEtcd{failing: map[string]int{}}
+	events := &eventLog{}
+	start := func(ctx context.Context, n overlay.Network) (network, error) {
+		store.mu.Lock()
+		fail := store.failing[n.Name] > 0
+		if fail {
+			store.failing[n.Name]--
+		}
+		store.mu.Unlock()
+		if fail {
+			events.add("fail " + n.Name)
+			return nil, errors.New("lock held")
+		}
+		events.add("start " + n.Name + " " + n.ID)
+		return &fakeNetwork{def: n, events: events}, nil
+	}
+	sweep := func(_ context.Context, keep map[string]bool) {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		store.swept = append(store.swept, keep)
+	}
+	s := newNetworkSet(store.list, start, sweep, time.Hour, 10*time.Millisecond, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	return s, store, events
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestNetworkSet: the set follows the list of networks in etcd: it
+// starts the new ones, stops and removes the deleted ones (and one
+// defined anew under its name), keeps everything when the list cannot be
+// read, retries a start that failed, and on stop closes every runtime
+// without removing it.
+func TestNetworkSet(t *testing.T) {
+	s, store, events := newTestSet(t)
+	store.set(testDef("a", "1"), testDef("b", "2"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := s.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Start returns once every network has started.
+	if !events.has("start a 1") || !events.has("start b 2") {
+		t.Fatalf("after Start: %v", events.events)
+	}
+	if h, _ := s.lookup("a"); h == nil {
+		t.Fatal("no handler for a")
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+
+	store.set(testDef("b", "2"), testDef("c", "3"))
+	s.Kick()
+	eventually(t, "a removed and c started", func() bool {
+		return events.has("remove a 1") && events.has("close a 1") && events.has("start c 3")
+	})
+	if h, known := s.lookup("a"); h != nil || known {
+		t.Fatal("a still served after its deletion")
+	}
+
+	// b deleted and created again under its name: a new runtime.
+	store.set(testDef("b", "4"), testDef("c", "3"))
+	s.Kick()
+	eventually(t, "b replaced", func() bool { return events.has("remove b 2") && events.has("start b 4") })
+
+	// etcd cannot be read: nothing stops.
+	store.mu.Lock()
+	store.err = errors.New("etcd down")
+	store.mu.Unlock()
+	s.Kick()
+	time.Sleep(20 * time.Millisecond)
+	if events.has("remove c 3") || events.has("close c 3") {
+		t.Fatal("a network was stopped because etcd could not be read")
+	}
+	store.mu.Lock()
+	store.err = nil
+	store.failing["d"] = 2
+	store.mu.Unlock()
+
+	// A network that fails to start is tried again.
+	store.set(testDef("b", "4"), testDef("c", "3"), testDef("d", "5"))
+	s.Kick()
+	eventually(t, "d started after two failures", func() bool { return events.has("start d 5") })
+	if n := events.count("fail d"); n != 2 {
+		t.Fatalf("d failed %d times, want 2", n)
+	}
+
+	s.KickAll()
+	eventually(t, "every reconciler kicked", func() bool {
+		return events.has("kick b") && events.has("kick c") && events.has("kick d")
+	})
+
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run = %v", err)
+	}
+	for _, e := range []string{"close b 4", "close c 3", "close d 5"} {
+		if !events.has(e) {
+			t.Errorf("on stop: %q missing from %v", e, events.events)
+		}
+	}
+	for _, e := range []string{"remove b 4", "remove c 3", "remove d 5"} {
+		if events.has(e) {
+			t.Errorf("stopping overlayd removed a network: %q", e)
+		}
+	}
+	// The sweep is told which networks to keep.
+	store.mu.Lock()
+	last := store.swept[len(store.swept)-1]
+	store.mu.Unlock()
+	if !last["b"] || !last["c"] || !last["d"] || last["a"] {
+		t.Errorf("last sweep keeps %v", last)
+	}
+}
+
+func TestNetworkSetStartFailsWithoutEtcd(t *testing.T) {
+	s, store, _ := newTestSet(t)
+	store.err = errors.New("etcd down")
+	if err := s.Start(context.Background()); err == nil || !strings.Contains(err.Error(), "etcd down") {
+		t.Fatalf("Start = %v, want the list's error", err)
+	}
+}
+
+// TestRouter: requests go to their network's handler; before the host is
+// ready, and for a network still starting, the answer is "try again";
+// an unknown network is code 7 unless etcd knows it; DEL of an unknown
+// network succeeds and deletes the host veth.
+func TestRouter(t *testing.T) {
+	ctx := context.Background()
+	links := &fakeLinks{state: map[string]hostlink.State{}}
+	known := map[string]bool{"fresh": true}
+	r := &router{links: links, exists: func(_ context.Context, name string) (bool, error) {
+		if name == "broken" {
+			return false, errors.New("etcd down")
+		}
+		return known[name], nil
+	}}
+	req := cnirpc.Request{Network: "a", ContainerID: "c", IfName: "eth0"}
+	if _, err := r.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater || !strings.Contains(err.Error(), "overlayd is starting") {
+		t.Fatalf("ADD before ready = %v", err)
+	}
+
+	s, store, _ := newTestSet(t)
+	store.set(testDef("a", "1"))
+	if err := s.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.set.Store(s)
+	if _, err := r.Add(ctx, req); !strings.Contains(err.Error(), "fake a") {
+		t.Fatalf("ADD of a = %v; want it handled by a's handler", err)
+	}
+	req.Network = "nope"
+	_, err := r.Add(ctx, req)
+	if code(err) != cnirpc.CodeInvalidNetwork || !strings.Contains(err.Error(), "overlayctl network create nope") || !strings.Contains(err.Error(), "networks in etcd: a") {
+		t.Fatalf("ADD of an unknown network = %v", err)
+	}
+	if _, err := r.Status(ctx, "fresh"); err != nil {
+		t.Fatalf("STATUS of a network etcd knows: %v", err)
+	}
+	req.Network = "fresh"
+	if _, err := r.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
+		t.Fatalf("ADD of a network just created = %v, want code 11", err)
+	}
+	req.Network = "broken"
+	if _, err := r.Check(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
+		t.Fatalf("CHECK when etcd cannot say = %v, want code 11", err)
+	}
+	req.Network = "nope"
+	name := cnirpc.HostVethName("nope", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
+	links.set(name, hostlink.Attached)
+	if err := r.Del(ctx, req); err != nil {
+		t.Fatalf("DEL of an unknown network = %v, want success", err)
+	}
+	if st, _ := links.State(name); st != hostlink.Gone {
+		t.Fatalf("DEL of an unknown network left its veth %v", st)
+	}
+}
