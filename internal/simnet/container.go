@@ -36,6 +36,8 @@ type Container struct {
 	CapabilityArgs map[string]any
 	// Args are the CNI_ARGS pairs.
 	Args [][2]string
+	// IfName is the interface name inside the container; "" means eth0.
+	IfName string
 	// ConfList, when set, replaces the host's CNIConfList for this
 	// container, for example to chain other plugins after overlay-cni.
 	ConfList []byte
@@ -49,6 +51,46 @@ func (c *Container) NetNSPath() string { return filepath.Join("/run/netns", c.Na
 func (h *Host) CNIConfList() []byte {
 	return fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay","plugins":[{"type":"overlay-cni","network":%q,"socket":%q,"capabilities":{"ips":true,"mac":true}}]}`,
 		h.n.Network.Name, h.Socket)
+}
+
+// NetworkConfList returns the configuration list of overlay-cni alone for
+// overlay network network, named "overlay-<network>".
+func (h *Host) NetworkConfList(network string) []byte {
+	return fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay-%s","plugins":[{"type":"overlay-cni","network":%q,"socket":%q}]}`,
+		network, network, h.Socket)
+}
+
+// Join attaches container c to another network, as interface ifname, and
+// returns the container interface as a Container of its own (same ID and
+// namespace) for DelContainer and CheckContainer.
+func (n *Net) Join(ctx context.Context, c *Container, network, ifname string) (*Container, error) {
+	j := &Container{ID: c.ID, Name: c.Name, Host: c.Host, IfName: ifname, ConfList: c.Host.NetworkConfList(network)}
+	if err := n.Attach(ctx, j); err != nil {
+		return nil, err
+	}
+	return j, nil
+}
+
+// AddContainerOn creates a namespace on host h and attaches it to overlay
+// network network as eth0.
+func (n *Net) AddContainerOn(ctx context.Context, h *Host, id, network string) (*Container, error) {
+	c, err := n.NewContainer(ctx, h, id)
+	if err != nil {
+		return nil, err
+	}
+	c.ConfList = h.NetworkConfList(network)
+	if err := n.Attach(ctx, c); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Ctl runs overlayctl, built beside overlayd, in the namespace of the
+// first host against the run's etcd, and returns its combined output.
+func (n *Net) Ctl(ctx context.Context, args ...string) ([]byte, error) {
+	ctl := filepath.Join(filepath.Dir(n.opts.Overlayd), "overlayctl")
+	args = append([]string{"--etcd-endpoints", n.EtcdEndpoint()}, args...)
+	return n.Hosts[0].Exec(ctx, append([]string{ctl}, args...)...)
 }
 
 // ChainConfList returns a configuration list that chains the reference
@@ -110,7 +152,11 @@ func (c *Container) cni() (*libcni.CNIConfig, *libcni.NetworkConfigList, error) 
 
 // RuntimeConf returns the runtime configuration of container c.
 func (c *Container) RuntimeConf() *libcni.RuntimeConf {
-	return &libcni.RuntimeConf{ContainerID: c.ID, NetNS: c.NetNSPath(), IfName: "eth0", CapabilityArgs: c.CapabilityArgs, Args: c.Args}
+	ifname := c.IfName
+	if ifname == "" {
+		ifname = "eth0"
+	}
+	return &libcni.RuntimeConf{ContainerID: c.ID, NetNS: c.NetNSPath(), IfName: ifname, CapabilityArgs: c.CapabilityArgs, Args: c.Args}
 }
 
 // AddContainer creates a namespace on host h and attaches it with the
@@ -335,8 +381,9 @@ func LinkTools(from, dir string) error {
 // Remove deletes the binaries' directory.
 func (b Binaries) Remove() error { return os.RemoveAll(b.Dir) }
 
-// Build compiles overlayd and overlay-cni (static, CGO_ENABLED=0) into
-// dir and returns their paths. It runs from the module that holds this
+// Build compiles overlayd, overlay-cni and overlayctl (static,
+// CGO_ENABLED=0) into dir and returns the paths of the first two
+// (overlayctl is beside overlayd). It runs from the module that holds this
 // package.
 func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
 	root, err := ModuleRoot(ctx)
@@ -345,7 +392,8 @@ func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
 	}
 	overlayd = filepath.Join(dir, "overlayd")
 	cni = filepath.Join(dir, "overlay-cni")
-	for bin, pkg := range map[string]string{overlayd: "./cmd/overlayd", cni: "./cmd/overlay-cni"} {
+	ctl := filepath.Join(dir, "overlayctl")
+	for bin, pkg := range map[string]string{overlayd: "./cmd/overlayd", cni: "./cmd/overlay-cni", ctl: "./cmd/overlayctl"} {
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

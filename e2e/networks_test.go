@@ -1,0 +1,219 @@
+package e2e
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/internal/simnet"
+	"github.com/overlaynet/overlay/ipam/etcd"
+)
+
+// ctl runs overlayctl and fails the test when it fails.
+func ctl(t *testing.T, n *simnet.Net, args ...string) string {
+	t.Helper()
+	out, err := n.Ctl(context.Background(), args...)
+	if err != nil {
+		t.Fatalf("overlayctl %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// waitServed waits until every host's overlayd says network is ready.
+func waitServed(t *testing.T, n *simnet.Net, network string, hosts ...*simnet.Host) time.Duration {
+	t.Helper()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, h := range hosts {
+		c := cnirpc.NewClient(h.Socket)
+		for {
+			st, err := c.Status(ctx, network)
+			if err == nil && st.Ready {
+				break
+			}
+			if ctx.Err() != nil {
+				t.Fatalf("%s: network %s not ready: %+v, %v", h.Name, network, st, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return time.Since(start)
+}
+
+// hasLink reports whether host h has a link named name.
+func hasLink(t *testing.T, h *simnet.Host, name string) bool {
+	t.Helper()
+	out, err := h.Exec(context.Background(), "ip", "-o", "link", "show")
+	if err != nil {
+		t.Fatalf("%s: ip link: %v: %s", h.Name, err, out)
+	}
+	return strings.Contains(string(out), " "+name+":") || strings.Contains(string(out), " "+name+"@")
+}
+
+// waitNoLinks waits until no host has a device of network.
+func waitNoLinks(t *testing.T, network string, hosts ...*simnet.Host) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for _, h := range hosts {
+		for hasLink(t, h, "ovbr-"+network) || hasLink(t, h, "ovvx-"+network) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the devices of deleted network %s are still there", h.Name, network)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+// TestNetworksAtRunTime: networks created with overlayctl while overlayd
+// runs are served on every host within a second or so; containers on
+// each reach their own network across hosts, and a container on both
+// reaches both; restarting overlayd keeps every network and flow;
+// deleting a network is refused while it is in use, and then removes
+// its devices and etcd keys everywhere, also on a host that was down
+// at the time.
+func TestNetworksAtRunTime(t *testing.T) {
+	ctx := context.Background()
+	n := newNet(t, 3)
+	h0, h1, h2 := n.Hosts[0], n.Hosts[1], n.Hosts[2]
+
+	out := ctl(t, n, "network", "create", "red", "--cidr", "10.30.0.0/16", "--label", "team=red")
+	if !strings.Contains(out, "created network red") {
+		t.Fatalf("create: %s", out)
+	}
+	t.Logf("red usable on 3 hosts %s after the command", waitServed(t, n, "red", h0, h1, h2))
+	ctl(t, n, "network", "create", "blue", "--cidr", "10.31.0.0/16")
+	t.Logf("blue usable on 3 hosts %s after the command", waitServed(t, n, "blue", h0, h1, h2))
+	if out := ctl(t, n, "network", "list"); !strings.Contains(out, "red") || !strings.Contains(out, "team=red") || !strings.Contains(out, "default") {
+		t.Fatalf("list: %s", out)
+	}
+
+	r0, err := n.AddContainerOn(ctx, h0, "r0", "red")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1, err := n.AddContainerOn(ctx, h1, "r1", "red")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1, err := n.AddContainerOn(ctx, h1, "b1", "blue")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b2, err := n.AddContainerOn(ctx, h2, "b2", "blue")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One container on both networks: red as eth0, blue as eth1.
+	both, err := n.AddContainerOn(ctx, h2, "both", "red")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bothBlue, err := n.Join(ctx, both, "blue", "eth1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name string
+		pfx  string
+		addr string
+	}{{"r0", "10.30.", r0.Addr.String()}, {"b1", "10.31.", b1.Addr.String()}, {"both eth0", "10.30.", both.Addr.String()}, {"both eth1", "10.31.", bothBlue.Addr.String()}} {
+		if !strings.HasPrefix(c.addr, c.pfx) {
+			t.Fatalf("%s got %s, want an address of %s*", c.name, c.addr, c.pfx)
+		}
+	}
+	pings := func(when string) {
+		t.Helper()
+		for _, p := range []struct {
+			from *simnet.Container
+			to   *simnet.Container
+		}{{r0, r1}, {r1, r0}, {b1, b2}, {b2, b1}, {both, r0}, {both, r1}, {bothBlue, b1}, {r0, both}, {b1, bothBlue}} {
+			if err := p.from.Ping(ctx, p.to.Addr.Addr(), 2); err != nil {
+				t.Fatalf("%s: %v", when, err)
+			}
+		}
+	}
+	pings("networks created at run time")
+
+	// A restart keeps every network and flow.
+	if err := h1.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	pings("overlayd stopped on " + h1.Name)
+	if err := h1.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitServed(t, n, "red", h1)
+	waitServed(t, n, "blue", h1)
+	pings("overlayd restarted on " + h1.Name)
+
+	// Deleting a network in use is refused; nothing changes.
+	time.Sleep(300 * time.Millisecond) // the mirrors copy the allocations to etcd
+	if out, err := n.Ctl(ctx, "network", "delete", "blue"); err == nil || !strings.Contains(string(out), "force") {
+		t.Fatalf("deleting a network in use: %v: %s", err, out)
+	}
+	for _, c := range []*simnet.Container{b1, b2, bothBlue} {
+		if err := n.DelContainer(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	ctl(t, n, "network", "delete", "blue")
+	waitNoLinks(t, "blue", h0, h1, h2)
+	pings2 := func() {
+		t.Helper()
+		for _, p := range [][2]*simnet.Container{{r0, r1}, {both, r0}} {
+			if err := p[0].Ping(ctx, p[1].Addr.Addr(), 2); err != nil {
+				t.Fatalf("after deleting blue: %v", err)
+			}
+		}
+	}
+	pings2()
+
+	// A network deleted while a host is down is removed when it comes
+	// back.
+	if err := h2.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	out = ctl(t, n, "network", "delete", "--force", "red")
+	if !strings.Contains(out, "released the addresses of") {
+		t.Fatalf("forced delete: %s", out)
+	}
+	waitNoLinks(t, "red", h0, h1)
+	if !hasLink(t, h2, "ovvx-red") {
+		t.Fatal("red's device is gone from the stopped host: the test proves nothing")
+	}
+	if err := h2.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitNoLinks(t, "red", h2)
+
+	store, closeStore, err := n.Store(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeStore()
+	for _, net := range []string{"red", "blue"} {
+		resp, err := store.Client().Get(ctx, etcd.DefaultPrefix+"networks/"+net+"/", clientv3.WithPrefix(), clientv3.WithCountOnly())
+		if err != nil || resp.Count != 0 {
+			t.Fatalf("etcd keys of deleted network %s: %v, %v", net, resp, err)
+		}
+	}
+	// The container attached to a deleted network gets "unknown network"
+	// for a new ADD, and its DEL succeeds.
+	_, err = n.AddContainerOn(ctx, h0, "late", "red")
+	if err == nil || !strings.Contains(err.Error(), "unknown network") {
+		t.Fatalf("ADD on a deleted network: %v", err)
+	}
+	if err := n.DelContainer(ctx, r0); err != nil {
+		t.Fatalf("DEL of a container of a deleted network: %v", err)
+	}
+	// The default network, made sure of by the flags, is untouched.
+	if err := h0.Status(ctx); err != nil {
+		t.Fatalf("default network after the deletions: %v", err)
+	}
+}
