@@ -27,6 +27,7 @@ import (
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/metrics"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/firewall"
 	"github.com/overlaynet/overlay/overlay/hostlink"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
@@ -114,6 +115,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	links := hostlink.New(nl)
+	fw, err := firewall.New()
+	if err != nil {
+		return err
+	}
 
 	// Every listener before a change: a socket path or a port that cannot
 	// be used fails the start here.
@@ -215,9 +220,9 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	h := &host{cfg: cfg, log: log, id: id, mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
-		metrics: m, links: links, dp: vxlan.New(nl, log.With("component", "dataplane")), nl: nl,
+		metrics: m, links: links, dp: vxlan.New(nl, log.With("component", "dataplane")), nl: nl, fw: fw,
 		dir: &hostDirectory{store: store, log: log.With("component", "reconcile")}}
-	set := newNetworkSet(store.Networks, h.startNetwork, h.sweep, networkResync, networkRetry, log)
+	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
 	if err := set.Start(ctx); err != nil {
 		return err
@@ -336,6 +341,20 @@ type host struct {
 	links   HostLinks
 	dp      overlay.Dataplane
 	dir     *hostDirectory
+	fw      Firewall
+	// fwWrites and fwFailures count the firewall's rewrites and failed
+	// writes; fwLastErr is the last failure logged (the network set's
+	// goroutine alone writes it).
+	fwWrites, fwFailures atomic.Uint64
+	fwLastErr            string
+}
+
+// Firewall is the host's nftables table (firewall.Table): isolation
+// between networks and their egress masquerade.
+type Firewall interface {
+	// Set converges the rules to the networks and reports whether it
+	// changed them.
+	Set(networks []overlay.Network) (bool, error)
 }
 
 // removeNetwork removes network n from this host: its devices and this
@@ -348,6 +367,29 @@ func (h *host) removeNetwork(ctx context.Context, n overlay.Network) {
 		h.log.Warn("dropping the allocations of a deleted network", "network", n.Name, "err", err)
 	}
 	h.log.Info("network removed from this host", "network", n.Name)
+}
+
+// converge brings the host-wide state to the networks in etcd: the
+// firewall's rules, and the removal of stale networks (sweep).
+func (h *host) converge(ctx context.Context, defs []overlay.Network) {
+	changed, err := h.fw.Set(defs)
+	switch {
+	case err != nil:
+		h.fwFailures.Add(1)
+		if msg := err.Error(); msg != h.fwLastErr {
+			h.fwLastErr = msg
+			h.log.Error("writing the firewall's rules failed: networks are not isolated from each other, and their egress is not masqueraded; retrying", "err", err)
+		}
+	case changed:
+		h.fwWrites.Add(1)
+		h.fwLastErr = ""
+		h.log.Info("firewall rules written", "table", firewall.TableName, "networks", len(defs))
+	}
+	keep := make(map[string]bool, len(defs))
+	for _, n := range defs {
+		keep[n.Name] = true
+	}
+	h.sweep(ctx, keep)
 }
 
 // sweep removes the networks that this host holds devices or
@@ -461,6 +503,12 @@ func (h *host) registerMetrics() {
 			return 1
 		}
 		return 0
+	})
+	m.CounterFunc("firewall", "writes_total", "Times the overlay's nftables table was written because it differed from the networks in etcd (each network created or deleted, or the table changed by hand).", nil, func() float64 {
+		return float64(h.fwWrites.Load())
+	})
+	m.CounterFunc("firewall", "failures_total", "Failed writes of the overlay's nftables table: while they fail, networks are not isolated from each other.", nil, func() float64 {
+		return float64(h.fwFailures.Load())
 	})
 	m.GaugeFunc("gossip", "members", "Other live hosts with valid metadata.", nil, func() float64 {
 		return float64(h.gossip.Stats().Members)

@@ -201,7 +201,7 @@ func TestCNIHandler(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := cnirpc.Attachment{Network: "default", Addr: netip.MustParsePrefix("198.19.0.2/29"), Gateway: netip.MustParseAddr("198.19.0.1"),
+	want := cnirpc.Attachment{Network: "default", Addr: netip.MustParsePrefix("198.19.0.2/29"), Gateway: netip.MustParseAddr("198.19.0.1"), Subnet: testNet.CIDR,
 		MTU: 1450, Bridge: "ovbr-default", New: true}
 	if att != want {
 		t.Fatalf("Add = %+v\nwant %+v", att, want)

@@ -48,10 +48,12 @@ type networkSet struct {
 	// start starts the runtime of n: its first block and first
 	// dataplane pass. It fails when the network cannot be served yet.
 	start func(ctx context.Context, n overlay.Network) (network, error)
-	// sweep removes from this host the networks that are gone from etcd
-	// and that no runtime serves (deleted while overlayd was down): all
-	// but keep.
-	sweep func(ctx context.Context, keep map[string]bool)
+	// converge brings the host-wide state to the networks listed, after
+	// the runtimes of deleted networks are stopped and before those of
+	// new ones start: the firewall's rules, and the removal of networks
+	// no runtime serves that etcd no longer lists (deleted while overlayd
+	// was down).
+	converge func(ctx context.Context, defs []overlay.Network)
 	// resync is how often the list is read when nothing changed; retry
 	// how long after a failed start it is tried again.
 	resync, retry time.Duration
@@ -76,8 +78,8 @@ type entry struct {
 
 // newNetworkSet returns an empty set; Run fills it.
 func newNetworkSet(list func(context.Context) ([]overlay.Network, error), start func(context.Context, overlay.Network) (network, error),
-	sweep func(context.Context, map[string]bool), resync, retry time.Duration, log *slog.Logger) *networkSet {
-	return &networkSet{list: list, start: start, sweep: sweep, resync: resync, retry: retry, log: log,
+	converge func(context.Context, []overlay.Network), resync, retry time.Duration, log *slog.Logger) *networkSet {
+	return &networkSet{list: list, start: start, converge: converge, resync: resync, retry: retry, log: log,
 		kick: make(chan struct{}, 1), nets: make(map[string]*entry)}
 }
 
@@ -174,11 +176,11 @@ func (s *networkSet) sync(ctx context.Context, defs []overlay.Network) []*entry 
 		<-e.done
 	}
 
+	s.converge(ctx, defs)
+
 	var started []*entry
 	s.mu.Lock()
-	keep := make(map[string]bool, len(want))
 	for _, n := range defs {
-		keep[n.Name] = true
 		if _, ok := s.nets[n.Name]; ok {
 			continue
 		}
@@ -190,7 +192,6 @@ func (s *networkSet) sync(ctx context.Context, defs []overlay.Network) []*entry 
 		go s.serve(ectx, e)
 	}
 	s.mu.Unlock()
-	s.sweep(ctx, keep)
 	return started
 }
 

@@ -70,7 +70,7 @@ type fakeEtcd struct {
 	defs    []overlay.Network
 	err     error
 	failing map[string]int // starts of a network that fail before one succeeds
-	swept   []map[string]bool
+	swept   [][]overlay.Network
 }
 
 func (f *fakeEtcd) set(defs ...overlay.Network) {
@@ -110,10 +110,10 @@ func newTestSet(t *testing.T) (*networkSet, *fakeEtcd, *eventLog) {
 		events.add("start " + n.Name + " " + n.ID)
 		return &fakeNetwork{def: n, events: events}, nil
 	}
-	sweep := func(_ context.Context, keep map[string]bool) {
+	sweep := func(_ context.Context, defs []overlay.Network) {
 		store.mu.Lock()
 		defer store.mu.Unlock()
-		store.swept = append(store.swept, keep)
+		store.swept = append(store.swept, defs)
 	}
 	s := newNetworkSet(store.list, start, sweep, time.Hour, 10*time.Millisecond, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	return s, store, events
@@ -208,12 +208,12 @@ func TestNetworkSet(t *testing.T) {
 			t.Errorf("stopping overlayd removed a network: %q", e)
 		}
 	}
-	// The sweep is told which networks to keep.
+	// The host-wide state is converged to the networks listed.
 	store.mu.Lock()
 	last := store.swept[len(store.swept)-1]
 	store.mu.Unlock()
-	if !last["b"] || !last["c"] || !last["d"] || last["a"] {
-		t.Errorf("last sweep keeps %v", last)
+	if len(last) != 3 || last[0].Name != "b" || last[1].Name != "c" || last[2].Name != "d" {
+		t.Errorf("last converge was given %v", last)
 	}
 }
 

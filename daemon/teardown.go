@@ -15,6 +15,7 @@ import (
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/firewall"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
 
@@ -90,6 +91,11 @@ func Teardown(ctx context.Context, cfg Config) error {
 		if err := dp.Delete(ctx, n); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if fw, err := firewall.New(); err != nil {
+		errs = append(errs, err)
+	} else if err := fw.Delete(); err != nil {
+		errs = append(errs, err)
 	}
 	if len(errs) == 0 {
 		if err := store.DeleteHost(ctx, host); err != nil {

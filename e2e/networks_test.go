@@ -2,15 +2,21 @@ package e2e
 
 import (
 	"context"
+	"net"
+	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
+	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/overlay/firewall"
 )
 
 // ctl runs overlayctl and fails the test when it fails.
@@ -215,5 +221,157 @@ func TestNetworksAtRunTime(t *testing.T) {
 	// The default network, made sure of by the flags, is untouched.
 	if err := h0.Status(ctx); err != nil {
 		t.Fatalf("default network after the deletions: %v", err)
+	}
+}
+
+// unreachable fails the test when from reaches to.
+func unreachable(t *testing.T, from, to *simnet.Container) {
+	t.Helper()
+	if err := from.Ping(context.Background(), to.Addr.Addr(), 1); err == nil {
+		t.Fatalf("%s (%s) reaches %s (%s) on another network", from.ID, from.Addr, to.ID, to.Addr)
+	}
+}
+
+// firewallRules returns the comments of the rules of host h's nftables
+// table.
+func firewallRules(t *testing.T, h *simnet.Host) []string {
+	t.Helper()
+	fd, err := netns.GetFromName(h.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fd.Close()
+	tbl, err := firewall.New(nftables.WithNetNSFd(int(fd)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, p, err := tbl.Comments()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(f, p...)
+}
+
+// TestNetworksIsolatedAndMasqueraded: containers on different networks
+// cannot reach each other, on one host or across hosts, though each
+// reaches its own network; a container's egress to an address outside
+// the overlay leaves with its host's underlay address, and traffic
+// between containers keeps their own; deleting a network removes its
+// rules everywhere.
+func TestNetworksIsolatedAndMasqueraded(t *testing.T) {
+	ctx := context.Background()
+	n := newNet(t, 3)
+	h0, h1 := n.Hosts[0], n.Hosts[1]
+	inet, err := n.AddInternet(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctl(t, n, "network", "create", "red", "--cidr", "10.30.0.0/16")
+	ctl(t, n, "network", "create", "blue", "--cidr", "10.31.0.0/16")
+	waitServed(t, n, "red", n.Hosts...)
+	waitServed(t, n, "blue", n.Hosts...)
+
+	add := func(h *simnet.Host, id, network string) *simnet.Container {
+		t.Helper()
+		var c *simnet.Container
+		var err error
+		if network == "default" {
+			c, err = n.AddContainer(ctx, h, id)
+		} else {
+			c, err = n.AddContainerOn(ctx, h, id, network)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	r0, r1 := add(h0, "r0", "red"), add(h1, "r1", "red")
+	b0, b1 := add(h0, "b0", "blue"), add(h1, "b1", "blue")
+	d1 := add(h1, "d1", "default")
+	for _, p := range [][2]*simnet.Container{{r0, r1}, {b0, b1}, {b1, b0}} {
+		if err := p[0].Ping(ctx, p[1].Addr.Addr(), 2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unreachable(t, r0, b0) // one host
+	unreachable(t, r0, b1) // across hosts
+	unreachable(t, b1, r0)
+	unreachable(t, d1, r1)
+	unreachable(t, r1, d1)
+
+	// Between containers the source is the container's own address.
+	l, err := r1.Listen(8080)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	seen := func(l net.Listener, dial func() (net.Conn, error)) netip.Addr {
+		t.Helper()
+		got := make(chan net.Addr, 1)
+		go func() {
+			c, err := l.Accept()
+			if err != nil {
+				got <- nil
+				return
+			}
+			got <- c.RemoteAddr()
+			c.Close()
+		}()
+		c, err := dial()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		a := <-got
+		if a == nil {
+			t.Fatal("accept failed")
+		}
+		return netip.MustParseAddrPort(a.String()).Addr()
+	}
+	if src := seen(l, func() (net.Conn, error) { return r0.Dial(ctx, netip.AddrPortFrom(r1.Addr.Addr(), 8080)) }); src != r0.Addr.Addr() {
+		t.Fatalf("r1 sees r0 as %s: traffic inside the overlay was masqueraded", src)
+	}
+	// To the outside, the source is the host's underlay address.
+	ol, err := inet.Listen(8080)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ol.Close()
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if src := seen(ol, func() (net.Conn, error) { return r0.Dial(dctx, netip.AddrPortFrom(inet.Addr, 8080)) }); src != h0.Underlay {
+		t.Fatalf("the outside sees r0 as %s, want its host's underlay address %s", src, h0.Underlay)
+	}
+
+	// The rules stay while overlayd is stopped.
+	if err := h0.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	unreachable(t, r0, b0)
+	if err := h0.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// Deleting blue takes its rules away on every host.
+	for _, c := range []*simnet.Container{b0, b1} {
+		if err := n.DelContainer(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	ctl(t, n, "network", "delete", "blue")
+	waitNoLinks(t, "blue", n.Hosts...)
+	for _, h := range n.Hosts {
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			rules := firewallRules(t, h)
+			if len(rules) > 0 && !slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "blue") }) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: rules after deleting blue: %q", h.Name, rules)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
 	}
 }

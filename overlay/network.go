@@ -86,7 +86,15 @@ type Network struct {
 	// Labels are the operator's key/value pairs on the network (CNM's
 	// network labels). The overlay does not interpret them.
 	Labels map[string]string `json:"labels,omitempty"`
+	// Masquerade, when not nil and false, turns off the masquerade of the
+	// network's egress: containers then reach addresses outside the
+	// overlay with their own address. Nil (the default) is on.
+	Masquerade *bool `json:"masquerade,omitempty"`
 }
+
+// MasqueradeOn reports whether the network's egress is masqueraded to
+// the host's address.
+func (n Network) MasqueradeOn() bool { return n.Masquerade == nil || *n.Masquerade }
 
 // Limits on a network's optional fields.
 const (

@@ -34,7 +34,7 @@ func TestNetworkCommands(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "created network red") || !strings.Contains(out, "vni 7100") {
 		t.Fatalf("create: %d %q %q", code, out, errs)
 	}
-	code, out, _ = c.run("network", "create", "--cidr", "10.2.0.0/16", "--vni", "42", "blue")
+	code, out, _ = c.run("network", "create", "--cidr", "10.2.0.0/16", "--vni", "42", "--masquerade=false", "blue")
 	if code != 0 || !strings.Contains(out, "vni 42") {
 		t.Fatalf("create with the name last: %d %q", code, out)
 	}
@@ -45,7 +45,7 @@ func TestNetworkCommands(t *testing.T) {
 	}
 	code, out, _ = c.run("network", "list", "--json")
 	var list []overlay.Network
-	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list) != 2 || list[1].MTU != 1400 {
+	if code != 0 || json.Unmarshal([]byte(out), &list) != nil || len(list) != 2 || list[1].MTU != 1400 || list[0].MasqueradeOn() || !list[1].MasqueradeOn() {
 		t.Fatalf("list --json: %d %s", code, out)
 	}
 

@@ -96,6 +96,7 @@ func networkCreate(ctx context.Context, c conn, args []string, stdout, stderr io
 	vniRange := fs.String("vni-range", etcd.DefaultVNIRange.String(), "where a network without --vni takes its VNI")
 	port := fs.Uint("vxlan-port", overlay.DefaultPort, "VXLAN UDP port")
 	mtu := fs.Int("mtu", 0, "MTU of the network's devices and containers; 0 derives it on each host from the underlay")
+	masq := fs.Bool("masquerade", true, "masquerade the network's egress to the host's address (false: containers reach outside addresses with their own)")
 	lbls := labels{}
 	fs.Var(lbls, "label", "KEY=VALUE label on the network (repeatable)")
 	asJSON := fs.Bool("json", false, "print the created network as JSON")
@@ -123,6 +124,9 @@ func networkCreate(ctx context.Context, c conn, args []string, stdout, stderr io
 	n := overlay.Network{Name: pos[0], CIDR: prefix, BlockBits: *blockBits, VNI: uint32(*vni), Port: uint16(*port), MTU: *mtu}
 	if len(lbls) > 0 {
 		n.Labels = lbls
+	}
+	if !*masq {
+		n.Masquerade = masq
 	}
 	store, closeStore, err := c.store(ctx)
 	if err != nil {
@@ -166,9 +170,9 @@ func networkList(ctx context.Context, c conn, args []string, stdout, stderr io.W
 		return printJSON(stdout, list)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tCIDR\tBLOCK\tVNI\tPORT\tMTU\tLABELS\tID")
+	fmt.Fprintln(tw, "NAME\tCIDR\tBLOCK\tVNI\tPORT\tMTU\tMASQUERADE\tLABELS\tID")
 	for _, n := range list {
-		fmt.Fprintf(tw, "%s\t%s\t/%d\t%d\t%d\t%s\t%s\t%s\n", n.Name, n.CIDR, n.BlockBits, n.VNI, n.Port, mtuText(n.MTU), labelText(n.Labels), idText(n.ID))
+		fmt.Fprintf(tw, "%s\t%s\t/%d\t%d\t%d\t%s\t%s\t%s\t%s\n", n.Name, n.CIDR, n.BlockBits, n.VNI, n.Port, mtuText(n.MTU), onOff(n.MasqueradeOn()), labelText(n.Labels), idText(n.ID))
 	}
 	return tw.Flush()
 }
@@ -215,8 +219,8 @@ func networkInspect(ctx context.Context, c conn, args []string, stdout, stderr i
 		return printJSON(stdout, out)
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "name:\t%s\nid:\t%s\ncidr:\t%s (%d blocks of /%d)\nvni:\t%d\nvxlan port:\t%d\nmtu:\t%s\nlabels:\t%s\n",
-		n.Name, idText(n.ID), n.CIDR, n.NumBlocks(), n.BlockBits, n.VNI, n.Port, mtuText(n.MTU), labelText(n.Labels))
+	fmt.Fprintf(tw, "name:\t%s\nid:\t%s\ncidr:\t%s (%d blocks of /%d)\nvni:\t%d\nvxlan port:\t%d\nmtu:\t%s\nmasquerade:\t%s\nlabels:\t%s\n",
+		n.Name, idText(n.ID), n.CIDR, n.NumBlocks(), n.BlockBits, n.VNI, n.Port, mtuText(n.MTU), onOff(n.MasqueradeOn()), labelText(n.Labels))
 	tw.Flush()
 	hosts := slices.Sorted(maps.Keys(out.Blocks))
 	for h := range out.Interfaces {
@@ -262,6 +266,13 @@ func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
 }
 
 func mtuText(mtu int) string {
