@@ -9,9 +9,12 @@
 //     namespace;
 //   - container ADD and DEL through libcni, overlay-cni against the
 //     reference bridge + host-local plugins on the same host;
-//   - a bare exec of the plugin (VERSION), the floor of any CNI call.
+//   - a bare exec of the plugin (VERSION), the floor of any CNI call;
+//   - a network created at run time, usable on every host, against the
+//     floor of an overlayctl command; 50 networks more on every host:
+//     overlayd's memory and its reconcile passes.
 //
-// Usage: sudo go run ./bench [-n 20] [-new-host-only]
+// Usage: sudo go run ./bench [-n 20] [-new-host-only] [-networks-only]
 package main
 
 import (
@@ -38,8 +41,9 @@ import (
 func main() {
 	n := flag.Int("n", 20, "samples per figure")
 	newHostOnly := flag.Bool("new-host-only", false, "measure only a new host programmed on another, against flanneld")
+	networksOnly := flag.Bool("networks-only", false, "measure only networks created at run time: usable everywhere, and 50 more on every host")
 	flag.Parse()
-	if err := run(*n, *newHostOnly); err != nil {
+	if err := run(*n, *newHostOnly, *networksOnly); err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
 		os.Exit(1)
 	}
@@ -50,7 +54,7 @@ func main() {
 const refConf = `{"cniVersion":"1.1.0","name":"ref","plugins":[{"type":"bridge","bridge":"refbr0","isGateway":true,
 "ipam":{"type":"host-local","subnet":"198.18.100.0/24","dataDir":%q}}]}`
 
-func run(samples int, newHostOnly bool) error {
+func run(samples int, newHostOnly, networksOnly bool) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root: sudo go run ./bench")
 	}
@@ -73,6 +77,14 @@ func run(samples int, newHostOnly bool) error {
 	h1, h2 := net.Hosts[0], net.Hosts[1]
 
 	fmt.Printf("bench: %d samples per figure, %s\n\n", samples, time.Now().Format(time.RFC3339))
+	if networksOnly {
+		for _, h := range net.Hosts {
+			if err := h.Start(ctx); err != nil {
+				return err
+			}
+		}
+		return networkFigures(ctx, net, samples)
+	}
 
 	// Start to ready.
 	t := time.Now()
@@ -247,7 +259,11 @@ func run(samples int, newHostOnly bool) error {
 	if err := burstAdds(ctx, net, cfg, ovList, refList, burst); err != nil {
 		return err
 	}
-	return concurrentAdds(ctx, net, cfg, ovList, concurrent)
+	if err := concurrentAdds(ctx, net, cfg, ovList, concurrent); err != nil {
+		return err
+	}
+	fmt.Println()
+	return networkFigures(ctx, net, samples)
 }
 
 // burst is how many containers burstAdds starts back to back on one host.

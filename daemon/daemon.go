@@ -188,14 +188,6 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		return err == nil, err
 	}
-	if cfg.Network.Name != "" {
-		// The flags' network: made sure of before anything else changes,
-		// so that one that differs from etcd's fails the start.
-		if _, err := store.EnsureNetwork(ctx, cfg.Network); err != nil {
-			return err
-		}
-	}
-
 	// From here on, etcd and the kernel change.
 	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
@@ -204,11 +196,29 @@ func Run(ctx context.Context, cfg Config) error {
 	// watch) finds the record that says where to send its traffic. The
 	// liveness key before the blocks too: from then on no host reclaims
 	// this host's blocks, and a note that it was gone is cleared. Both are
-	// written at once.
+	// written at once, beside the flags' network (one that differs from
+	// etcd's fails the start) and the list of networks, read then.
 	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
 	live := store.Liveness(id, 0, log.With("component", "liveness"))
 	var lease clientv3.LeaseID
+	var defs []overlay.Network
 	var first errgroup.Group
+	first.Go(func() error {
+		if cfg.Network.Name != "" {
+			if _, err := store.EnsureNetwork(ctx, cfg.Network); err != nil {
+				return err
+			}
+		}
+		lctx, cancel := context.WithTimeout(ctx, listTimeout)
+		defer cancel()
+		var err error
+		if defs, err = store.Networks(lctx); err != nil && defs == nil {
+			return fmt.Errorf("list the networks in etcd: %w", err)
+		} else if err != nil {
+			log.Warn("leaving out network definitions that cannot be decoded", "err", err)
+		}
+		return nil
+	})
 	first.Go(func() error {
 		return store.RegisterHost(ctx, etcd.HostRecord{Host: id, Underlay: ul.Addr, VTEPMAC: mac.String(), Gossip: gossipAddr, Updated: time.Now().UTC()})
 	})
@@ -224,9 +234,7 @@ func Run(ctx context.Context, cfg Config) error {
 		dir: &hostDirectory{store: store, log: log.With("component", "reconcile")}}
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
-	if err := set.Start(ctx); err != nil {
-		return err
-	}
+	set.Start(ctx, defs)
 	rt.set.Store(set)
 	h.registerMetrics()
 	log.Info("ready", "networks", set.names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,

@@ -4,10 +4,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net/netip"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -15,7 +13,6 @@ import (
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
-	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
@@ -42,12 +39,9 @@ type netRuntime struct {
 	metrics *metrics.Group
 	// before are the allocations that existed when the runtime started:
 	// those whose veth is gone are released after the orphan grace.
-	before []overlay.Allocation
-	// reclaimed counts the blocks of gone hosts this host freed.
-	reclaimed atomic.Uint64
-	// mirrored is when the mirror last copied the allocations to etcd
-	// (Unix nanoseconds), 0 before the first copy.
-	mirrored atomic.Int64
+	before  []overlay.Allocation
+	mirror  *mirrorLoop
+	reclaim *reclaimLoop
 	// bg bounds the work the handler leaves running (the deletions of
 	// DEL); cancelled by Close.
 	bg     context.Context
@@ -77,29 +71,29 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	// The host's record of the network, read whole now: a corrupt record
 	// fails the start before anything changes. It allocates from the
 	// pool's blocks once the pool exists (usable).
-	var usable func() []netip.Prefix
-	alloc, fresh, err := h.allocs.Allocator(n, h.id, func() []netip.Prefix { return usable() })
-	if err != nil {
-		return nil, err
-	}
-	r.alloc = alloc
-	r.pool = h.store.Pool(n, h.id)
-	// The blocks this host holds, read (and, for a record new to this
-	// network, etcd's copy of its allocations imported) at once. The
+	// The blocks this host holds are read beside it (and, for a record
+	// new to this network, etcd's copy of its allocations imported). The
 	// host's liveness key exists by now, so no reclaim can take a block
 	// after this read: what it returns is this host's.
+	var usable func() []netip.Prefix
+	r.pool = h.store.Pool(n, h.id)
 	var blocks []netip.Prefix
 	var first errgroup.Group
-	if fresh {
-		first.Go(func() error { return importAllocations(ctx, alloc, r.pool, n, log) })
-	}
 	first.Go(func() (err error) {
 		blocks, err = r.pool.Load(ctx)
 		return err
 	})
-	if err := first.Wait(); err != nil {
+	alloc, fresh, err := h.allocs.Allocator(n, h.id, func() []netip.Prefix { return usable() })
+	if err == nil && fresh {
+		first.Go(func() error { return importAllocations(ctx, alloc, r.pool, n, log) })
+	}
+	if werr := first.Wait(); err == nil {
+		err = werr
+	}
+	if err != nil {
 		return nil, err
 	}
+	r.alloc = alloc
 	r.addrs, err = ipam.New(ipam.Config{
 		Network: n, Host: h.id, MaxBlocks: h.cfg.MaxBlocks, IdleBlock: h.cfg.IdleBlock,
 		VerifyInterval: h.cfg.VerifyInterval, Log: log.With("component", "ipam"),
@@ -130,7 +124,10 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	// start.
 	localHost := overlay.Local{Host: h.id, Underlay: h.ul.Addr, UnderlayLink: h.ul.Link, MTU: mtu, VTEPMAC: h.mac, BridgeMAC: BridgeMAC(h.id, n.Name)}
 	rlog := log.With("component", "reconcile")
-	r.rec = overlay.NewReconciler(n, localHost, r.pool, h.dir, h.gossip, h.dp, h.cfg.ResyncInterval, rlog)
+	// A dataplane of its own: the networks' devices are apart, and one
+	// network's pass never waits for another's.
+	dp := vxlan.New(h.nl, log.With("component", "dataplane"))
+	r.rec = overlay.NewReconciler(n, localHost, r.pool, h.dir, h.gossip, dp, h.cfg.ResyncInterval, rlog)
 	if err := r.rec.Pass(ctx); err != nil {
 		// Not fatal: one failing entry must not stop the network. The
 		// loop retries; STATUS says "not ready" until a pass succeeds.
@@ -151,6 +148,13 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 		log.Warn("containers created before the MTU changed keep their old MTU, and CHECK fails for them: recreate them",
 			"mtu", mtu, "containers", ids)
 	}
+	r.mirror = &mirrorLoop{from: alloc, to: r.pool, resync: h.cfg.ResyncInterval, failed: h.metrics.MirrorFailures.Inc, log: log}
+	r.reclaim = &reclaimLoop{
+		reclaim: func(ctx context.Context, now time.Time) ([]etcd.Reclaimed, error) {
+			return h.store.Reclaim(ctx, n, h.id, h.cfg.ReclaimAfter, now)
+		},
+		interval: reclaimInterval(h.cfg), after: h.cfg.ReclaimAfter, kick: r.rec.Kick, log: log,
+	}
 	r.registerMetrics()
 	return r, nil
 }
@@ -167,8 +171,8 @@ func (r *netRuntime) Run(ctx context.Context) error {
 	eg.Go(func() error { return r.rec.Run(ctx) })
 	eg.Go(func() error { return r.h.store.WatchNetwork(ctx, r.network.Name, r.rec.Kick) })
 	eg.Go(func() error { return r.addrs.Run(ctx) })
-	eg.Go(func() error { return r.reclaimLoop(ctx) })
-	eg.Go(func() error { return r.mirror(ctx) })
+	eg.Go(func() error { return r.reclaim.Run(ctx) })
+	eg.Go(func() error { return r.mirror.Run(ctx) })
 	eg.Go(func() error {
 		select {
 		case <-ctx.Done():
@@ -220,49 +224,6 @@ func (r *netRuntime) Close() {
 	}
 }
 
-// reclaimInterval returns how often the host looks for blocks of gone
-// hosts to free: every verify interval, or four times a reclaim period
-// shorter than that, but at most once a second.
-func reclaimInterval(cfg Config) time.Duration {
-	return max(time.Second, min(cfg.VerifyInterval, cfg.ReclaimAfter/4))
-}
-
-// reclaimLoop frees the blocks of hosts whose liveness key has been gone
-// for the reclaim period, until ctx is done. Every host runs it; the
-// transactions are fenced, so two hosts freeing the same block, or an
-// owner coming back meanwhile, is safe. The waits are jittered so that
-// hosts do not look in lockstep.
-func (r *netRuntime) reclaimLoop(ctx context.Context) error {
-	cfg := r.h.cfg
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(backoff.Jitter(reclaimInterval(cfg), 0.5, rand.Float64())):
-		}
-		rctx, cancel := context.WithTimeout(ctx, storeTimeout)
-		freed, err := r.h.store.Reclaim(rctx, r.network, r.h.id, cfg.ReclaimAfter, time.Now())
-		cancel()
-		if err != nil && ctx.Err() == nil {
-			r.log.Warn("looking for blocks of gone hosts failed; will retry", "err", err)
-		}
-		byOwner := make(map[overlay.HostID][]netip.Prefix)
-		since := make(map[overlay.HostID]time.Time)
-		for _, f := range freed {
-			byOwner[f.Owner] = append(byOwner[f.Owner], f.Block)
-			since[f.Owner] = f.GoneSince
-		}
-		for owner, blocks := range byOwner {
-			r.log.Warn("freed the blocks of a host whose liveness key is gone for longer than the reclaim period",
-				"owner", owner, "blocks", blocks, "gone-since", since[owner].Format(time.RFC3339), "reclaim-after", cfg.ReclaimAfter)
-		}
-		if len(freed) > 0 {
-			r.reclaimed.Add(uint64(len(freed)))
-			r.rec.Kick()
-		}
-	}
-}
-
 // importAllocations records in alloc, new to network, the host's
 // allocations in etcd's copy: on the first start of a host that ran a
 // release which kept no record of its own.
@@ -278,70 +239,6 @@ func importAllocations(ctx context.Context, alloc *local.Allocator, pool *etcd.P
 		log.Info("imported this host's allocations from etcd", "allocations", len(list))
 	}
 	return nil
-}
-
-// mirrorDelay is how long the mirror lets changes gather before it copies
-// them. A failed copy is tried again mirrorRetry later at most, spread down
-// to half of it (mirrorRetryJitter) so that hosts failed by the same etcd
-// outage do not retry in lockstep.
-const (
-	mirrorDelay       = 100 * time.Millisecond
-	mirrorRetry       = time.Second
-	mirrorRetryJitter = 0.5
-)
-
-// mirror copies the host's allocations to etcd, until ctx is done: at
-// once, mirrorDelay after a change (so that a burst of ADDs and DELs
-// costs one etcd transaction, not one each, and etcd's disk writes stay
-// out of the way of the ADDs'), every resync interval, and within a second
-// after a failed copy (etcd down).
-func (r *netRuntime) mirror(ctx context.Context) error {
-	tick := time.NewTicker(r.h.cfg.ResyncInterval)
-	defer tick.Stop()
-	pass := time.NewTimer(0)
-	defer pass.Stop()
-	scheduled := true
-	var failingSince time.Time
-	for {
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-r.alloc.Changed():
-			if !scheduled {
-				pass.Reset(mirrorDelay)
-				scheduled = true
-			}
-			continue
-		case <-tick.C:
-		case <-pass.C:
-			scheduled = false
-		}
-		mctx, cancel := context.WithTimeout(ctx, storeTimeout)
-		list, err := r.alloc.List(mctx)
-		var n int
-		if err == nil {
-			n, err = r.pool.Mirror(mctx, list)
-		}
-		cancel()
-		if err == nil {
-			r.mirrored.Store(time.Now().UnixNano())
-		}
-		switch {
-		case err != nil && ctx.Err() == nil:
-			r.h.metrics.MirrorFailures.Inc()
-			if failingSince.IsZero() {
-				failingSince = time.Now()
-				r.log.Warn("copying allocations to etcd failed; retrying within a second (allocation goes on from this host's own record)", "err", err)
-			}
-			pass.Reset(backoff.Jitter(mirrorRetry, mirrorRetryJitter, rand.Float64()))
-			scheduled = true
-		case err == nil && !failingSince.IsZero():
-			r.log.Info("allocations copied to etcd again", "after", time.Since(failingSince).Round(time.Second), "changed", n)
-			failingSince = time.Time{}
-		case err == nil && n > 0:
-			r.log.Debug("allocations copied to etcd", "changed", n)
-		}
-	}
 }
 
 // registerMetrics exports the network's state, labelled with its name.
@@ -383,16 +280,19 @@ func (r *netRuntime) registerMetrics() {
 		return float64(r.addrs.Stats().Lost)
 	})
 	m.CounterFunc("ipam", "reclaimed_blocks_total", "Blocks of gone hosts (liveness key gone for the reclaim period) this host freed.", func() float64 {
-		return float64(r.reclaimed.Load())
+		return float64(r.reclaim.reclaimed.Load())
 	})
 	m.GaugeFunc("ipam", "mirror_last_success_timestamp_seconds", "When this host's allocations were last copied to etcd, in Unix seconds; 0 before the first copy.", func() float64 {
-		return float64(r.mirrored.Load()) / 1e9
+		return float64(r.mirror.mirrored.Load()) / 1e9
 	})
 	m.CounterFunc("reconcile", "passes_total", "Reconcile passes, failed ones included.", func() float64 {
 		return float64(r.rec.Status().Passes)
 	})
 	m.CounterFunc("reconcile", "failures_total", "Reconcile passes that failed.", func() float64 {
 		return float64(r.rec.Status().Failures)
+	})
+	m.GaugeFunc("reconcile", "last_pass_seconds", "How long the last reconcile pass took: its reads of etcd and the dataplane's convergence.", func() float64 {
+		return r.rec.Status().Took.Seconds()
 	})
 	m.GaugeFunc("gossip", "disagreements", "Fields of live members' gossip metadata that differ from etcd in the last pass (ignored).", func() float64 {
 		return float64(len(r.rec.Status().Disagreements))

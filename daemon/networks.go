@@ -105,24 +105,14 @@ func (s *networkSet) KickAll() {
 // listTimeout bounds one read of the list of networks.
 const listTimeout = 5 * time.Second
 
-// Start reads the list and starts every network's runtime, and returns
-// once each has started or failed to: overlayd says it is ready then. A
-// list that cannot be read is an error; a network that fails to start is
-// logged and tried again by Run.
-func (s *networkSet) Start(ctx context.Context) error {
-	lctx, cancel := context.WithTimeout(ctx, listTimeout)
-	defs, err := s.list(lctx)
-	cancel()
-	if err != nil && defs == nil {
-		return fmt.Errorf("list the networks in etcd: %w", err)
-	}
-	if err != nil {
-		s.log.Warn("leaving out network definitions that cannot be decoded", "err", err)
-	}
+// Start starts the runtime of every network of defs, the list as overlayd
+// read it at start, and returns once each has started or failed to:
+// overlayd says it is ready then. A network that fails to start is logged
+// and tried again by Run.
+func (s *networkSet) Start(ctx context.Context, defs []overlay.Network) {
 	for _, e := range s.sync(ctx, defs) {
 		<-e.started
 	}
-	return nil
 }
 
 // Run keeps the set equal to the list of networks until ctx is done,
@@ -176,7 +166,15 @@ func (s *networkSet) sync(ctx context.Context, defs []overlay.Network) []*entry 
 		<-e.done
 	}
 
-	s.converge(ctx, defs)
+	// The host-wide state beside the new runtimes' starts, which wait for
+	// it before they serve: a new network is isolated before its first
+	// ADD, and the start of a host does not wait for nftables' commit.
+	converged := make(chan struct{})
+	go func() {
+		defer close(converged)
+		s.converge(ctx, defs)
+	}()
+	defer func() { <-converged }()
 
 	var started []*entry
 	s.mu.Lock()
@@ -189,18 +187,20 @@ func (s *networkSet) sync(ctx context.Context, defs []overlay.Network) []*entry 
 		s.nets[n.Name] = e
 		started = append(started, e)
 		s.wg.Add(1)
-		go s.serve(ectx, e)
+		go s.serve(ectx, e, converged)
 	}
 	s.mu.Unlock()
 	return started
 }
 
-// serve starts e's runtime and runs it until its context is done.
-func (s *networkSet) serve(ctx context.Context, e *entry) {
+// serve starts e's runtime, serves it once converged is closed, and runs
+// it until its context is done.
+func (s *networkSet) serve(ctx context.Context, e *entry, converged <-chan struct{}) {
 	defer s.wg.Done()
 	defer close(e.done)
 	log := s.log.With("network", e.def.Name)
 	n, err := s.start(ctx, e.def)
+	<-converged
 	if err != nil {
 		close(e.started)
 		if ctx.Err() == nil {

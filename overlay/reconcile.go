@@ -166,6 +166,9 @@ type Status struct {
 	Failures uint64
 	// LastPass is when the last pass ended.
 	LastPass time.Time
+	// Took is how long the last pass took: its reads of the store and the
+	// dataplane's convergence.
+	Took time.Duration
 	// LastErr is the error of the last pass, nil when it succeeded.
 	LastErr error
 	// Config is the configuration last given to the dataplane.
@@ -272,6 +275,7 @@ func (r *Reconciler) Run(ctx context.Context) error {
 
 // Pass makes one reconcile pass and returns its error.
 func (r *Reconciler) Pass(ctx context.Context) error {
+	start := time.Now()
 	// Both reads at once: a pass woken by a new block programs it one
 	// round trip sooner.
 	octx, cancel := context.WithTimeout(ctx, min(ownersTimeout, r.interval))
@@ -300,6 +304,7 @@ func (r *Reconciler) Pass(ctx context.Context) error {
 		r.status.Failures++
 		r.status.LastErr = readErr
 		r.status.LastPass = time.Now()
+		r.status.Took = r.status.LastPass.Sub(start)
 		r.mu.Unlock()
 		return readErr
 	}
@@ -324,6 +329,7 @@ func (r *Reconciler) Pass(ctx context.Context) error {
 	}
 	r.status.LastErr = err
 	r.status.LastPass = time.Now()
+	r.status.Took = r.status.LastPass.Sub(start)
 	r.status.Config = cfg
 	r.status.Disagreements = disagree
 	return err

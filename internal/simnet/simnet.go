@@ -301,6 +301,16 @@ func (h *Host) WaitReady(ctx context.Context) error {
 	}
 }
 
+// Pid returns the process ID of the host's running overlayd, or 0.
+func (h *Host) Pid() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.cmd == nil || h.cmd.Process == nil {
+		return 0
+	}
+	return h.cmd.Process.Pid
+}
+
 // Stop sends overlayd SIGTERM and waits for it to exit.
 func (h *Host) Stop() error {
 	cmd, done := h.take()
