@@ -8,8 +8,6 @@
 package cnirpc
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -185,17 +183,6 @@ func (r GCRequest) Validate() error {
 type GCResponse struct {
 	// Released are the attachments whose addresses were released.
 	Released []overlay.AttachmentKey `json:"released"`
-}
-
-// HostVethPrefix starts the name of every host-side veth of the plugin.
-const HostVethPrefix = "ovl"
-
-// HostVethName derives the name of the host end of an attachment's veth
-// from what identifies it, so that DEL, GC and overlayd find it without
-// any stored state. It fits the kernel's 15-byte limit.
-func HostVethName(network string, key overlay.AttachmentKey) string {
-	sum := sha256.Sum256([]byte(network + "/" + key.ContainerID + "/" + key.IfName))
-	return HostVethPrefix + hex.EncodeToString(sum[:])[:maxIfNameLen-len(HostVethPrefix)]
 }
 
 // Status is the health of one network on this host, as STATUS needs it.

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -294,30 +293,6 @@ func FuzzRequestValidate(f *testing.F) {
 			t.Fatalf("Validate(%q, %q, %q) = %v, want valid %v", network, cid, ifname, err, want)
 		}
 	})
-}
-
-func TestHostVethName(t *testing.T) {
-	key := func(id, ifname string) overlay.AttachmentKey {
-		return overlay.AttachmentKey{ContainerID: id, IfName: ifname}
-	}
-	a := cnirpc.HostVethName("default", key("abc", "eth0"))
-	if len(a) > 15 || !strings.HasPrefix(a, cnirpc.HostVethPrefix) {
-		t.Fatalf("%q: want at most 15 bytes starting with %q", a, cnirpc.HostVethPrefix)
-	}
-	if a != cnirpc.HostVethName("default", key("abc", "eth0")) {
-		t.Fatal("name is not deterministic: DEL could not find it")
-	}
-	seen := map[string]bool{a: true}
-	for i := range 1000 {
-		n := cnirpc.HostVethName("default", key(fmt.Sprintf("c%d", i), "eth0"))
-		if seen[n] {
-			t.Fatalf("collision at %d", i)
-		}
-		seen[n] = true
-	}
-	if cnirpc.HostVethName("default", key("abc", "eth1")) == a || cnirpc.HostVethName("blue", key("abc", "eth0")) == a {
-		t.Fatal("interface or network does not change the name")
-	}
 }
 
 // FuzzHandler: any request body on any operation gets an answer with a

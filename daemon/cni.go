@@ -117,7 +117,7 @@ func (d *CNIHandler) Del(ctx context.Context, r cnirpc.Request) error {
 		return err
 	}
 	key := overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}
-	name := cnirpc.HostVethName(d.network.Name, key)
+	name := overlay.HostVethName(d.network.Name, key)
 	if err := d.links.Detach(name); err != nil {
 		return &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: "del: detach the host veth " + name, Details: err.Error()}
 	}
@@ -251,7 +251,7 @@ func (d *CNIHandler) StaleMTU(list []overlay.Allocation) map[overlay.AttachmentK
 // staleMTU returns the MTU of key's host veth, and whether it differs
 // from the network's. A veth that is gone, or cannot be read, is not.
 func (d *CNIHandler) staleMTU(key overlay.AttachmentKey) (int, bool) {
-	mtu, err := d.links.MTU(cnirpc.HostVethName(d.network.Name, key))
+	mtu, err := d.links.MTU(overlay.HostVethName(d.network.Name, key))
 	return mtu, err == nil && mtu != 0 && mtu != d.mtu
 }
 
@@ -353,7 +353,7 @@ func (d *CNIHandler) ReleaseOrphans(ctx context.Context, list []overlay.Allocati
 	var released []overlay.AttachmentKey
 	var errs []error
 	for _, al := range list {
-		name := cnirpc.HostVethName(d.network.Name, al.Key)
+		name := overlay.HostVethName(d.network.Name, al.Key)
 		state, err := d.links.State(name)
 		if err != nil || state == hostlink.Attached {
 			errs = append(errs, err)

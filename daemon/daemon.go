@@ -19,7 +19,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/ipam/etcd"
@@ -430,7 +429,7 @@ func (h *host) sweep(ctx context.Context, keep map[string]bool) {
 		if alloc, _, err := h.allocs.Allocator(overlay.Network{Name: name}, h.id, func() []netip.Prefix { return nil }); err == nil {
 			list, _ := alloc.List(ctx)
 			for _, al := range list {
-				_ = h.links.Delete(cnirpc.HostVethName(name, al.Key))
+				_ = h.links.Delete(overlay.HostVethName(name, al.Key))
 				cut = append(cut, al.Key.String())
 			}
 		}

@@ -314,8 +314,8 @@ func TestReleaseOrphans(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	links.set(cnirpc.HostVethName("default", live), hostlink.Attached)
-	links.set(cnirpc.HostVethName("default", pending), hostlink.Detached) // a DEL a stop cut short
+	links.set(overlay.HostVethName("default", live), hostlink.Attached)
+	links.set(overlay.HostVethName("default", pending), hostlink.Detached) // a DEL a stop cut short
 	list, err := h.Allocations(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -327,7 +327,7 @@ func TestReleaseOrphans(t *testing.T) {
 	if _, err := h.Check(ctx, cnirpc.Request{Network: "default", ContainerID: "live", IfName: "eth0"}); err != nil {
 		t.Fatalf("live attachment released: %v", err)
 	}
-	if st, _ := links.State(cnirpc.HostVethName("default", pending)); st != hostlink.Gone {
+	if st, _ := links.State(overlay.HostVethName("default", pending)); st != hostlink.Gone {
 		t.Fatal("the detached veth of a pending deletion was not deleted")
 	}
 }
@@ -342,7 +342,7 @@ func attached(t *testing.T, h *CNIHandler, links *fakeLinks, id string) (cnirpc.
 	if err != nil {
 		t.Fatal(err)
 	}
-	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: id, IfName: "eth0"})
+	name := overlay.HostVethName("default", overlay.AttachmentKey{ContainerID: id, IfName: "eth0"})
 	links.set(name, hostlink.Attached)
 	return req, name, a
 }
@@ -427,7 +427,7 @@ func TestStartingAnswers(t *testing.T) {
 	if st, err := s.Status(ctx, "default"); err != nil || st.Ready || st.Reason == "" {
 		t.Errorf("STATUS while starting = %+v, %v; want not ready, with a reason", st, err)
 	}
-	name := cnirpc.HostVethName("default", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
+	name := overlay.HostVethName("default", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
 	links.set(name, hostlink.Attached)
 	if err := s.Del(ctx, req); err != nil {
 		t.Fatalf("DEL while starting: %v", err)

@@ -11,7 +11,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
@@ -197,7 +196,7 @@ func (r *netRuntime) Remove(ctx context.Context) {
 	}
 	var cut []string
 	for _, al := range list {
-		name := cnirpc.HostVethName(r.network.Name, al.Key)
+		name := overlay.HostVethName(r.network.Name, al.Key)
 		if err := r.h.links.Delete(name); err != nil {
 			r.log.Warn("deleting the host veth of a container of the deleted network", "veth", name, "err", err)
 		}

@@ -260,7 +260,7 @@ func TestRouter(t *testing.T) {
 		t.Fatalf("CHECK when etcd cannot say = %v, want code 11", err)
 	}
 	req.Network = "nope"
-	name := cnirpc.HostVethName("nope", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
+	name := overlay.HostVethName("nope", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
 	links.set(name, hostlink.Attached)
 	if err := r.Del(ctx, req); err != nil {
 		t.Fatalf("DEL of an unknown network = %v, want success", err)

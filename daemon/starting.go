@@ -31,7 +31,7 @@ func (s starting) Add(context.Context, cnirpc.Request) (cnirpc.Attachment, error
 }
 func (s starting) Flush(context.Context, string) error { return s.err() }
 func (s starting) Del(_ context.Context, r cnirpc.Request) error {
-	name := cnirpc.HostVethName(r.Network, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
+	name := overlay.HostVethName(r.Network, overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName})
 	if err := s.links.Delete(name); err != nil {
 		return &cnirpc.Error{Code: cnirpc.CodeInternal, Msg: "del: delete the host veth " + name, Details: err.Error()}
 	}

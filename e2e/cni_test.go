@@ -144,7 +144,7 @@ func TestCNINetNSNotANamespace(t *testing.T) {
 			if allocated(t, n, bogus) {
 				t.Fatal("the refused ADD allocated an address")
 			}
-			veth := cnirpc.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: bogus.ID, IfName: "eth0"})
+			veth := overlay.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: bogus.ID, IfName: "eth0"})
 			if out := ipOut(t, h, "ip", "-o", "link", "show"); strings.Contains(out, veth) {
 				t.Fatalf("the refused ADD left the veth %s:\n%s", veth, out)
 			}
@@ -260,7 +260,7 @@ func TestCNIAddNotConfirmed(t *testing.T) {
 	if err := n.Attach(ctx, c); cniCode(err) != types.ErrTryAgainLater {
 		t.Fatalf("ADD whose allocation is not confirmed = %v, want code 11", err)
 	}
-	veth := cnirpc.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: c.ID, IfName: "eth0"})
+	veth := overlay.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: c.ID, IfName: "eth0"})
 	if out := ipOut(t, h, "ip", "-o", "link", "show"); strings.Contains(out, veth) {
 		t.Fatalf("the veth %s of the failed ADD is left on the host:\n%s", veth, out)
 	}

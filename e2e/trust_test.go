@@ -86,7 +86,7 @@ func echoStream(t *testing.T, client, server *simnet.Container, port int, maxRTT
 
 // hostVeth returns the name of c's host veth.
 func hostVeth(n *simnet.Net, c *simnet.Container) string {
-	return cnirpc.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: c.ID, IfName: "eth0"})
+	return overlay.HostVethName(n.Network.Name, overlay.AttachmentKey{ContainerID: c.ID, IfName: "eth0"})
 }
 
 // TestGatewayMACSurvivesAddAndDel: containers whose host veths' MACs sort

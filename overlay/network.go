@@ -6,6 +6,8 @@
 package overlay
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -270,4 +272,19 @@ func addrToUint(a netip.Addr) uint32 {
 
 func uintToAddr(v uint32) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// HostVethPrefix starts the name of every host end of a container's veth.
+const HostVethPrefix = "ovl"
+
+// maxIfNameLen is the kernel's limit on an interface name, in bytes
+// (IFNAMSIZ less the terminating NUL).
+const maxIfNameLen = 15
+
+// HostVethName derives the name of the host end of an attachment's veth
+// from what identifies it, so that DEL, GC and overlayd find it without
+// any stored state. It fits the kernel's 15-byte limit.
+func HostVethName(network string, key AttachmentKey) string {
+	sum := sha256.Sum256([]byte(network + "/" + key.ContainerID + "/" + key.IfName))
+	return HostVethPrefix + hex.EncodeToString(sum[:])[:maxIfNameLen-len(HostVethPrefix)]
 }

@@ -112,7 +112,7 @@ type plugin struct{}
 
 // hostVethName is the name of the host end of this attachment's veth.
 func hostVethName(conf *NetConf, args *skel.CmdArgs) string {
-	return cnirpc.HostVethName(conf.Network, overlay.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName})
+	return overlay.HostVethName(conf.Network, overlay.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName})
 }
 
 func request(conf *NetConf, args *skel.CmdArgs) cnirpc.Request {
@@ -236,10 +236,10 @@ func (p *plugin) cmdGC(args *skel.CmdArgs) error {
 	keep := make(map[string]bool)
 	for _, a := range append(gc.Valid, gc.Legacy...) {
 		k := overlay.AttachmentKey{ContainerID: a.ContainerID, IfName: a.IfName}
-		if keep[cnirpc.HostVethName(conf.Network, k)] {
+		if keep[overlay.HostVethName(conf.Network, k)] {
 			continue
 		}
-		keep[cnirpc.HostVethName(conf.Network, k)] = true
+		keep[overlay.HostVethName(conf.Network, k)] = true
 		req.Valid = append(req.Valid, k)
 	}
 	// Veths first: an address is released only once no veth holds it.

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/overlay"
 	"github.com/overlaynet/overlay/overlay/hostlink"
 )
 
@@ -167,5 +168,5 @@ func deleteStaleVeths(bridge string, keep map[string]bool) error {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer host.Close()
-	return hostlink.New(host).DeleteStale(bridge, cnirpc.HostVethPrefix, keep)
+	return hostlink.New(host).DeleteStale(bridge, overlay.HostVethPrefix, keep)
 }
