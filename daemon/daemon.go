@@ -19,6 +19,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/ipam/etcd"
@@ -129,8 +130,15 @@ func Run(ctx context.Context, cfg Config) error {
 	cniLog := log.With("component", "cni")
 	m := metrics.New()
 	// Every request is counted, those a starting overlayd answers too.
-	rt := &router{links: links}
-	srv := rpcserver.NewServer(rpcserver.Observed(rpcserver.NewHandler(rt, cniLog), m.ObserveCNI), rpcserver.DefaultServerConfig(), cniLog)
+	var store *etcd.Store // set once etcd is reached, before the service serves a network
+	svc := attach.NewService(links, func(ctx context.Context, name string) (bool, error) {
+		_, err := store.Network(ctx, name)
+		if errors.Is(err, overlay.ErrNotFound) {
+			return false, nil
+		}
+		return err == nil, err
+	})
+	srv := rpcserver.NewServer(rpcserver.Observed(rpcserver.NewHandler(cniHandler{svc}, cniLog), m.ObserveCNI), rpcserver.DefaultServerConfig(), cniLog)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	defer srv.Close()
@@ -179,13 +187,13 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer conn.close()
 	emb := conn.emb
-	store := etcd.NewStore(conn.cli, cfg.EtcdPrefix)
-	rt.exists = func(ctx context.Context, name string) (bool, error) {
-		_, err := store.Network(ctx, name)
-		if errors.Is(err, overlay.ErrNotFound) {
-			return false, nil
+	store = etcd.NewStore(conn.cli, cfg.EtcdPrefix)
+	if cfg.Network.Name != "" {
+		// The flags' network: made sure of before anything else changes,
+		// so that one that differs from etcd's fails the start.
+		if _, err := store.EnsureNetwork(ctx, cfg.Network); err != nil {
+			return err
 		}
-		return err == nil, err
 	}
 	// From here on, etcd and the kernel change.
 	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
@@ -195,19 +203,13 @@ func Run(ctx context.Context, cfg Config) error {
 	// watch) finds the record that says where to send its traffic. The
 	// liveness key before the blocks too: from then on no host reclaims
 	// this host's blocks, and a note that it was gone is cleared. Both are
-	// written at once, beside the flags' network (one that differs from
-	// etcd's fails the start) and the list of networks, read then.
+	// written at once, and the list of networks read beside them.
 	gossipAddr := netip.AddrPortFrom(ul.Addr, uint16(g.LocalAddr().Port())).String()
 	live := store.Liveness(id, 0, log.With("component", "liveness"))
 	var lease clientv3.LeaseID
 	var defs []overlay.Network
 	var first errgroup.Group
 	first.Go(func() error {
-		if cfg.Network.Name != "" {
-			if _, err := store.EnsureNetwork(ctx, cfg.Network); err != nil {
-				return err
-			}
-		}
 		lctx, cancel := context.WithTimeout(ctx, listTimeout)
 		defer cancel()
 		var err error
@@ -234,9 +236,9 @@ func Run(ctx context.Context, cfg Config) error {
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
 	set.Start(ctx, defs)
-	rt.set.Store(set)
+	svc.Serve(set)
 	h.registerMetrics()
-	log.Info("ready", "networks", set.names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
+	log.Info("ready", "networks", set.Names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
 	eg, ctx := errgroup.WithContext(ctx)
@@ -345,7 +347,7 @@ type host struct {
 	gossip  *gossip.Gossip
 	live    *etcd.Liveness
 	metrics *metrics.Metrics
-	links   HostLinks
+	links   attach.HostLinks
 	dp      overlay.Dataplane
 	dir     *hostDirectory
 	fw      Firewall

@@ -11,7 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
@@ -34,7 +34,7 @@ type netRuntime struct {
 	pool    *etcd.Pool
 	addrs   *ipam.Pool
 	rec     *overlay.Reconciler
-	handler *CNIHandler
+	handler *attach.Network
 	metrics *metrics.Group
 	// before are the allocations that existed when the runtime started:
 	// those whose veth is gone are released after the orphan grace.
@@ -132,7 +132,7 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 		// loop retries; STATUS says "not ready" until a pass succeeds.
 		log.Error("programming the dataplane failed; retrying", "err", err)
 	}
-	r.handler = NewCNIHandler(r.bg, n, mtu, r.addrs, r.rec.Status, func() int { return h.gossip.Stats().Members }, h.links, h.log.With("component", "cni"))
+	r.handler = attach.NewNetwork(r.bg, n, mtu, r.addrs, r.rec.Status, func() int { return h.gossip.Stats().Members }, h.links, h.log.With("component", "cni"))
 	before, err := r.handler.Allocations(ctx)
 	if err != nil {
 		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
@@ -158,8 +158,8 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	return r, nil
 }
 
-// Handler returns the network's CNI handler.
-func (r *netRuntime) Handler() rpcserver.Handler { return r.handler }
+// Attacher returns the network's attachment service.
+func (r *netRuntime) Attacher() attach.Attacher { return r.handler }
 
 // Kick asks the reconcile loop for a pass.
 func (r *netRuntime) Kick() { r.rec.Kick() }

@@ -2,18 +2,13 @@ package daemon
 
 import (
 	"context"
-	"errors"
-	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
-	"github.com/overlaynet/overlay/cnirpc"
-	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/overlay"
 )
@@ -24,8 +19,8 @@ type network interface {
 	// Run runs the network's loops until ctx is done, and returns ctx's
 	// error or the error of a loop that failed.
 	Run(ctx context.Context) error
-	// Handler serves the network's CNI requests.
-	Handler() rpcserver.Handler
+	// Attacher serves the network's attachments.
+	Attacher() attach.Attacher
 	// Kick asks the network's reconcile loop for a pass.
 	Kick()
 	// Remove removes the network from this host once it is deleted in
@@ -253,20 +248,22 @@ func (s *networkSet) stopAll() {
 	s.wg.Wait()
 }
 
-// lookup returns the network's handler, or nil with whether the set
-// knows the network (it is starting) at all.
-func (s *networkSet) lookup(name string) (rpcserver.Handler, bool) {
+var _ attach.Networks = (*networkSet)(nil)
+
+// Lookup returns the network's attachment service, or nil with whether
+// the set knows the network (it is starting) at all.
+func (s *networkSet) Lookup(name string) (attach.Attacher, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	e, ok := s.nets[name]
 	if !ok || e.net == nil {
 		return nil, ok
 	}
-	return e.net.Handler(), true
+	return e.net.Attacher(), true
 }
 
-// names returns the names of the networks the set serves, sorted.
-func (s *networkSet) names() []string {
+// Names returns the names of the networks the set serves, sorted.
+func (s *networkSet) Names() []string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	out := make([]string, 0, len(s.nets))
@@ -275,106 +272,4 @@ func (s *networkSet) names() []string {
 	}
 	slices.Sort(out)
 	return out
-}
-
-// router is the rpcserver.Handler of the CNI socket: it hands each
-// request to its network's handler. Before the host is ready, and for a
-// network that is starting, it answers as starting does; for a network
-// it does not serve, it looks the name up in etcd, so that an ADD right
-// after "overlayctl network create" gets "try again" rather than
-// "unknown network".
-type router struct {
-	links HostLinks
-	// set is nil until overlayd has started its networks.
-	set atomic.Pointer[networkSet]
-	// exists reports whether etcd knows network name.
-	exists func(ctx context.Context, name string) (bool, error)
-}
-
-var _ rpcserver.Handler = (*router)(nil)
-
-// lookupTimeout bounds the etcd lookup of a network this host does not
-// serve.
-const lookupTimeout = 2 * time.Second
-
-// handler returns the handler of network name.
-func (r *router) handler(ctx context.Context, name string) (rpcserver.Handler, error) {
-	set := r.set.Load()
-	if set == nil {
-		return starting{links: r.links, why: "overlayd"}, nil
-	}
-	if h, known := set.lookup(name); h != nil {
-		return h, nil
-	} else if known {
-		return starting{links: r.links, why: "network " + name}, nil
-	}
-	lctx, cancel := context.WithTimeout(ctx, lookupTimeout)
-	defer cancel()
-	ok, err := r.exists(lctx, name)
-	switch {
-	case err != nil:
-		return nil, &cnirpc.Error{Code: cnirpc.CodeTryAgainLater, Msg: fmt.Sprintf("network %q is not served on this host, and etcd cannot be asked whether it exists; try again later", name), Details: err.Error()}
-	case ok:
-		set.Kick()
-		return starting{links: r.links, why: "network " + name}, nil
-	}
-	served := strings.Join(set.names(), ", ")
-	if served == "" {
-		served = "none"
-	}
-	return nil, cnirpc.Errorf(cnirpc.CodeInvalidNetwork, "unknown network %q: create it first (overlayctl network create %s --cidr ...) or fix the CNI configuration's \"network\"; networks in etcd: %s", name, name, served)
-}
-
-func (r *router) Add(ctx context.Context, req cnirpc.Request) (cnirpc.Attachment, error) {
-	h, err := r.handler(ctx, req.Network)
-	if err != nil {
-		return cnirpc.Attachment{}, err
-	}
-	return h.Add(ctx, req)
-}
-
-func (r *router) Flush(ctx context.Context, network string) error {
-	h, err := r.handler(ctx, network)
-	if err != nil {
-		return err
-	}
-	return h.Flush(ctx, network)
-}
-
-// Del of a network that does not exist succeeds: CNI's DEL must, and its
-// host veth, if any, is deleted as the plugin does when overlayd is down.
-func (r *router) Del(ctx context.Context, req cnirpc.Request) error {
-	h, err := r.handler(ctx, req.Network)
-	var e *cnirpc.Error
-	if errors.As(err, &e) && e.Code == cnirpc.CodeInvalidNetwork {
-		h, err = starting{links: r.links}, nil
-	}
-	if err != nil {
-		return err
-	}
-	return h.Del(ctx, req)
-}
-
-func (r *router) Check(ctx context.Context, req cnirpc.Request) (cnirpc.Attachment, error) {
-	h, err := r.handler(ctx, req.Network)
-	if err != nil {
-		return cnirpc.Attachment{}, err
-	}
-	return h.Check(ctx, req)
-}
-
-func (r *router) Status(ctx context.Context, network string) (cnirpc.Status, error) {
-	h, err := r.handler(ctx, network)
-	if err != nil {
-		return cnirpc.Status{}, err
-	}
-	return h.Status(ctx, network)
-}
-
-func (r *router) GC(ctx context.Context, req cnirpc.GCRequest) (cnirpc.GCResponse, error) {
-	h, err := r.handler(ctx, req.Network)
-	if err != nil {
-		return cnirpc.GCResponse{}, err
-	}
-	return h.GC(ctx, req)
 }

@@ -12,10 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/cnirpc"
-	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/overlay"
-	"github.com/overlaynet/overlay/overlay/hostlink"
 )
 
 // fakeNetwork is a network runtime that records what the set does to it.
@@ -28,8 +27,8 @@ func (f *fakeNetwork) Run(ctx context.Context) error {
 	<-ctx.Done()
 	return ctx.Err()
 }
-func (f *fakeNetwork) Handler() rpcserver.Handler { return starting{why: "fake " + f.def.Name} }
-func (f *fakeNetwork) Kick()                      { f.events.add("kick " + f.def.Name) }
+func (f *fakeNetwork) Attacher() attach.Attacher { return fakeAttacher(f.def.Name) }
+func (f *fakeNetwork) Kick()                     { f.events.add("kick " + f.def.Name) }
 func (f *fakeNetwork) Remove(ctx context.Context) {
 	f.events.add("remove " + f.def.Name + " " + f.def.ID)
 }
@@ -146,7 +145,7 @@ func TestNetworkSet(t *testing.T) {
 	if !events.has("start a 1") || !events.has("start b 2") {
 		t.Fatalf("after Start: %v", events.events)
 	}
-	if h, _ := s.lookup("a"); h == nil {
+	if h, _ := s.Lookup("a"); h == nil {
 		t.Fatal("no handler for a")
 	}
 	done := make(chan error, 1)
@@ -157,7 +156,7 @@ func TestNetworkSet(t *testing.T) {
 	eventually(t, "a removed and c started", func() bool {
 		return events.has("remove a 1") && events.has("close a 1") && events.has("start c 3")
 	})
-	if h, known := s.lookup("a"); h != nil || known {
+	if h, known := s.Lookup("a"); h != nil || known {
 		t.Fatal("a still served after its deletion")
 	}
 
@@ -216,56 +215,55 @@ func TestNetworkSet(t *testing.T) {
 	}
 }
 
-// TestRouter: requests go to their network's handler; before the host is
-// ready, and for a network still starting, the answer is "try again";
-// an unknown network is code 7 unless etcd knows it; DEL of an unknown
-// network succeeds and deletes the host veth.
-func TestRouter(t *testing.T) {
-	ctx := context.Background()
-	links := &fakeLinks{state: map[string]hostlink.State{}}
-	known := map[string]bool{"fresh": true}
-	r := &router{links: links, exists: func(_ context.Context, name string) (bool, error) {
-		if name == "broken" {
-			return false, errors.New("etcd down")
-		}
-		return known[name], nil
-	}}
-	req := cnirpc.Request{Network: "a", ContainerID: "c", IfName: "eth0"}
-	if _, err := r.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater || !strings.Contains(err.Error(), "overlayd is starting") {
-		t.Fatalf("ADD before ready = %v", err)
-	}
+// fakeAttacher is the attachment service of a fake network: it says
+// which network it is in every answer.
+type fakeAttacher string
 
+func (f fakeAttacher) err() error { return errors.New("fake " + string(f)) }
+func (f fakeAttacher) Allocate(context.Context, attach.Request) (attach.Attachment, error) {
+	return attach.Attachment{}, f.err()
+}
+func (f fakeAttacher) Flush(context.Context) error                  { return f.err() }
+func (f fakeAttacher) Detach(context.Context, attach.Request) error { return f.err() }
+func (f fakeAttacher) Check(context.Context, attach.Request) (attach.Attachment, error) {
+	return attach.Attachment{}, f.err()
+}
+func (f fakeAttacher) Status(context.Context) (attach.Status, error) { return attach.Status{}, f.err() }
+func (f fakeAttacher) GC(context.Context, []overlay.AttachmentKey) ([]overlay.AttachmentKey, error) {
+	return nil, f.err()
+}
+
+// TestServiceThroughTheSet: the attachment service hands a request to the
+// set's network, and the CNI adapter turns the service's kinds of failure
+// into CNI codes: an unknown network is code 7, one etcd knows but this
+// host does not serve yet code 11.
+func TestServiceThroughTheSet(t *testing.T) {
+	ctx := context.Background()
 	s, store, _ := newTestSet(t)
 	store.set(testDef("a", "1"))
 	defs, _ := store.list(ctx)
 	s.Start(ctx, defs)
-	r.set.Store(s)
-	if _, err := r.Add(ctx, req); !strings.Contains(err.Error(), "fake a") {
-		t.Fatalf("ADD of a = %v; want it handled by a's handler", err)
+	svc := attach.NewService(nil, func(_ context.Context, name string) (bool, error) { return name == "fresh", nil })
+	svc.Serve(s)
+	h := cniHandler{svc}
+	req := cnirpc.Request{Network: "a", ContainerID: "c", IfName: "eth0"}
+	if _, err := h.Add(ctx, req); err == nil || !strings.Contains(err.Error(), "fake a") {
+		t.Fatalf("ADD of a = %v; want a's answer", err)
 	}
 	req.Network = "nope"
-	_, err := r.Add(ctx, req)
-	if code(err) != cnirpc.CodeInvalidNetwork || !strings.Contains(err.Error(), "overlayctl network create nope") || !strings.Contains(err.Error(), "networks in etcd: a") {
-		t.Fatalf("ADD of an unknown network = %v", err)
-	}
-	if _, err := r.Status(ctx, "fresh"); err != nil {
-		t.Fatalf("STATUS of a network etcd knows: %v", err)
+	if _, err := h.Add(ctx, req); code(err) != cnirpc.CodeInvalidNetwork || !strings.Contains(err.Error(), "networks in etcd: a") {
+		t.Fatalf("ADD of an unknown network = %v, want code 7 naming a", err)
 	}
 	req.Network = "fresh"
-	if _, err := r.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
+	if _, err := h.Add(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
 		t.Fatalf("ADD of a network just created = %v, want code 11", err)
 	}
-	req.Network = "broken"
-	if _, err := r.Check(ctx, req); code(err) != cnirpc.CodeTryAgainLater {
-		t.Fatalf("CHECK when etcd cannot say = %v, want code 11", err)
+}
+
+func code(err error) uint {
+	var e *cnirpc.Error
+	if errors.As(err, &e) {
+		return e.Code
 	}
-	req.Network = "nope"
-	name := overlay.HostVethName("nope", overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"})
-	links.set(name, hostlink.Attached)
-	if err := r.Del(ctx, req); err != nil {
-		t.Fatalf("DEL of an unknown network = %v, want success", err)
-	}
-	if st, _ := links.State(name); st != hostlink.Gone {
-		t.Fatalf("DEL of an unknown network left its veth %v", st)
-	}
+	return 0
 }
