@@ -427,21 +427,29 @@ func (h *host) sweep(ctx context.Context, keep map[string]bool) {
 		if err != nil {
 			continue
 		}
-		var cut []string
-		if alloc, _, err := h.allocs.Allocator(overlay.Network{Name: name}, h.id, func() []netip.Prefix { return nil }); err == nil {
-			list, _ := alloc.List(ctx)
-			for _, al := range list {
-				_ = h.links.Delete(overlay.HostVethName(name, al.Key))
-				cut = append(cut, al.Key.String())
-			}
-		}
-		if len(cut) > 0 {
-			slices.Sort(cut)
-			h.log.Warn("a network deleted while overlayd was down had containers on this host: they are cut off; remove them", "network", name, "containers", cut)
-		}
-		h.removeNetwork(ctx, overlay.Network{Name: name})
+		h.removeStale(ctx, name, "a network deleted while overlayd was down had containers on this host: they are cut off; remove them")
 		lock.Unlock()
 	}
+}
+
+// removeStale removes network name, which etcd no longer holds as this
+// host knew it, from this host: the host veths of the containers its
+// record lists (logged with why), its devices and the record. The caller
+// holds the network's lock.
+func (h *host) removeStale(ctx context.Context, name, why string) {
+	var cut []string
+	if alloc, _, err := h.allocs.Allocator(overlay.Network{Name: name}, h.id, func() []netip.Prefix { return nil }); err == nil {
+		list, _ := alloc.List(ctx)
+		for _, al := range list {
+			_ = h.links.Delete(overlay.HostVethName(name, al.Key))
+			cut = append(cut, al.Key.String())
+		}
+	}
+	if len(cut) > 0 {
+		slices.Sort(cut)
+		h.log.Warn(why, "network", name, "containers", cut)
+	}
+	h.removeNetwork(ctx, overlay.Network{Name: name})
 }
 
 // every calls fn every interval until ctx is done, and returns ctx's

@@ -67,6 +67,13 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	if r.lock, err = lockNetwork(n.Name); err != nil {
 		return nil, err
 	}
+	// A record of another network of the same name: deleted and created
+	// again while overlayd was down. Its containers and devices go first.
+	if old, err := h.allocs.NetworkID(n.Name); err != nil {
+		return nil, err
+	} else if old != "" && n.ID != "" && old != n.ID {
+		h.removeStale(ctx, n.Name, "the network was deleted and created again under its name while overlayd was down: the containers of the old one are cut off; remove them")
+	}
 	// The host's record of the network, read whole now: a corrupt record
 	// fails the start before anything changes. It allocates from the
 	// pool's blocks once the pool exists (usable).

@@ -16,6 +16,7 @@ import (
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
 	"github.com/overlaynet/overlay/ipam/etcd"
+	"github.com/overlaynet/overlay/overlay"
 	"github.com/overlaynet/overlay/overlay/firewall"
 )
 
@@ -373,5 +374,50 @@ func TestNetworksIsolatedAndMasqueraded(t *testing.T) {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
+	}
+}
+
+// TestNetworkRecreatedWhileHostDown: a network deleted and created again
+// under its name while a host is down is a new network to that host when
+// it comes back: the old containers' veths go, and new containers get the
+// new address space and reach the other hosts.
+func TestNetworkRecreatedWhileHostDown(t *testing.T) {
+	ctx := context.Background()
+	n := newNet(t, 2)
+	h0, h1 := n.Hosts[0], n.Hosts[1]
+	ctl(t, n, "network", "create", "red", "--cidr", "10.30.0.0/16")
+	waitServed(t, n, "red", h0, h1)
+	if _, err := n.AddContainerOn(ctx, h1, "old", "red"); err != nil {
+		t.Fatal(err)
+	}
+	veth := overlay.HostVethName("red", overlay.AttachmentKey{ContainerID: "old", IfName: "eth0"})
+	if !hasLink(t, h1, veth) {
+		t.Fatalf("no host veth %s for the old container", veth)
+	}
+	if err := h1.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	ctl(t, n, "network", "delete", "--force", "red")
+	ctl(t, n, "network", "create", "red", "--cidr", "10.40.0.0/16")
+	if err := h1.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	waitServed(t, n, "red", h0, h1)
+	if hasLink(t, h1, veth) {
+		t.Fatal("the old network's container is still on the bridge of the new one")
+	}
+	a, err := n.AddContainerOn(ctx, h0, "a", "red")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := n.AddContainerOn(ctx, h1, "b", "red")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(b.Addr.String(), "10.40.") {
+		t.Fatalf("new container on the returning host got %s, want an address of 10.40.0.0/16", b.Addr)
+	}
+	if err := b.Ping(ctx, a.Addr.Addr(), 2); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -81,6 +81,9 @@ func (d *DB) Close() error { return d.db.Close() }
 // blocks are given back.
 func (d *DB) Drop(network string) error {
 	err := d.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(metaBucket).Delete(idKey(network)); err != nil {
+			return err
+		}
 		err := tx.DeleteBucket(bucketName(network))
 		if errors.Is(err, bolterrors.ErrBucketNotFound) {
 			return nil
@@ -94,6 +97,26 @@ func (d *DB) Drop(network string) error {
 }
 
 func bucketName(network string) []byte { return []byte("network/" + network) }
+
+// idKey is the key, in the meta bucket, of the ID of the network whose
+// allocations the network's bucket holds.
+func idKey(network string) []byte { return []byte("id/" + network) }
+
+// NetworkID returns the ID of the network the file holds allocations of
+// under name: "" when it holds none, or they were recorded before IDs
+// were. A network deleted and created again under its name while
+// overlayd was down has another ID.
+func (d *DB) NetworkID(network string) (string, error) {
+	var id string
+	err := d.db.View(func(tx *bolt.Tx) error {
+		id = string(tx.Bucket(metaBucket).Get(idKey(network)))
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("read the network ID of %s in %s: %w", network, d.path, err)
+	}
+	return id, nil
+}
 
 // Networks returns the networks the file holds allocations of, sorted.
 func (d *DB) Networks() ([]string, error) {
@@ -145,12 +168,18 @@ var _ overlay.Allocator = (*Allocator)(nil)
 // Allocator returns the allocator of network n, which allocates from the
 // blocks held returns (ipam.Pool's Held). Fresh is true when the
 // file had no record of the network yet: a host that ran an older
-// overlayd imports its allocations from etcd then.
+// overlayd imports its allocations from etcd then. The network's ID, when
+// it has one, is recorded with them (NetworkID).
 func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []netip.Prefix) (a *Allocator, fresh bool, err error) {
 	a = &Allocator{db: d, net: n, host: host, held: held, changed: make(chan struct{}, 1), commit: make(chan struct{}, 1),
 		attach: make(map[overlay.AttachmentKey]netip.Prefix), used: make(map[netip.Addr]overlay.AttachmentKey),
 		inBlock: make(map[netip.Prefix]int)}
 	err = d.db.Update(func(tx *bolt.Tx) error {
+		if n.ID != "" {
+			if err := tx.Bucket(metaBucket).Put(idKey(n.Name), []byte(n.ID)); err != nil {
+				return err
+			}
+		}
 		b := tx.Bucket(bucketName(n.Name))
 		if b == nil {
 			fresh = true

@@ -385,3 +385,37 @@ func BenchmarkAllocateRelease(b *testing.B) {
 		}
 	}
 }
+
+// TestNetworkIDAndList: the file records the ID of the network whose
+// allocations it holds, lists its networks, and forgets both with Drop.
+func TestNetworkIDAndList(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "allocations.db")
+	n := network
+	n.ID = "0123456789abcdef0123456789abcdef"
+	db, _, _ := openNet(t, path, n, func() []netip.Prefix { return nil })
+	if id, err := db.NetworkID(n.Name); err != nil || id != n.ID {
+		t.Fatalf("NetworkID = %q, %v; want %q", id, err, n.ID)
+	}
+	if id, _ := db.NetworkID("other"); id != "" {
+		t.Fatalf("NetworkID of a network never opened = %q", id)
+	}
+	// A network without an ID (the sweep's view) leaves the ID alone.
+	if _, _, err := db.Allocator(overlay.Network{Name: n.Name}, "a", func() []netip.Prefix { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if id, _ := db.NetworkID(n.Name); id != n.ID {
+		t.Fatalf("NetworkID after an open without ID = %q", id)
+	}
+	if names, err := db.Networks(); err != nil || len(names) != 1 || names[0] != n.Name {
+		t.Fatalf("Networks = %v, %v", names, err)
+	}
+	if err := db.Drop(n.Name); err != nil {
+		t.Fatal(err)
+	}
+	if id, _ := db.NetworkID(n.Name); id != "" {
+		t.Fatalf("NetworkID after Drop = %q", id)
+	}
+	if names, _ := db.Networks(); len(names) != 0 {
+		t.Fatalf("Networks after Drop = %v", names)
+	}
+}
