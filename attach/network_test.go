@@ -330,7 +330,7 @@ func TestCheckFailsForStaleMTU(t *testing.T) {
 func TestStartingAnswers(t *testing.T) {
 	ctx := context.Background()
 	links := &fakeLinks{state: map[string]hostlink.State{}}
-	s := NewService(links, nil)
+	s := NewService(links)
 	req := Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"}}
 	if _, err := s.Allocate(ctx, req); KindOf(err) != Starting || !strings.Contains(err.Error(), "overlayd is starting") {
 		t.Errorf("ADD while starting = %v, want Starting", err)

@@ -29,21 +29,24 @@ type Networks interface {
 // that does not is UnknownNetwork, naming the networks that exist. It is
 // safe for concurrent use.
 type Service struct {
-	links  HostLinks
+	links HostLinks
+	nets  atomic.Pointer[networksBox]
+}
+
+// networksBox is what Serve gives the service, in one value.
+type networksBox struct {
+	Networks
 	exists func(ctx context.Context, name string) (bool, error)
-	nets   atomic.Pointer[networksBox]
 }
 
-type networksBox struct{ Networks }
+// NewService returns a service that serves nothing yet.
+func NewService(links HostLinks) *Service { return &Service{links: links} }
 
-// NewService returns a service that serves nothing yet; exists reports
-// whether etcd knows a network.
-func NewService(links HostLinks, exists func(ctx context.Context, name string) (bool, error)) *Service {
-	return &Service{links: links, exists: exists}
+// Serve makes the service hand requests to the networks of n; exists
+// reports whether etcd knows a network n does not serve.
+func (s *Service) Serve(n Networks, exists func(ctx context.Context, name string) (bool, error)) {
+	s.nets.Store(&networksBox{Networks: n, exists: exists})
 }
-
-// Serve makes the service hand requests to the networks of n.
-func (s *Service) Serve(n Networks) { s.nets.Store(&networksBox{n}) }
 
 // lookupTimeout bounds the etcd lookup of a network this host does not
 // serve.
@@ -62,7 +65,7 @@ func (s *Service) network(ctx context.Context, name string) (Attacher, error) {
 	}
 	lctx, cancel := context.WithTimeout(ctx, lookupTimeout)
 	defer cancel()
-	ok, err := s.exists(lctx, name)
+	ok, err := box.exists(lctx, name)
 	switch {
 	case err != nil:
 		return nil, errorf(Unavailable, err, "network %q is not served on this host, and etcd cannot be asked whether it exists; try again later", name)

@@ -40,13 +40,13 @@ func TestService(t *testing.T) {
 	links := &fakeLinks{state: map[string]hostlink.State{}}
 	h, _, _ := newHandler(t)
 	nets := &fakeNetworks{a: h}
-	svc := NewService(links, func(_ context.Context, name string) (bool, error) {
+	svc := NewService(links)
+	svc.Serve(nets, func(_ context.Context, name string) (bool, error) {
 		if name == "broken" {
 			return false, errors.New("etcd down")
 		}
 		return name == "fresh", nil
 	})
-	svc.Serve(nets)
 	req := func(network string) Request {
 		return Request{Network: network, Key: overlay.AttachmentKey{ContainerID: "c", IfName: "eth0"}}
 	}

@@ -130,14 +130,7 @@ func Run(ctx context.Context, cfg Config) error {
 	cniLog := log.With("component", "cni")
 	m := metrics.New()
 	// Every request is counted, those a starting overlayd answers too.
-	var store *etcd.Store // set once etcd is reached, before the service serves a network
-	svc := attach.NewService(links, func(ctx context.Context, name string) (bool, error) {
-		_, err := store.Network(ctx, name)
-		if errors.Is(err, overlay.ErrNotFound) {
-			return false, nil
-		}
-		return err == nil, err
-	})
+	svc := attach.NewService(links)
 	srv := rpcserver.NewServer(rpcserver.Observed(rpcserver.NewHandler(cniHandler{svc}, cniLog), m.ObserveCNI), rpcserver.DefaultServerConfig(), cniLog)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
@@ -187,7 +180,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer conn.close()
 	emb := conn.emb
-	store = etcd.NewStore(conn.cli, cfg.EtcdPrefix)
+	store := etcd.NewStore(conn.cli, cfg.EtcdPrefix)
 	if cfg.Network.Name != "" {
 		// The flags' network: made sure of before anything else changes,
 		// so that one that differs from etcd's fails the start.
@@ -236,7 +229,13 @@ func Run(ctx context.Context, cfg Config) error {
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
 	set.Start(ctx, defs)
-	svc.Serve(set)
+	svc.Serve(set, func(ctx context.Context, name string) (bool, error) {
+		_, err := store.Network(ctx, name)
+		if errors.Is(err, overlay.ErrNotFound) {
+			return false, nil
+		}
+		return err == nil, err
+	})
 	h.registerMetrics()
 	log.Info("ready", "networks", set.Names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
@@ -352,8 +351,8 @@ type host struct {
 	dir     *hostDirectory
 	fw      Firewall
 	// fwWrites and fwFailures count the firewall's rewrites and failed
-	// writes; fwLastErr is the last failure logged (the network set's
-	// goroutine alone writes it).
+	// writes; fwLastErr is the last failure logged (converge writes it,
+	// and the network set runs one converge at a time).
 	fwWrites, fwFailures atomic.Uint64
 	fwLastErr            string
 }
@@ -366,16 +365,42 @@ type Firewall interface {
 	Set(networks []overlay.Network) (bool, error)
 }
 
-// removeNetwork removes network n from this host: its devices and this
-// host's record of its allocations.
-func (h *host) removeNetwork(ctx context.Context, n overlay.Network) {
-	if err := h.dp.Delete(ctx, n); err != nil {
-		h.log.Warn("removing the devices of a deleted network", "network", n.Name, "err", err)
+// removeNetwork removes network name from this host: the host veths of
+// the containers of list (logged, with why, when there are any), its
+// devices and this host's record of its allocations. The caller holds the
+// network's lock.
+func (h *host) removeNetwork(ctx context.Context, name string, list []overlay.Allocation, why string) {
+	var cut []string
+	for _, al := range list {
+		veth := overlay.HostVethName(name, al.Key)
+		if err := h.links.Delete(veth); err != nil {
+			h.log.Warn("deleting the host veth of a container of a removed network", "network", name, "veth", veth, "err", err)
+		}
+		cut = append(cut, al.Key.String())
 	}
-	if err := h.allocs.Drop(n.Name); err != nil {
-		h.log.Warn("dropping the allocations of a deleted network", "network", n.Name, "err", err)
+	if len(cut) > 0 {
+		slices.Sort(cut)
+		h.log.Warn(why, "network", name, "containers", cut)
 	}
-	h.log.Info("network removed from this host", "network", n.Name)
+	if err := h.dp.Delete(ctx, overlay.Network{Name: name}); err != nil {
+		h.log.Warn("removing the devices of a deleted network", "network", name, "err", err)
+	}
+	if err := h.allocs.Drop(name); err != nil {
+		h.log.Warn("dropping the allocations of a deleted network", "network", name, "err", err)
+	}
+	h.log.Info("network removed from this host", "network", name)
+}
+
+// recorded returns the allocations this host's record holds of network
+// name, which no runtime serves.
+func (h *host) recorded(ctx context.Context, name string) []overlay.Allocation {
+	alloc, _, err := h.allocs.Allocator(overlay.Network{Name: name}, h.id, func() []netip.Prefix { return nil })
+	if err != nil {
+		h.log.Warn("reading the record of a removed network", "network", name, "err", err)
+		return nil
+	}
+	list, _ := alloc.List(ctx)
+	return list
 }
 
 // converge brings the host-wide state to the networks in etcd: the
@@ -427,29 +452,9 @@ func (h *host) sweep(ctx context.Context, keep map[string]bool) {
 		if err != nil {
 			continue
 		}
-		h.removeStale(ctx, name, "a network deleted while overlayd was down had containers on this host: they are cut off; remove them")
+		h.removeNetwork(ctx, name, h.recorded(ctx, name), "a network deleted while overlayd was down had containers on this host: they are cut off; remove them")
 		lock.Unlock()
 	}
-}
-
-// removeStale removes network name, which etcd no longer holds as this
-// host knew it, from this host: the host veths of the containers its
-// record lists (logged with why), its devices and the record. The caller
-// holds the network's lock.
-func (h *host) removeStale(ctx context.Context, name, why string) {
-	var cut []string
-	if alloc, _, err := h.allocs.Allocator(overlay.Network{Name: name}, h.id, func() []netip.Prefix { return nil }); err == nil {
-		list, _ := alloc.List(ctx)
-		for _, al := range list {
-			_ = h.links.Delete(overlay.HostVethName(name, al.Key))
-			cut = append(cut, al.Key.String())
-		}
-	}
-	if len(cut) > 0 {
-		slices.Sort(cut)
-		h.log.Warn(why, "network", name, "containers", cut)
-	}
-	h.removeNetwork(ctx, overlay.Network{Name: name})
 }
 
 // every calls fn every interval until ctx is done, and returns ctx's

@@ -72,7 +72,7 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	if old, err := h.allocs.NetworkID(n.Name); err != nil {
 		return nil, err
 	} else if old != "" && n.ID != "" && old != n.ID {
-		h.removeStale(ctx, n.Name, "the network was deleted and created again under its name while overlayd was down: the containers of the old one are cut off; remove them")
+		h.removeNetwork(ctx, n.Name, h.recorded(ctx, n.Name), "the network was deleted and created again under its name while overlayd was down: the containers of the old one are cut off; remove them")
 	}
 	// The host's record of the network, read whole now: a corrupt record
 	// fails the start before anything changes. It allocates from the
@@ -201,19 +201,7 @@ func (r *netRuntime) Remove(ctx context.Context) {
 	if err != nil {
 		r.log.Warn("listing the deleted network's containers", "err", err)
 	}
-	var cut []string
-	for _, al := range list {
-		name := overlay.HostVethName(r.network.Name, al.Key)
-		if err := r.h.links.Delete(name); err != nil {
-			r.log.Warn("deleting the host veth of a container of the deleted network", "veth", name, "err", err)
-		}
-		cut = append(cut, al.Key.String())
-	}
-	if len(cut) > 0 {
-		slices.Sort(cut)
-		r.log.Warn("the network was deleted with containers on it: they are cut off; remove them", "containers", cut)
-	}
-	r.h.removeNetwork(ctx, r.network)
+	r.h.removeNetwork(ctx, r.network.Name, list, "the network was deleted with containers on it: they are cut off; remove them")
 }
 
 // Close releases the network's lock and metrics and stops the work its

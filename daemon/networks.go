@@ -44,10 +44,10 @@ type networkSet struct {
 	// dataplane pass. It fails when the network cannot be served yet.
 	start func(ctx context.Context, n overlay.Network) (network, error)
 	// converge brings the host-wide state to the networks listed, after
-	// the runtimes of deleted networks are stopped and before those of
-	// new ones start: the firewall's rules, and the removal of networks
-	// no runtime serves that etcd no longer lists (deleted while overlayd
-	// was down).
+	// the runtimes of deleted networks are stopped, beside the starts of
+	// new ones (which serve only once it returns): the firewall's rules,
+	// and the removal of networks no runtime serves that etcd no longer
+	// lists (deleted while overlayd was down).
 	converge func(ctx context.Context, defs []overlay.Network)
 	// resync is how often the list is read when nothing changed; retry
 	// how long after a failed start it is tried again.

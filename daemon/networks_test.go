@@ -243,8 +243,8 @@ func TestServiceThroughTheSet(t *testing.T) {
 	store.set(testDef("a", "1"))
 	defs, _ := store.list(ctx)
 	s.Start(ctx, defs)
-	svc := attach.NewService(nil, func(_ context.Context, name string) (bool, error) { return name == "fresh", nil })
-	svc.Serve(s)
+	svc := attach.NewService(nil)
+	svc.Serve(s, func(_ context.Context, name string) (bool, error) { return name == "fresh", nil })
 	h := cniHandler{svc}
 	req := cnirpc.Request{Network: "a", ContainerID: "c", IfName: "eth0"}
 	if _, err := h.Add(ctx, req); err == nil || !strings.Contains(err.Error(), "fake a") {
