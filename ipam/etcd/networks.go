@@ -47,9 +47,9 @@ func NewNetworkID() string {
 	return hex.EncodeToString(b)
 }
 
-// createRetries bounds the tries of a creation whose fence failed
-// because another network was created or deleted meanwhile.
-const createRetries = 5
+// fenceRetries bounds the tries of a creation or deletion whose fence
+// failed because the networks changed meanwhile.
+const fenceRetries = 5
 
 // CreateNetwork stores n as a new network. A network without a VNI takes
 // the lowest one of vnis that no network uses, and one without an ID a
@@ -77,21 +77,26 @@ func (s *Store) EnsureNetwork(ctx context.Context, n overlay.Network) (overlay.N
 func (s *Store) createNetwork(ctx context.Context, n overlay.Network, vnis VNIRange, ensure bool) (overlay.Network, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
-	if n.VNI == 0 && !ensure {
+	// A VNI to be chosen from vnis: the rest of n is checked with the
+	// range's first in its place.
+	auto := n.VNI == 0 && !ensure
+	check := n
+	if auto {
 		if err := vnis.Validate(); err != nil {
 			return overlay.Network{}, fmt.Errorf("%w: %w", overlay.ErrInvalidNetwork, err)
 		}
-		n.VNI = vnis.First // a placeholder for Validate; chosen below
-	} else {
-		vnis = VNIRange{}
+		check.VNI = vnis.First
 	}
-	if err := n.Validate(); err != nil {
+	if err := check.Validate(); err != nil {
 		return overlay.Network{}, err
 	}
 	if n.ID == "" {
 		n.ID = NewNetworkID()
 	}
-	for range createRetries {
+	for range fenceRetries {
+		if auto {
+			n.VNI = 0 // chosen again on every try
+		}
 		// The networks, the fence, and the legacy record of n's name, in
 		// one read.
 		read, err := s.cli.Txn(ctx).Then(
@@ -134,13 +139,12 @@ func (s *Store) createNetwork(ctx context.Context, n overlay.Network, vnis VNIRa
 			// It exists: compare, and write nothing.
 			return s.sameNetwork(n, existing)
 		}
-		if vnis.First != 0 {
-			n.VNI = 0 // to be chosen: the address space is checked first
-		}
+		// The address space first; a VNI to be chosen (0) conflicts with
+		// none.
 		if err := conflicts(n, defs); err != nil {
 			return overlay.Network{}, err
 		}
-		if vnis.First != 0 {
+		if auto {
 			if n.VNI, err = freeVNI(defs, vnis); err != nil {
 				return overlay.Network{}, fmt.Errorf("create network %s: %w", n.Name, err)
 			}
@@ -353,7 +357,7 @@ func (s *Store) Use(ctx context.Context, name string) (NetworkUse, error) {
 func (s *Store) DeleteNetwork(ctx context.Context, name string, force bool) (NetworkUse, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
-	for range createRetries {
+	for range fenceRetries {
 		read, err := s.cli.Txn(ctx).Then(
 			clientv3.OpGet(s.netdefKey(name)),
 			clientv3.OpGet(s.networkKey(name)),
