@@ -6,6 +6,7 @@
 package firewall
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 
@@ -62,15 +63,7 @@ func (r Rule) Comment() string {
 // networks, never with the containers.
 func Rules(networks []overlay.Network) (forward, postrouting []Rule) {
 	nets := slices.Clone(networks)
-	slices.SortFunc(nets, func(a, b overlay.Network) int {
-		if a.Name < b.Name {
-			return -1
-		}
-		if a.Name > b.Name {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(nets, func(a, b overlay.Network) int { return cmp.Compare(a.Name, b.Name) })
 	for _, n := range nets {
 		for _, in := range []string{n.BridgeName(), n.VXLANName()} {
 			forward = append(forward,

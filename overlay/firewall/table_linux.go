@@ -49,11 +49,7 @@ func (t *Table) table() *nftables.Table {
 // written, and returns true.
 func (t *Table) Set(networks []overlay.Network) (bool, error) {
 	forward, post := Rules(networks)
-	same, err := t.holds(forward, post)
-	if err != nil {
-		return false, err
-	}
-	if same {
+	if t.holds(forward, post) {
 		return false, nil
 	}
 	tbl := t.table()
@@ -95,7 +91,7 @@ func (t *Table) Delete() error {
 }
 
 // Comments returns the comments of the table's rules, chain by chain, or
-// nil maps when the table does not exist.
+// nil slices when the table does not exist.
 func (t *Table) Comments() (forward, postrouting []string, err error) {
 	tbl, err := t.conn.ListTableOfFamily(TableName, nftables.TableFamilyIPv4)
 	if errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENOENT) {
@@ -125,14 +121,15 @@ func (t *Table) Comments() (forward, postrouting []string, err error) {
 	return forward, postrouting, nil
 }
 
-// holds reports whether the table holds exactly the rules given.
-func (t *Table) holds(forward, post []Rule) (bool, error) {
+// holds reports whether the table holds exactly the rules given. A table
+// or chain that cannot be read (deleted by hand) does not: it is
+// rewritten.
+func (t *Table) holds(forward, post []Rule) bool {
 	gotF, gotP, err := t.Comments()
 	if err != nil || gotF == nil {
-		// A chain that cannot be read (deleted by hand) is rewritten.
-		return false, nil
+		return false
 	}
-	return slices.Equal(gotF, comments(forward)) && slices.Equal(gotP, comments(post)), nil
+	return slices.Equal(gotF, comments(forward)) && slices.Equal(gotP, comments(post))
 }
 
 func comments(rules []Rule) []string {
