@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -13,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
 )
 
@@ -64,34 +64,10 @@ func readyEverywhere(ctx context.Context, hosts []*simnet.Host, network string) 
 	var wg sync.WaitGroup
 	errs := make([]error, len(hosts))
 	for i, h := range hosts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			c := cnirpc.NewClient(h.Socket)
-			for {
-				st, err := c.Status(ctx, network)
-				if err == nil && st.Ready {
-					return
-				}
-				if ctx.Err() != nil {
-					errs[i] = fmt.Errorf("%s: network %s not ready: %+v, %v", h.Name, network, st, err)
-					return
-				}
-				time.Sleep(2 * time.Millisecond)
-			}
-		}()
+		wg.Go(func() { errs[i] = h.WaitNetwork(ctx, network) })
 	}
 	wg.Wait()
-	return errorsJoin(errs)
-}
-
-func errorsJoin(errs []error) error {
-	for _, err := range errs {
-		if err != nil {
-			return err
-		}
-	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // manyNetworks reports overlayd's memory and its reconcile passes on host

@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"slices"
@@ -13,7 +15,6 @@ import (
 	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/simnet"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
@@ -34,19 +35,9 @@ func ctl(t *testing.T, n *simnet.Net, args ...string) string {
 func waitServed(t *testing.T, n *simnet.Net, network string, hosts ...*simnet.Host) time.Duration {
 	t.Helper()
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
 	for _, h := range hosts {
-		c := cnirpc.NewClient(h.Socket)
-		for {
-			st, err := c.Status(ctx, network)
-			if err == nil && st.Ready {
-				break
-			}
-			if ctx.Err() != nil {
-				t.Fatalf("%s: network %s not ready: %+v, %v", h.Name, network, st, err)
-			}
-			time.Sleep(20 * time.Millisecond)
+		if err := h.WaitNetwork(context.Background(), network); err != nil {
+			t.Fatal(err)
 		}
 	}
 	return time.Since(start)
@@ -65,14 +56,13 @@ func hasLink(t *testing.T, h *simnet.Host, name string) bool {
 // waitNoLinks waits until no host has a device of network.
 func waitNoLinks(t *testing.T, network string, hosts ...*simnet.Host) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
 	for _, h := range hosts {
-		for hasLink(t, h, "ovbr-"+network) || hasLink(t, h, "ovvx-"+network) {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: the devices of deleted network %s are still there", h.Name, network)
+		eventually(t, 15*time.Second, h.Name+": the devices of deleted network "+network+" gone", func() error {
+			if hasLink(t, h, "ovbr-"+network) || hasLink(t, h, "ovvx-"+network) {
+				return errors.New("still there")
 			}
-			time.Sleep(50 * time.Millisecond)
-		}
+			return nil
+		})
 	}
 }
 
@@ -363,17 +353,13 @@ func TestNetworksIsolatedAndMasqueraded(t *testing.T) {
 	ctl(t, n, "network", "delete", "blue")
 	waitNoLinks(t, "blue", n.Hosts...)
 	for _, h := range n.Hosts {
-		deadline := time.Now().Add(15 * time.Second)
-		for {
+		eventually(t, 15*time.Second, h.Name+": blue's rules gone, red's kept", func() error {
 			rules := firewallRules(t, h)
-			if len(rules) > 0 && !slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "blue") }) {
-				break
+			if len(rules) == 0 || slices.ContainsFunc(rules, func(r string) bool { return strings.Contains(r, "blue") }) {
+				return fmt.Errorf("rules %q", rules)
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: rules after deleting blue: %q", h.Name, rules)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+			return nil
+		})
 	}
 }
 

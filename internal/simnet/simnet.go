@@ -274,14 +274,18 @@ func (h *Host) Start(ctx context.Context) error {
 	return h.WaitReady(ctx)
 }
 
-// WaitReady waits until overlayd answers STATUS as ready, or fails when
-// it exits first.
-func (h *Host) WaitReady(ctx context.Context) error {
+// WaitReady waits until overlayd answers STATUS as ready for the run's
+// network, or fails when it exits first.
+func (h *Host) WaitReady(ctx context.Context) error { return h.WaitNetwork(ctx, h.n.Network.Name) }
+
+// WaitNetwork waits until overlayd answers STATUS as ready for network,
+// or fails when it exits first, or after a minute.
+func (h *Host) WaitNetwork(ctx context.Context, network string) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	c := cnirpc.NewClient(h.Socket)
 	for {
-		st, err := c.Status(ctx, h.n.Network.Name)
+		st, err := c.Status(ctx, network)
 		if err == nil && st.Ready {
 			return nil
 		}
@@ -295,7 +299,7 @@ func (h *Host) WaitReady(ctx context.Context) error {
 			h.mu.Unlock()
 			return fmt.Errorf("%s: overlayd exited before it was ready (%v); its log is in %s", h.Name, werr, h.DataDir)
 		case <-ctx.Done():
-			return fmt.Errorf("%s: overlayd not ready (last: %+v, %v): %w", h.Name, st, err, ctx.Err())
+			return fmt.Errorf("%s: overlayd not ready for network %s (last: %+v, %v): %w", h.Name, network, st, err, ctx.Err())
 		case <-time.After(readyPoll):
 		}
 	}
