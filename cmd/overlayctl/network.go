@@ -222,12 +222,13 @@ func networkInspect(ctx context.Context, c conn, args []string, stdout, stderr i
 	fmt.Fprintf(tw, "name:\t%s\nid:\t%s\ncidr:\t%s (%d blocks of /%d)\nvni:\t%d\nvxlan port:\t%d\nmtu:\t%s\nmasquerade:\t%s\nlabels:\t%s\n",
 		n.Name, idText(n.ID), n.CIDR, n.NumBlocks(), n.BlockBits, n.VNI, n.Port, mtuText(n.MTU), onOff(n.MasqueradeOn()), labelText(n.Labels))
 	tw.Flush()
-	hosts := slices.Sorted(maps.Keys(out.Blocks))
+	hosts := slices.Collect(maps.Keys(out.Blocks))
 	for h := range out.Interfaces {
-		if !slices.Contains(hosts, h) {
+		if _, ok := out.Blocks[h]; !ok {
 			hosts = append(hosts, h)
 		}
 	}
+	slices.Sort(hosts)
 	if len(hosts) > 0 {
 		fmt.Fprintln(tw, "\nHOST\tBLOCKS\tINTERFACES")
 		for _, h := range hosts {
