@@ -381,6 +381,12 @@ func LinkTools(from, dir string) error {
 // Remove deletes the binaries' directory.
 func (b Binaries) Remove() error { return os.RemoveAll(b.Dir) }
 
+// RaceEnv names the environment variable that, when set, makes Build
+// compile overlayd with the race detector, so that the end-to-end tests
+// run the daemon's goroutines under it; a race it finds is in the host's
+// overlayd.log ("WARNING: DATA RACE").
+const RaceEnv = "SIMNET_RACE"
+
 // Build compiles overlayd, overlay-cni and overlayctl (static,
 // CGO_ENABLED=0) into dir and returns the paths of the first two
 // (overlayctl is beside overlayd). It runs from the module that holds this
@@ -394,9 +400,13 @@ func Build(ctx context.Context, dir string) (overlayd, cni string, err error) {
 	cni = filepath.Join(dir, "overlay-cni")
 	ctl := filepath.Join(dir, "overlayctl")
 	for bin, pkg := range map[string]string{overlayd: "./cmd/overlayd", cni: "./cmd/overlay-cni", ctl: "./cmd/overlayctl"} {
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
+		args, env := []string{"build", "-o", bin}, "CGO_ENABLED=0"
+		if bin == overlayd && os.Getenv(RaceEnv) != "" {
+			args, env = append(args, "-race"), "CGO_ENABLED=1"
+		}
+		cmd := exec.CommandContext(ctx, "go", append(args, pkg)...)
 		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		cmd.Env = append(os.Environ(), env)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return "", "", fmt.Errorf("build %s: %w: %s", pkg, err, out)
 		}
