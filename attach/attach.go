@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/overlaynet/overlay/overlay"
@@ -34,6 +35,9 @@ const (
 	NoAddress
 	// NotFound: the container interface holds no address.
 	NotFound
+	// Invalid: the request itself is wrong (a MAC address or a label);
+	// the message says which part.
+	Invalid
 )
 
 // Error is a failure of the service: a Kind, a message for a person, and
@@ -78,6 +82,10 @@ type Request struct {
 	// IP, when valid, is the address asked for: Allocate gives exactly it
 	// or fails.
 	IP netip.Addr
+	// Endpoint is the MAC address asked for (nil: Allocate picks one) and
+	// the endpoint's labels. Allocate records them with a new address; an
+	// interface that holds one keeps the endpoint it was given then.
+	Endpoint overlay.Endpoint
 }
 
 // Attachment is what a container interface gets: its address and how to
@@ -95,6 +103,11 @@ type Attachment struct {
 	MTU int
 	// Bridge is the host bridge the veth's host end joins.
 	Bridge string
+	// MAC is the container interface's MAC address, or nil when the
+	// allocation predates recorded MAC addresses.
+	MAC net.HardwareAddr
+	// Labels are the endpoint's labels.
+	Labels map[string]string
 	// New is true when this request allocated the address.
 	New bool
 }

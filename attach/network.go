@@ -45,10 +45,18 @@ func NewNetwork(bg context.Context, n overlay.Network, mtu int, pool Pool, statu
 // host's own disk; etcd gets a copy in the background.
 const StoreTimeout = 10 * time.Second
 
-// Allocate allocates the container interface's address, or returns the
-// one it already holds. The allocation is decided, not yet durable: the
+// Allocate allocates the container interface's address and endpoint, or
+// returns those it already holds. A request that asks for no MAC address
+// gets a random one. The allocation is decided, not yet durable: the
 // answer waits for Flush.
 func (d *Network) Allocate(ctx context.Context, r Request) (Attachment, error) {
+	ep := r.Endpoint
+	if err := ep.Validate(); err != nil {
+		return Attachment{}, errorf(Invalid, err, "add: the endpoint")
+	}
+	if ep.MAC == nil {
+		ep.MAC = overlay.RandomMAC()
+	}
 	ctx, cancel := context.WithTimeout(ctx, StoreTimeout)
 	defer cancel()
 	key := r.Key
@@ -58,9 +66,9 @@ func (d *Network) Allocate(ctx context.Context, r Request) (Attachment, error) {
 	var al overlay.Allocation
 	var err error
 	if r.IP.IsValid() {
-		al, err = d.pool.AllocateAddr(ctx, key, r.IP)
+		al, err = d.pool.AllocateAddr(ctx, key, r.IP, ep)
 	} else {
-		al, err = d.pool.Allocate(ctx, key)
+		al, err = d.pool.Allocate(ctx, key, ep)
 	}
 	if err != nil {
 		return Attachment{}, storeError("add", err)
@@ -354,6 +362,8 @@ func (d *Network) attachment(al overlay.Allocation) Attachment {
 		Subnet:  d.network.CIDR,
 		MTU:     d.mtu,
 		Bridge:  d.network.BridgeName(),
+		MAC:     al.Endpoint.MAC,
+		Labels:  al.Endpoint.Labels,
 		New:     al.New,
 	}
 }

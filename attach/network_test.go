@@ -5,7 +5,9 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -124,15 +126,20 @@ func TestNetwork(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if err := overlay.ValidateMAC(att.MAC); err != nil || att.MAC[0]&2 == 0 {
+		t.Errorf("Add picked MAC %s: want a locally administered unicast address (%v)", att.MAC, err)
+	}
 	want := Attachment{Network: "default", Addr: netip.MustParsePrefix("198.19.0.2/29"), Gateway: netip.MustParseAddr("198.19.0.1"), Subnet: testNet.CIDR,
-		MTU: 1450, Bridge: "ovbr-default", New: true}
-	if att != want {
+		MTU: 1450, Bridge: "ovbr-default", MAC: att.MAC, New: true}
+	if !reflect.DeepEqual(att, want) {
 		t.Fatalf("Add = %+v\nwant %+v", att, want)
 	}
-	if again, _ := h.Allocate(ctx, req); again.Addr != att.Addr || again.New {
-		t.Fatalf("second Add = %+v; want the same address, not new", again)
+	// A second ADD of the interface keeps its endpoint, whatever it asks.
+	again, _ := h.Allocate(ctx, Request{Network: "default", Key: req.Key, Endpoint: overlay.Endpoint{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 9}}})
+	if again.Addr != att.Addr || again.New || again.MAC.String() != att.MAC.String() {
+		t.Fatalf("second Add = %+v; want the same address and MAC %s, not new", again, att.MAC)
 	}
-	if got, err := h.Check(ctx, req); err != nil || got.Addr != att.Addr {
+	if got, err := h.Check(ctx, req); err != nil || got.Addr != att.Addr || got.MAC.String() != att.MAC.String() {
 		t.Fatalf("Check = %+v, %v", got, err)
 	}
 

@@ -9,6 +9,7 @@ package cnirpc
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 
@@ -76,6 +77,12 @@ type Request struct {
 	// IP, when valid, is the address the runtime asked for (the CNI
 	// "ips" capability); ADD allocates exactly it or fails.
 	IP netip.Addr `json:"ip,omitzero"`
+	// MAC, on ADD, is the MAC address the runtime asked for (the CNI
+	// "mac" capability), as text; empty lets overlayd pick one.
+	MAC string `json:"mac,omitempty"`
+	// Labels, on ADD, are the endpoint's labels (CNI args.cni.labels and
+	// runtimeConfig.labels).
+	Labels map[string]string `json:"labels,omitempty"`
 	// Early, on ADD, asks overlayd to answer as soon as the address is
 	// decided and to confirm, as a second JSON value on the same
 	// connection, once the allocation is durable (Client.AddEarly).
@@ -124,7 +131,29 @@ func (r Request) Validate() error {
 	if len(r.IfName) > maxIfNameLen || !validIfName(r.IfName) || r.IfName == "." || r.IfName == ".." {
 		return Errorf(CodeInvalidEnvironment, "invalid interface name %q", r.IfName)
 	}
+	if _, err := r.HardwareAddr(); err != nil {
+		return &Error{Code: CodeUnsupportedField, Msg: "invalid MAC address", Details: err.Error()}
+	}
+	if err := (overlay.Endpoint{Labels: r.Labels}).Validate(); err != nil {
+		return &Error{Code: CodeInvalidNetwork, Msg: "invalid endpoint labels", Details: err.Error()}
+	}
 	return nil
+}
+
+// HardwareAddr returns the request's MAC address, nil when it has none,
+// or an error when it is not a unicast Ethernet address.
+func (r Request) HardwareAddr() (net.HardwareAddr, error) {
+	if r.MAC == "" {
+		return nil, nil
+	}
+	mac, err := net.ParseMAC(r.MAC)
+	if err == nil {
+		err = overlay.ValidateMAC(mac)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("mac %q: %w", r.MAC, err)
+	}
+	return mac, nil
 }
 
 // Attachment is what a container interface gets: its address and how to
@@ -145,6 +174,9 @@ type Attachment struct {
 	MTU int `json:"mtu"`
 	// Bridge is the host bridge the veth's host end joins.
 	Bridge string `json:"bridge"`
+	// MAC is the MAC address the container interface is to have, as
+	// text. Older overlayds, and allocations they made, have none.
+	MAC string `json:"mac,omitempty"`
 	// New is true when this request allocated the address, false when the
 	// container interface already held it.
 	New bool `json:"new"`

@@ -20,12 +20,21 @@ type cniHandler struct{ svc *attach.Service }
 
 var _ rpcserver.Handler = cniHandler{}
 
+// request returns the service's request of r, which the server has
+// validated: a MAC address that does not parse is left for the service
+// to pick.
 func request(r cnirpc.Request) attach.Request {
-	return attach.Request{Network: r.Network, Key: overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}, IP: r.IP}
+	mac, _ := r.HardwareAddr()
+	return attach.Request{Network: r.Network, Key: overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}, IP: r.IP,
+		Endpoint: overlay.Endpoint{MAC: mac, Labels: r.Labels}}
 }
 
 func attachment(a attach.Attachment) cnirpc.Attachment {
-	return cnirpc.Attachment{Network: a.Network, Addr: a.Addr, Gateway: a.Gateway, Subnet: a.Subnet, MTU: a.MTU, Bridge: a.Bridge, New: a.New}
+	out := cnirpc.Attachment{Network: a.Network, Addr: a.Addr, Gateway: a.Gateway, Subnet: a.Subnet, MTU: a.MTU, Bridge: a.Bridge, New: a.New}
+	if a.MAC != nil {
+		out.MAC = a.MAC.String()
+	}
+	return out
 }
 
 // codes are the CNI error codes of the service's kinds of failure.
@@ -36,6 +45,7 @@ var codes = map[attach.Kind]uint{
 	attach.Unavailable:    cnirpc.CodeTryAgainLater,
 	attach.NoAddress:      cnirpc.CodeNoAddress,
 	attach.NotFound:       cnirpc.CodeUnknownContainer,
+	attach.Invalid:        cnirpc.CodeInvalidNetwork,
 }
 
 // cniError returns err as a *cnirpc.Error: its message, the error

@@ -59,7 +59,7 @@ func BenchmarkAllocate(b *testing.B) {
 		return overlay.AttachmentKey{ContainerID: fmt.Sprintf("c%d", i), IfName: "eth0"}
 	}
 	add := func(p *ipam.Pool, i int64) error {
-		if _, err := p.Allocate(ctx, key(i)); err != nil {
+		if _, err := p.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			return err
 		}
 		if err := p.Flush(ctx); err != nil {

@@ -243,12 +243,13 @@ func (p *Pool) cannotGrow() error {
 	return nil
 }
 
-// Allocate returns the address of key, allocating a free one when key
-// holds none. It waits on the store only when every held block is full.
-func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
+// Allocate returns the address of key, allocating a free one with
+// endpoint ep when key holds none. It waits on the store only when every
+// held block is full.
+func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey, ep overlay.Endpoint) (overlay.Allocation, error) {
 	for {
 		seen := p.claims.Load()
-		al, err := p.book.Allocate(ctx, key)
+		al, err := p.book.Allocate(ctx, key, ep)
 		if err == nil {
 			if al.New {
 				p.maybeGrow()
@@ -264,11 +265,12 @@ func (p *Pool) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay
 	}
 }
 
-// AllocateAddr gives key the address a (the CNI "ips" capability): from a
+// AllocateAddr gives key the address a (the CNI "ips" capability), with
+// endpoint ep: from a
 // held block, or from its block claimed for this host when no host holds
 // it. An address outside the network, or in another host's block, is an
 // error wrapping overlay.ErrConflict that names the owner.
-func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a netip.Addr) (overlay.Allocation, error) {
+func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a netip.Addr, ep overlay.Endpoint) (overlay.Allocation, error) {
 	n := p.cfg.Network
 	if !a.Is4() || !n.CIDR.Contains(a) {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is outside network %s (%s): %w", a, key, n.Name, n.CIDR, overlay.ErrConflict)
@@ -282,7 +284,7 @@ func (p *Pool) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, a ne
 			return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", a, key, err)
 		}
 	}
-	al, err := p.book.AllocateAddr(ctx, key, a)
+	al, err := p.book.AllocateAddr(ctx, key, a, ep)
 	if err == nil && al.New {
 		p.maybeGrow()
 	}

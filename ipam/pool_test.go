@@ -252,13 +252,13 @@ func TestGrowsBeforeFull(t *testing.T) {
 	}
 	// 61 addresses a block, low water 15: the 47th ADD leaves 14 free.
 	for i := range 47 {
-		if _, err := h.pool.Allocate(ctx, key(i)); err != nil {
+		if _, err := h.pool.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	waitFor(t, "a second block", func() bool { return len(h.pool.Held()) == 2 })
 	for i := 47; i < 100; i++ {
-		if _, err := h.pool.Allocate(ctx, key(i)); err != nil {
+		if _, err := h.pool.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -283,14 +283,14 @@ func TestWaitsForClaimOnlyWhenFull(t *testing.T) {
 	w := newWorld("198.19.0.0/24")
 	h := newHost(t, w, "a", "", ipam.Config{})
 	for i := range 61 {
-		if _, err := h.pool.Allocate(ctx, key(i)); err != nil {
+		if _, err := h.pool.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	if st := h.pool.Stats(); st.WaitedClaims != 0 {
 		t.Fatalf("an ADD waited while the block had room: %+v", st)
 	}
-	al, err := h.pool.Allocate(ctx, key(61))
+	al, err := h.pool.Allocate(ctx, key(61), overlay.Endpoint{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -311,11 +311,11 @@ func TestCap(t *testing.T) {
 	h := newHost(t, w, "a", "", ipam.Config{MaxBlocks: 2})
 	run(t, h.pool)
 	for i := range 122 {
-		if _, err := h.pool.Allocate(ctx, key(i)); err != nil {
+		if _, err := h.pool.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			t.Fatalf("ADD %d: %v", i, err)
 		}
 	}
-	_, err := h.pool.Allocate(ctx, key(122))
+	_, err := h.pool.Allocate(ctx, key(122), overlay.Endpoint{})
 	if !errors.Is(err, overlay.ErrPoolExhausted) {
 		t.Fatalf("ADD past the cap = %v, want ErrPoolExhausted", err)
 	}
@@ -347,11 +347,11 @@ func TestNetworkFull(t *testing.T) {
 	a := newHost(t, w, "a", "", ipam.Config{})
 	newHost(t, w, "b", "", ipam.Config{})
 	for i := range 61 {
-		if _, err := a.pool.Allocate(ctx, key(i)); err != nil {
+		if _, err := a.pool.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	_, err := a.pool.Allocate(ctx, key(61))
+	_, err := a.pool.Allocate(ctx, key(61), overlay.Endpoint{})
 	if !errors.Is(err, overlay.ErrPoolExhausted) || !strings.Contains(err.Error(), "no free block") || !strings.Contains(err.Error(), "2 blocks of /26") {
 		t.Fatalf("ADD in a full network = %v", err)
 	}
@@ -371,7 +371,7 @@ func TestGivesBackIdleBlocks(t *testing.T) {
 	w := newWorld("198.19.0.0/22")
 	h := newHost(t, w, "a", "", ipam.Config{IdleBlock: 50 * time.Millisecond})
 	for i := range 62 { // the 62nd in a second block
-		if _, err := h.pool.Allocate(ctx, key(i)); err != nil {
+		if _, err := h.pool.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -410,7 +410,7 @@ func TestGiveBackRetriedWhenStoreDown(t *testing.T) {
 	w := newWorld("198.19.0.0/22")
 	h := newHost(t, w, "a", "", ipam.Config{IdleBlock: 20 * time.Millisecond})
 	for i := range 62 {
-		if _, err := h.pool.Allocate(ctx, key(i)); err != nil {
+		if _, err := h.pool.Allocate(ctx, key(i), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -439,7 +439,7 @@ func TestStaticAddress(t *testing.T) {
 	ba := b.pool.Held()[0]
 	aa := a.pool.Held()[0]
 
-	if al, err := a.pool.AllocateAddr(ctx, key(1), aa.Addr().Next().Next()); err != nil || al.Addr.Addr() != aa.Addr().Next().Next() {
+	if al, err := a.pool.AllocateAddr(ctx, key(1), aa.Addr().Next().Next(), overlay.Endpoint{}); err != nil || al.Addr.Addr() != aa.Addr().Next().Next() {
 		t.Fatalf("static address in a held block: %v, %v", al, err)
 	}
 	free := netip.MustParsePrefix("198.19.3.192/26")
@@ -447,22 +447,22 @@ func TestStaticAddress(t *testing.T) {
 		t.Fatalf("test assumes %s is free", free)
 	}
 	want := netip.MustParseAddr("198.19.3.200")
-	al, err := a.pool.AllocateAddr(ctx, key(2), want)
+	al, err := a.pool.AllocateAddr(ctx, key(2), want, overlay.Endpoint{})
 	if err != nil || al.Addr.Addr() != want || w.owner(free) != "a" {
 		t.Fatalf("static address in a free block: %v, %v (owner %q)", al, err, w.owner(free))
 	}
-	_, err = a.pool.AllocateAddr(ctx, key(3), ba.Addr().Next().Next())
+	_, err = a.pool.AllocateAddr(ctx, key(3), ba.Addr().Next().Next(), overlay.Endpoint{})
 	if !errors.Is(err, overlay.ErrConflict) || !strings.Contains(err.Error(), "host b") {
 		t.Fatalf("static address in b's block = %v; want ErrConflict naming host b", err)
 	}
-	_, err = a.pool.AllocateAddr(ctx, key(4), netip.MustParseAddr("10.1.2.3"))
+	_, err = a.pool.AllocateAddr(ctx, key(4), netip.MustParseAddr("10.1.2.3"), overlay.Endpoint{})
 	if !errors.Is(err, overlay.ErrConflict) || !strings.Contains(err.Error(), "outside network default") {
 		t.Fatalf("static address outside the network = %v", err)
 	}
 	unclaimed := netip.MustParsePrefix("198.19.2.0/26")
 	for _, b := range []netip.Prefix{free, unclaimed} {
 		for _, gw := range []netip.Addr{b.Addr(), overlay.Gateway(b), overlay.Broadcast(b)} {
-			if _, err := a.pool.AllocateAddr(ctx, key(5), gw); !errors.Is(err, overlay.ErrConflict) {
+			if _, err := a.pool.AllocateAddr(ctx, key(5), gw, overlay.Endpoint{}); !errors.Is(err, overlay.ErrConflict) {
 				t.Errorf("static %s (network, gateway or broadcast) = %v", gw, err)
 			}
 		}
@@ -479,7 +479,7 @@ func strand(t *testing.T, w *world, h *host) (netip.Prefix, overlay.Allocation) 
 	t.Helper()
 	ctx := context.Background()
 	b := h.pool.Held()[0]
-	al, err := h.pool.Allocate(ctx, key(1))
+	al, err := h.pool.Allocate(ctx, key(1), overlay.Endpoint{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -567,7 +567,7 @@ func TestConcurrentAllocations(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := g; i < 300; i += 64 {
-				results[i], errs[i] = h.pool.Allocate(ctx, key(i))
+				results[i], errs[i] = h.pool.Allocate(ctx, key(i), overlay.Endpoint{})
 			}
 		}()
 	}

@@ -271,7 +271,7 @@ func (s *sim) add(h *simHost) {
 	k := s.newKey()
 	ctx, cancel := s.ctx()
 	defer cancel()
-	al, err := h.pool.Allocate(ctx, k)
+	al, err := h.pool.Allocate(ctx, k, overlay.Endpoint{})
 	if err == nil {
 		err = h.pool.Flush(ctx)
 	}
@@ -301,7 +301,7 @@ func (s *sim) addStatic(h *simHost) {
 	k := s.newKey()
 	ctx, cancel := s.ctx()
 	defer cancel()
-	al, err := h.pool.AllocateAddr(ctx, k, a)
+	al, err := h.pool.AllocateAddr(ctx, k, a, overlay.Endpoint{})
 	if err == nil {
 		err = h.pool.Flush(ctx)
 	}
@@ -521,7 +521,7 @@ func TestRandomized(t *testing.T) {
 				if s.rng.IntN(2) == 0 {
 					k := s.newKey()
 					ctx, cancel := s.ctx()
-					if _, err := h.pool.Allocate(ctx, k); err == nil {
+					if _, err := h.pool.Allocate(ctx, k, overlay.Endpoint{}); err == nil {
 						h.pending = append(h.pending, k)
 					}
 					cancel()

@@ -149,7 +149,7 @@ func TestThousandHostsClaimAtOnce(t *testing.T) {
 	for i, h := range hs {
 		wg.Go(func() {
 			for c, tries := 0, 0; ; {
-				al, err := h.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: fmt.Sprintf("c%d", c), IfName: "eth0"})
+				al, err := h.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: fmt.Sprintf("c%d", c), IfName: "eth0"}, overlay.Endpoint{})
 				if errors.Is(err, context.DeadlineExceeded) && tries < 3 {
 					tries++
 					retriesMu.Lock()
@@ -221,7 +221,7 @@ func TestAddsWriteNothingToEtcd(t *testing.T) {
 	}
 	before := revision()
 	for i := range 50 {
-		if _, err := h.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: fmt.Sprint("c", i), IfName: "eth0"}); err != nil {
+		if _, err := h.pool.Allocate(ctx, overlay.AttachmentKey{ContainerID: fmt.Sprint("c", i), IfName: "eth0"}, overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 		if err := h.pool.Flush(ctx); err != nil {

@@ -127,6 +127,9 @@ type Allocation struct {
 	Addr netip.Prefix `json:"addr"`
 	// Host is the host whose block the address belongs to.
 	Host HostID `json:"host"`
+	// Endpoint is the interface's MAC address and labels, decided with
+	// the address.
+	Endpoint Endpoint `json:"-"`
 	// New is true when this call allocated the address, false when the
 	// key already held it.
 	New bool `json:"-"`
@@ -138,13 +141,15 @@ type Allocation struct {
 // makes the decisions made before it durable. Nobody is to be told of a
 // decision before a Flush after it has returned.
 type Allocator interface {
-	// Allocate returns the address of key, allocating a free one when key
-	// holds none. It fails with ErrPoolExhausted when none is free.
-	Allocate(ctx context.Context, key AttachmentKey) (Allocation, error)
-	// AllocateAddr gives key the address a, which must be a free container
-	// address of this host's blocks; a key that holds a already gets it
-	// again. Anything else is an error wrapping ErrConflict.
-	AllocateAddr(ctx context.Context, key AttachmentKey, a netip.Addr) (Allocation, error)
+	// Allocate returns the address of key, allocating a free one, with
+	// endpoint ep, when key holds none; a key that holds one keeps it and
+	// its endpoint. It fails with ErrPoolExhausted when none is free.
+	Allocate(ctx context.Context, key AttachmentKey, ep Endpoint) (Allocation, error)
+	// AllocateAddr gives key the address a, with endpoint ep, which must
+	// be a free container address of this host's blocks; a key that holds
+	// a already gets it again, with its endpoint. Anything else is an
+	// error wrapping ErrConflict.
+	AllocateAddr(ctx context.Context, key AttachmentKey, a netip.Addr, ep Endpoint) (Allocation, error)
 	// Release frees the address of key. Releasing a key that holds no
 	// address is not an error.
 	Release(ctx context.Context, key AttachmentKey) error

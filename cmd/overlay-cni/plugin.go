@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -31,15 +32,53 @@ type NetConf struct {
 	// Socket is overlayd's socket; empty means cnirpc.DefaultSocket.
 	Socket string `json:"socket,omitempty"`
 	// RuntimeConfig carries what the runtime passes for the capabilities
-	// the configuration declares ("ips", "mac").
+	// the configuration declares ("ips", "mac", "labels").
 	RuntimeConfig struct {
-		IPs []string `json:"ips,omitempty"`
-		MAC string   `json:"mac,omitempty"`
+		IPs    []string        `json:"ips,omitempty"`
+		MAC    string          `json:"mac,omitempty"`
+		Labels json.RawMessage `json:"labels,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
+	// Args are the runtime's arguments in the configuration (CNI
+	// conventions); the plugin reads args.cni.labels.
+	Args struct {
+		CNI struct {
+			Labels json.RawMessage `json:"labels,omitempty"`
+		} `json:"cni,omitempty"`
+	} `json:"args,omitempty"`
 
-	// Parsed from RuntimeConfig by parseConf.
-	ip  netip.Addr
-	mac net.HardwareAddr
+	// Parsed from RuntimeConfig and Args by parseRuntimeConfig: only ADD
+	// uses them, so a DEL never fails over them.
+	ip     netip.Addr
+	mac    net.HardwareAddr
+	labels map[string]string
+}
+
+// parseLabels decodes labels given as CNI's conventions give them, a
+// list of {"key": k, "value": v}, or as an object {k: v}, into into. A
+// key given twice takes its last value.
+func parseLabels(field string, raw json.RawMessage, into map[string]string) error {
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil
+	}
+	var list []struct {
+		Key   *string `json:"key"`
+		Value string  `json:"value"`
+	}
+	if err := json.Unmarshal(raw, &list); err == nil {
+		for i, l := range list {
+			if l.Key == nil {
+				return types.NewError(types.ErrInvalidNetworkConfig, field, fmt.Sprintf("label %d has no \"key\"", i))
+			}
+			into[*l.Key] = l.Value
+		}
+		return nil
+	}
+	var obj map[string]string
+	if err := json.Unmarshal(raw, &obj); err != nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, field, "want a list of {\"key\": ..., \"value\": ...} or an object of strings")
+	}
+	maps.Copy(into, obj)
+	return nil
 }
 
 // pluginArgs are the CNI_ARGS the plugin knows: none but IgnoreUnknown,
@@ -75,8 +114,9 @@ func parseConf(data []byte) (*NetConf, error) {
 }
 
 // parseRuntimeConfig checks what only ADD uses: no ipam section, and
-// runtimeConfig.ips and .mac, which it parses. A DEL must not fail over a
-// value it does not need.
+// runtimeConfig.ips, .mac and .labels and args.cni.labels, which it
+// parses. A DEL must not fail over a value it does not need. Labels of
+// runtimeConfig win over those of args with the same key.
 func parseRuntimeConfig(conf *NetConf) error {
 	if conf.IPAM.Type != "" {
 		return types.NewError(types.ErrUnsupportedField, "ipam", fmt.Sprintf("ipam {\"type\": %q}: overlay-cni allocates addresses itself, through overlayd: remove the ipam key", conf.IPAM.Type))
@@ -99,10 +139,26 @@ func parseRuntimeConfig(conf *NetConf) error {
 	}
 	if m := conf.RuntimeConfig.MAC; m != "" {
 		mac, err := net.ParseMAC(m)
-		if err != nil || len(mac) != 6 || mac[0]&1 != 0 {
+		if err == nil {
+			err = overlay.ValidateMAC(mac)
+		}
+		if err != nil {
 			return types.NewError(types.ErrUnsupportedField, "runtimeConfig.mac", fmt.Sprintf("%q is not a unicast Ethernet address", m))
 		}
 		conf.mac = mac
+	}
+	labels := make(map[string]string)
+	if err := parseLabels("args.cni.labels", conf.Args.CNI.Labels, labels); err != nil {
+		return err
+	}
+	if err := parseLabels("runtimeConfig.labels", conf.RuntimeConfig.Labels, labels); err != nil {
+		return err
+	}
+	if err := (overlay.Endpoint{Labels: labels}).Validate(); err != nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "endpoint labels", err.Error())
+	}
+	if len(labels) > 0 {
+		conf.labels = labels
 	}
 	return nil
 }
@@ -115,8 +171,14 @@ func hostVethName(conf *NetConf, args *skel.CmdArgs) string {
 	return overlay.HostVethName(conf.Network, overlay.AttachmentKey{ContainerID: args.ContainerID, IfName: args.IfName})
 }
 
+// request names the container interface of args on conf's network, with
+// what ADD asks for: an address, a MAC address and labels.
 func request(conf *NetConf, args *skel.CmdArgs) cnirpc.Request {
-	return cnirpc.Request{Network: conf.Network, ContainerID: args.ContainerID, IfName: args.IfName, IP: conf.ip}
+	r := cnirpc.Request{Network: conf.Network, ContainerID: args.ContainerID, IfName: args.IfName, IP: conf.ip, Labels: conf.labels}
+	if conf.mac != nil {
+		r.MAC = conf.mac.String()
+	}
+	return r
 }
 
 // rpcError turns a failure to talk to overlayd into the CNI error JSON.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -28,8 +29,19 @@ func attach(conf *NetConf, args *skel.CmdArgs, cont *container, att cnirpc.Attac
 		return nil, types.NewError(types.ErrTryAgainLater, fmt.Sprintf("bridge %s not found: overlayd has not programmed this host yet", att.Bridge), err.Error())
 	}
 	hostName := hostVethName(conf, args)
-	hostMAC := hostlink.RandomMAC()
-	veth := hostlink.Veth{HostName: hostName, HostMAC: hostMAC, Master: bridge, MTU: att.MTU, PeerName: args.IfName, PeerMAC: conf.mac, PeerNS: cont.ns}
+	hostMAC := overlay.RandomMAC()
+	// The container's MAC address is the endpoint's, which overlayd
+	// recorded with the address (the runtime's, or one it picked); an
+	// older overlayd sends none, and the kernel picks one.
+	peerMAC := conf.mac
+	if att.MAC != "" {
+		mac, err := net.ParseMAC(att.MAC)
+		if err != nil {
+			return nil, types.NewError(types.ErrInternal, fmt.Sprintf("overlayd sent the MAC address %q", att.MAC), err.Error())
+		}
+		peerMAC = mac
+	}
+	veth := hostlink.Veth{HostName: hostName, HostMAC: hostMAC, Master: bridge, MTU: att.MTU, PeerName: args.IfName, PeerMAC: peerMAC, PeerNS: cont.ns}
 	if err := hostlink.AddVeth(veth); err != nil {
 		// An existing interface is found out here rather than looked for
 		// beforehand: the lookup would cost every ADD a round trip.
@@ -136,6 +148,9 @@ func checkContainer(cont *netlink.Handle, ifName string, att cnirpc.Attachment) 
 	}
 	if !found {
 		return types.NewError(types.ErrInternal, fmt.Sprintf("address %s is missing from %s", att.Addr, ifName), "")
+	}
+	if att.MAC != "" && !strings.EqualFold(link.Attrs().HardwareAddr.String(), att.MAC) {
+		return types.NewError(types.ErrInternal, fmt.Sprintf("%s has the MAC address %s, not the endpoint's %s", ifName, link.Attrs().HardwareAddr, att.MAC), "")
 	}
 	routes, err := cont.RouteList(link, netlink.FAMILY_V4)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -40,7 +41,8 @@ type BlockRecord struct {
 	Claimed time.Time `json:"claimed"`
 }
 
-// AddrRecord is the value of an address's key: who holds it.
+// AddrRecord is the value of an address's key: who holds it, the
+// endpoint (CNM's term) of the address.
 type AddrRecord struct {
 	// Host is the host whose block the address belongs to.
 	Host overlay.HostID `json:"host"`
@@ -48,6 +50,30 @@ type AddrRecord struct {
 	ContainerID string `json:"containerID"`
 	// IfName is the interface name inside the container.
 	IfName string `json:"ifName"`
+	// MAC is the container interface's MAC address; records of older
+	// hosts have none.
+	MAC string `json:"mac,omitempty"`
+	// Labels are the endpoint's labels.
+	Labels map[string]string `json:"labels,omitempty"`
+}
+
+// addrRecord returns the record of al, made by host.
+func addrRecord(host overlay.HostID, al overlay.Allocation) AddrRecord {
+	rec := AddrRecord{Host: host, ContainerID: al.Key.ContainerID, IfName: al.Key.IfName, Labels: al.Endpoint.Labels}
+	if al.Endpoint.MAC != nil {
+		rec.MAC = al.Endpoint.MAC.String()
+	}
+	return rec
+}
+
+// Endpoint returns the MAC address and labels of the record. A MAC
+// address that does not parse is left out.
+func (r AddrRecord) Endpoint() overlay.Endpoint {
+	ep := overlay.Endpoint{Labels: r.Labels}
+	if mac, err := net.ParseMAC(r.MAC); err == nil {
+		ep.MAC = mac
+	}
+	return ep
 }
 
 // held is a block this host owns, with the revisions that prove it.
@@ -486,7 +512,7 @@ func (p *Pool) Mirror(ctx context.Context, want []overlay.Allocation) (int, erro
 		if _, ok := blocks[netip.PrefixFrom(al.Addr.Addr(), p.net.BlockBits).Masked()]; !ok {
 			continue
 		}
-		rec, err := json.Marshal(AddrRecord{Host: p.host, ContainerID: al.Key.ContainerID, IfName: al.Key.IfName})
+		rec, err := json.Marshal(addrRecord(p.host, al))
 		if err != nil {
 			return 0, fmt.Errorf("mirror allocations: encode: %w", err)
 		}
@@ -540,7 +566,8 @@ func (p *Pool) Mirror(ctx context.Context, want []overlay.Allocation) (int, erro
 }
 
 // List returns this host's allocations in the network as etcd has them:
-// what the mirror last copied.
+// what the mirror last copied, each with its endpoint (MAC address and
+// labels) from its address's record.
 func (p *Pool) List(ctx context.Context) ([]overlay.Allocation, error) {
 	ctx, cancel := bound(ctx)
 	defer cancel()
@@ -550,6 +577,7 @@ func (p *Pool) List(ctx context.Context) ([]overlay.Allocation, error) {
 		return nil, fmt.Errorf("list allocations of %s: %w", p.host, err)
 	}
 	var out []overlay.Allocation
+	blocks := make(map[netip.Prefix]bool)
 	for _, kv := range resp.Kvs {
 		cid, ifname, ok := strings.Cut(strings.TrimPrefix(string(kv.Key), prefix), "/")
 		addr, err := netip.ParsePrefix(string(kv.Value))
@@ -557,6 +585,24 @@ func (p *Pool) List(ctx context.Context) ([]overlay.Allocation, error) {
 			continue
 		}
 		out = append(out, overlay.Allocation{Key: overlay.AttachmentKey{ContainerID: cid, IfName: ifname}, Addr: addr, Host: p.host})
+		blocks[addr.Masked()] = true
+	}
+	if len(out) == 0 {
+		return out, nil
+	}
+	// A record that cannot be decoded only loses its endpoint.
+	eps, err := p.s.endpoints(ctx, p.net.Name, slices.Collect(maps.Keys(blocks)))
+	if err != nil && !errors.Is(err, ErrBadRecord) {
+		return nil, fmt.Errorf("list allocations of %s: %w", p.host, err)
+	}
+	byAddr := make(map[netip.Addr]EndpointRecord, len(eps))
+	for _, ep := range eps {
+		byAddr[ep.Addr.Addr()] = ep
+	}
+	for i, al := range out {
+		if ep, ok := byAddr[al.Addr.Addr()]; ok && ep.Host == p.host && ep.ContainerID == al.Key.ContainerID && ep.IfName == al.Key.IfName {
+			out[i].Endpoint = ep.Endpoint()
+		}
 	}
 	return out, nil
 }

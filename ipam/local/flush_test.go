@@ -27,7 +27,7 @@ func TestFailedFlushIsRetried(t *testing.T) {
 	}
 	k := func(id string) overlay.AttachmentKey { return overlay.AttachmentKey{ContainerID: id, IfName: "eth0"} }
 	for _, id := range []string{"c1", "c2"} {
-		if _, err := a.Allocate(ctx, k(id)); err != nil {
+		if _, err := a.Allocate(ctx, k(id), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}

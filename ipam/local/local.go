@@ -10,12 +10,20 @@
 // survives kill -9 and a reboot, and concurrent callers share a disk sync.
 // etcd gets a copy afterwards, so that any host can answer who holds an
 // address: Changed tells the mirror when to copy (see etcd.Pool.Mirror).
+//
+// Each network has two buckets: "network/<name>", an allocation's
+// address by "containerID/ifName", and "endpoint/<name>", the same
+// allocation's MAC address and labels as JSON (endpointRecord), when it
+// has either. The endpoints are apart so that an older overlayd, which
+// knows only the first bucket, still reads the file.
 package local
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -84,11 +92,12 @@ func (d *DB) Drop(network string) error {
 		if err := tx.Bucket(metaBucket).Delete(idKey(network)); err != nil {
 			return err
 		}
-		err := tx.DeleteBucket(bucketName(network))
-		if errors.Is(err, bolterrors.ErrBucketNotFound) {
-			return nil
+		for _, name := range [][]byte{bucketName(network), endpointBucketName(network)} {
+			if err := tx.DeleteBucket(name); err != nil && !errors.Is(err, bolterrors.ErrBucketNotFound) {
+				return err
+			}
 		}
-		return err
+		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("drop allocations of %s: %w", network, err)
@@ -97,6 +106,8 @@ func (d *DB) Drop(network string) error {
 }
 
 func bucketName(network string) []byte { return []byte("network/" + network) }
+
+func endpointBucketName(network string) []byte { return []byte("endpoint/" + network) }
 
 // idKey is the key, in the meta bucket, of the ID of the network whose
 // allocations the network's bucket holds.
@@ -147,7 +158,7 @@ type Allocator struct {
 	commit chan struct{} // a token: one commit at a time
 
 	mu      sync.Mutex // guards the maps and the queue
-	attach  map[overlay.AttachmentKey]netip.Prefix
+	attach  map[overlay.AttachmentKey]entry
 	used    map[netip.Addr]overlay.AttachmentKey
 	inBlock map[netip.Prefix]int // addresses used, by block
 	pending []change             // decided, not yet on disk, in order
@@ -155,11 +166,17 @@ type Allocator struct {
 	flushed uint64               // changes on disk
 }
 
-// change is one decision waiting to be committed: key's address, or its
-// release.
+// entry is what an attachment holds: an address and its endpoint.
+type entry struct {
+	addr netip.Prefix
+	ep   overlay.Endpoint
+}
+
+// change is one decision waiting to be committed: key's address and
+// endpoint, or its release.
 type change struct {
 	key     overlay.AttachmentKey
-	addr    netip.Prefix
+	entry   entry
 	release bool
 }
 
@@ -172,7 +189,7 @@ var _ overlay.Allocator = (*Allocator)(nil)
 // it has one, is recorded with them (NetworkID).
 func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []netip.Prefix) (a *Allocator, fresh bool, err error) {
 	a = &Allocator{db: d, net: n, host: host, held: held, changed: make(chan struct{}, 1), commit: make(chan struct{}, 1),
-		attach: make(map[overlay.AttachmentKey]netip.Prefix), used: make(map[netip.Addr]overlay.AttachmentKey),
+		attach: make(map[overlay.AttachmentKey]entry), used: make(map[netip.Addr]overlay.AttachmentKey),
 		inBlock: make(map[netip.Prefix]int)}
 	err = d.db.Update(func(tx *bolt.Tx) error {
 		if n.ID != "" {
@@ -180,22 +197,30 @@ func (d *DB) Allocator(n overlay.Network, host overlay.HostID, held func() []net
 				return err
 			}
 		}
+		eb, err := tx.CreateBucketIfNotExists(endpointBucketName(n.Name))
+		if err != nil {
+			return err
+		}
 		b := tx.Bucket(bucketName(n.Name))
 		if b == nil {
 			fresh = true
 			_, err := tx.CreateBucket(bucketName(n.Name))
 			return err
 		}
-		return b.ForEach(func(k, v []byte) error {
+		err = b.ForEach(func(k, v []byte) error {
 			key, addr, err := decode(k, v)
 			if err != nil {
 				return err
 			}
-			a.attach[key] = addr
+			a.attach[key] = entry{addr: addr}
 			a.used[addr.Addr()] = key
 			a.inBlock[addr.Masked()]++
 			return nil
 		})
+		if err != nil {
+			return err
+		}
+		return loadEndpoints(eb, a.attach)
 	})
 	if err != nil {
 		return nil, false, fmt.Errorf("load allocations of %s from %s: %w", n.Name, d.path, err)
@@ -211,12 +236,73 @@ func encode(key overlay.AttachmentKey, addr netip.Prefix) (k, v []byte) {
 }
 
 func decode(k, v []byte) (overlay.AttachmentKey, netip.Prefix, error) {
-	i := strings.LastIndexByte(string(k), '/')
+	key, kerr := decodeKey(k)
 	addr, err := netip.ParsePrefix(string(v))
-	if i < 0 || err != nil {
+	if kerr != nil || err != nil {
 		return overlay.AttachmentKey{}, netip.Prefix{}, fmt.Errorf("corrupt allocation %q = %q", k, v)
 	}
-	return overlay.AttachmentKey{ContainerID: string(k[:i]), IfName: string(k[i+1:])}, addr, nil
+	return key, addr, nil
+}
+
+func decodeKey(k []byte) (overlay.AttachmentKey, error) {
+	i := strings.LastIndexByte(string(k), '/')
+	if i < 0 {
+		return overlay.AttachmentKey{}, fmt.Errorf("corrupt allocation key %q", k)
+	}
+	return overlay.AttachmentKey{ContainerID: string(k[:i]), IfName: string(k[i+1:])}, nil
+}
+
+// endpointRecord is the value of an endpoint bucket's key.
+type endpointRecord struct {
+	MAC    string            `json:"mac,omitempty"`
+	Labels map[string]string `json:"labels,omitempty"`
+}
+
+func encodeEndpoint(ep overlay.Endpoint) ([]byte, error) {
+	rec := endpointRecord{Labels: ep.Labels}
+	if ep.MAC != nil {
+		rec.MAC = ep.MAC.String()
+	}
+	return json.Marshal(rec)
+}
+
+// loadEndpoints reads the endpoints of eb into attach. An endpoint whose
+// allocation is gone (released by an older overlayd, which leaves the
+// endpoint bucket alone) is deleted.
+func loadEndpoints(eb *bolt.Bucket, attach map[overlay.AttachmentKey]entry) error {
+	var stale [][]byte
+	err := eb.ForEach(func(k, v []byte) error {
+		key, err := decodeKey(k)
+		if err != nil {
+			return err
+		}
+		e, ok := attach[key]
+		if !ok {
+			stale = append(stale, k)
+			return nil
+		}
+		var rec endpointRecord
+		if err := json.Unmarshal(v, &rec); err != nil {
+			return fmt.Errorf("corrupt endpoint %q = %q: %w", k, v, err)
+		}
+		if rec.MAC != "" {
+			if e.ep.MAC, err = net.ParseMAC(rec.MAC); err != nil {
+				return fmt.Errorf("corrupt endpoint %q: %w", k, err)
+			}
+		}
+		e.ep.Labels = rec.Labels
+		attach[key] = e
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range stale {
+		if err := eb.Delete(k); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Changed receives a value after allocations changed: the mirror's cue.
@@ -239,7 +325,7 @@ func (a *Allocator) Import(ctx context.Context, list []overlay.Allocation) error
 		_, haveKey := a.attach[al.Key]
 		_, haveAddr := a.used[al.Addr.Addr()]
 		if !haveKey && !haveAddr {
-			a.put(al.Key, al.Addr)
+			a.put(al.Key, entry{addr: al.Addr, ep: al.Endpoint.Clone()})
 		}
 	}
 	a.mu.Unlock()
@@ -249,12 +335,12 @@ func (a *Allocator) Import(ctx context.Context, list []overlay.Allocation) error
 	return nil
 }
 
-// put decides key's address. a.mu is held.
-func (a *Allocator) put(key overlay.AttachmentKey, addr netip.Prefix) {
-	a.attach[key] = addr
-	a.used[addr.Addr()] = key
-	a.inBlock[addr.Masked()]++
-	a.pending = append(a.pending, change{key: key, addr: addr})
+// put decides key's address and endpoint. a.mu is held.
+func (a *Allocator) put(key overlay.AttachmentKey, e entry) {
+	a.attach[key] = e
+	a.used[e.addr.Addr()] = key
+	a.inBlock[e.addr.Masked()]++
+	a.pending = append(a.pending, change{key: key, entry: e})
 	a.decided++
 	a.notify()
 }
@@ -282,16 +368,31 @@ func (a *Allocator) Flush(ctx context.Context) error {
 	a.mu.Unlock()
 	err := a.db.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketName(a.net.Name))
+		eb := tx.Bucket(endpointBucketName(a.net.Name))
 		for _, c := range batch {
-			k, v := encode(c.key, c.addr)
-			var err error
-			if c.release {
-				err = b.Delete(k)
-			} else {
-				err = b.Put(k, v)
+			k, v := encode(c.key, c.entry.addr)
+			if c.release || c.entry.ep.IsZero() {
+				if err := eb.Delete(k); err != nil {
+					return err
+				}
 			}
-			if err != nil {
+			if c.release {
+				if err := b.Delete(k); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := b.Put(k, v); err != nil {
 				return err
+			}
+			if !c.entry.ep.IsZero() {
+				ev, err := encodeEndpoint(c.entry.ep)
+				if err != nil {
+					return fmt.Errorf("encode endpoint %s: %w", c.key, err)
+				}
+				if err := eb.Put(k, ev); err != nil {
+					return err
+				}
 			}
 		}
 		return nil
@@ -322,21 +423,26 @@ func blockSet(blocks []netip.Prefix) map[netip.Prefix]bool {
 // host no longer holds is an error wrapping overlay.ErrConflict. a.mu is
 // held.
 func (a *Allocator) existing(key overlay.AttachmentKey, held map[netip.Prefix]bool) (overlay.Allocation, bool, error) {
-	addr, ok := a.attach[key]
+	e, ok := a.attach[key]
 	if !ok {
 		return overlay.Allocation{}, false, nil
 	}
-	if !held[addr.Masked()] {
+	if !held[e.addr.Masked()] {
 		return overlay.Allocation{}, false, fmt.Errorf("%s holds %s, in block %s, which host %s no longer holds (the block was reclaimed or removed while the host was away; another host may hand the address out): recreate the container: %w",
-			key, addr, addr.Masked(), a.host, overlay.ErrConflict)
+			key, e.addr, e.addr.Masked(), a.host, overlay.ErrConflict)
 	}
-	return overlay.Allocation{Key: key, Addr: addr, Host: a.host}, true, nil
+	return a.allocation(key, e), true, nil
+}
+
+// allocation returns key's allocation of e.
+func (a *Allocator) allocation(key overlay.AttachmentKey, e entry) overlay.Allocation {
+	return overlay.Allocation{Key: key, Addr: e.addr, Host: a.host, Endpoint: e.ep.Clone()}
 }
 
 // Allocate returns the address of key, allocating the lowest free
-// address of the held blocks when key holds none. The allocation is on
-// disk once Flush returns.
-func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
+// address of the held blocks, with endpoint ep, when key holds none. The
+// allocation is on disk once Flush returns.
+func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey, ep overlay.Endpoint) (overlay.Allocation, error) {
 	if err := ctx.Err(); err != nil {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s: %w", key, err)
 	}
@@ -357,9 +463,11 @@ func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (ov
 			if _, taken := a.used[addr]; taken {
 				continue
 			}
-			p := netip.PrefixFrom(addr, b.Bits())
-			a.put(key, p)
-			return overlay.Allocation{Key: key, Addr: p, Host: a.host, New: true}, nil
+			e := entry{addr: netip.PrefixFrom(addr, b.Bits()), ep: ep.Clone()}
+			a.put(key, e)
+			al := a.allocation(key, e)
+			al.New = true
+			return al, nil
 		}
 	}
 	return overlay.Allocation{}, fmt.Errorf("allocate %s: every address of %s's blocks %v is in use: %w", key, a.host, blocks, overlay.ErrPoolExhausted)
@@ -370,7 +478,7 @@ func (a *Allocator) Allocate(ctx context.Context, key overlay.AttachmentKey) (ov
 // holds addr gets it again; one that holds another address, or an address
 // that is taken or outside the held blocks, is an error wrapping
 // overlay.ErrConflict.
-func (a *Allocator) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, addr netip.Addr) (overlay.Allocation, error) {
+func (a *Allocator) AllocateAddr(ctx context.Context, key overlay.AttachmentKey, addr netip.Addr, ep overlay.Endpoint) (overlay.Allocation, error) {
 	if err := ctx.Err(); err != nil {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: %w", addr, key, err)
 	}
@@ -394,9 +502,11 @@ func (a *Allocator) AllocateAddr(ctx context.Context, key overlay.AttachmentKey,
 	if holder, taken := a.used[addr]; taken {
 		return overlay.Allocation{}, fmt.Errorf("allocate %s for %s: the address is in use by %s: %w", addr, key, holder, overlay.ErrConflict)
 	}
-	p := netip.PrefixFrom(addr, b.Bits())
-	a.put(key, p)
-	return overlay.Allocation{Key: key, Addr: p, Host: a.host, New: true}, nil
+	e := entry{addr: netip.PrefixFrom(addr, b.Bits()), ep: ep.Clone()}
+	a.put(key, e)
+	al = a.allocation(key, e)
+	al.New = true
+	return al, nil
 }
 
 // Release frees the address of key; the release is on disk once Flush
@@ -407,16 +517,16 @@ func (a *Allocator) Release(ctx context.Context, key overlay.AttachmentKey) erro
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	addr, ok := a.attach[key]
+	e, ok := a.attach[key]
 	if !ok {
 		return nil
 	}
 	delete(a.attach, key)
-	delete(a.used, addr.Addr())
-	if a.inBlock[addr.Masked()]--; a.inBlock[addr.Masked()] <= 0 {
-		delete(a.inBlock, addr.Masked())
+	delete(a.used, e.addr.Addr())
+	if a.inBlock[e.addr.Masked()]--; a.inBlock[e.addr.Masked()] <= 0 {
+		delete(a.inBlock, e.addr.Masked())
 	}
-	a.pending = append(a.pending, change{key: key, addr: addr, release: true})
+	a.pending = append(a.pending, change{key: key, entry: e, release: true})
 	a.decided++
 	a.notify()
 	return nil
@@ -453,9 +563,9 @@ func (a *Allocator) Stranded() []overlay.Allocation {
 	defer a.mu.Unlock()
 	held := blockSet(a.held())
 	var out []overlay.Allocation
-	for k, addr := range a.attach {
-		if !held[addr.Masked()] {
-			out = append(out, overlay.Allocation{Key: k, Addr: addr, Host: a.host})
+	for k, e := range a.attach {
+		if !held[e.addr.Masked()] {
+			out = append(out, a.allocation(k, e))
 		}
 	}
 	slices.SortFunc(out, func(x, y overlay.Allocation) int { return x.Addr.Addr().Compare(y.Addr.Addr()) })
@@ -467,8 +577,8 @@ func (a *Allocator) List(ctx context.Context) ([]overlay.Allocation, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	out := make([]overlay.Allocation, 0, len(a.attach))
-	for k, addr := range a.attach {
-		out = append(out, overlay.Allocation{Key: k, Addr: addr, Host: a.host})
+	for k, e := range a.attach {
+		out = append(out, a.allocation(k, e))
 	}
 	slices.SortFunc(out, func(x, y overlay.Allocation) int { return x.Addr.Addr().Compare(y.Addr.Addr()) })
 	return out, nil

@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/overlay"
@@ -68,12 +71,12 @@ func TestAllocate(t *testing.T) {
 	if !fresh {
 		t.Fatal("a new file is not fresh")
 	}
-	if _, err := a.Allocate(ctx, key("x")); !errors.Is(err, overlay.ErrPoolExhausted) {
+	if _, err := a.Allocate(ctx, key("x"), overlay.Endpoint{}); !errors.Is(err, overlay.ErrPoolExhausted) {
 		t.Fatalf("allocate holding no block: %v", err)
 	}
 	bl.set(block)
 
-	a1, err := a.Allocate(ctx, key("c1"))
+	a1, err := a.Allocate(ctx, key("c1"), overlay.Endpoint{})
 	if err != nil || a1.Addr.String() != "198.19.0.10/29" || !a1.New || a1.Host != "a" {
 		t.Fatalf("first allocation = %+v, %v; want 198.19.0.10/29 (after the gateway), new", a1, err)
 	}
@@ -82,7 +85,7 @@ func TestAllocate(t *testing.T) {
 	default:
 		t.Fatal("an allocation did not signal Changed")
 	}
-	again, err := a.Allocate(ctx, key("c1"))
+	again, err := a.Allocate(ctx, key("c1"), overlay.Endpoint{})
 	if err != nil || again.Addr != a1.Addr || again.New {
 		t.Fatalf("allocate same key = %+v, %v; want the same address, not new", again, err)
 	}
@@ -95,7 +98,7 @@ func TestAllocate(t *testing.T) {
 	for i := range 6 {
 		wg.Go(func() {
 			k := key(fmt.Sprintf("c%d", i+2))
-			al, err := a.Allocate(ctx, k)
+			al, err := a.Allocate(ctx, k, overlay.Endpoint{})
 			mu.Lock()
 			defer mu.Unlock()
 			if errors.Is(err, overlay.ErrPoolExhausted) {
@@ -129,7 +132,7 @@ func TestAllocate(t *testing.T) {
 	if _, err := a.Lookup(ctx, key("c1")); !errors.Is(err, overlay.ErrNotFound) {
 		t.Fatalf("lookup after release: %v", err)
 	}
-	reused, err := a.Allocate(ctx, key("c9"))
+	reused, err := a.Allocate(ctx, key("c9"), overlay.Endpoint{})
 	if err != nil || reused.Addr != a1.Addr {
 		t.Fatalf("released address not reused: %+v, %v", reused, err)
 	}
@@ -139,16 +142,16 @@ func TestAllocate(t *testing.T) {
 	if _, err := a.Lookup(ctx, key("c9")); !errors.Is(err, overlay.ErrConflict) {
 		t.Fatalf("lookup in a lost block: %v", err)
 	}
-	if _, err := a.Allocate(ctx, key("c9")); !errors.Is(err, overlay.ErrConflict) {
+	if _, err := a.Allocate(ctx, key("c9"), overlay.Endpoint{}); !errors.Is(err, overlay.ErrConflict) {
 		t.Fatalf("allocate for a key in a lost block: %v", err)
 	}
-	if al, err := a.Allocate(ctx, key("c10")); err != nil || al.Addr.String() != "198.19.0.18/29" {
+	if al, err := a.Allocate(ctx, key("c10"), overlay.Endpoint{}); err != nil || al.Addr.String() != "198.19.0.18/29" {
 		t.Fatalf("allocate from the new block = %+v, %v", al, err)
 	}
 
 	cctx, cancel := context.WithCancel(ctx)
 	cancel()
-	if _, err := a.Allocate(cctx, key("c11")); !errors.Is(err, context.Canceled) {
+	if _, err := a.Allocate(cctx, key("c11"), overlay.Endpoint{}); !errors.Is(err, context.Canceled) {
 		t.Fatalf("allocate with a cancelled context: %v", err)
 	}
 }
@@ -160,11 +163,11 @@ func TestAllocateAddr(t *testing.T) {
 	n.BlockBits = 26
 	_, a, _ := openNet(t, filepath.Join(t.TempDir(), "alloc.db"), n, held)
 	want := netip.MustParseAddr("198.19.0.40")
-	al, err := a.AllocateAddr(ctx, key("c1"), want)
+	al, err := a.AllocateAddr(ctx, key("c1"), want, overlay.Endpoint{})
 	if err != nil || al.Addr.String() != "198.19.0.40/26" || !al.New {
 		t.Fatalf("AllocateAddr = %+v, %v", al, err)
 	}
-	if again, err := a.AllocateAddr(ctx, key("c1"), want); err != nil || again.New {
+	if again, err := a.AllocateAddr(ctx, key("c1"), want, overlay.Endpoint{}); err != nil || again.New {
 		t.Fatalf("same key, same address = %+v, %v; want it back, not new", again, err)
 	}
 	for _, tc := range []struct{ key, addr string }{
@@ -175,17 +178,17 @@ func TestAllocateAddr(t *testing.T) {
 		{"c2", "198.19.0.63"}, // broadcast
 		{"c2", "198.19.1.5"},  // not this host's block
 	} {
-		if _, err := a.AllocateAddr(ctx, key(tc.key), netip.MustParseAddr(tc.addr)); !errors.Is(err, overlay.ErrConflict) {
+		if _, err := a.AllocateAddr(ctx, key(tc.key), netip.MustParseAddr(tc.addr), overlay.Endpoint{}); !errors.Is(err, overlay.ErrConflict) {
 			t.Errorf("AllocateAddr(%s, %s) = %v, want ErrConflict", tc.key, tc.addr, err)
 		}
 	}
 	// The lowest free address skips the one taken by request.
 	for i := range 38 { // .2 to .39
-		if _, err := a.Allocate(ctx, key(fmt.Sprint("fill", i))); err != nil {
+		if _, err := a.Allocate(ctx, key(fmt.Sprint("fill", i)), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	next, err := a.Allocate(ctx, key("after"))
+	next, err := a.Allocate(ctx, key("after"), overlay.Endpoint{})
 	if err != nil || next.Addr.Addr().String() != "198.19.0.41" {
 		t.Fatalf("next free after filling .2-.39 = %+v, %v; want .41 (.40 is taken)", next, err)
 	}
@@ -199,7 +202,7 @@ func TestDurable(t *testing.T) {
 	held := func() []netip.Prefix { return []netip.Prefix{block} }
 	db, a, _ := open(t, path, held)
 	for _, id := range []string{"c1", "c2", "c3"} {
-		if _, err := a.Allocate(ctx, key(id)); err != nil {
+		if _, err := a.Allocate(ctx, key(id), overlay.Endpoint{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -210,7 +213,7 @@ func TestDurable(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Decided but not flushed: not on disk.
-	if _, err := a.Allocate(ctx, key("unflushed")); err != nil {
+	if _, err := a.Allocate(ctx, key("unflushed"), overlay.Endpoint{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := db.Close(); err != nil {
@@ -227,7 +230,7 @@ func TestDurable(t *testing.T) {
 		t.Fatalf("after reopening: %s; want c1 and c3", got)
 	}
 	// The gap c2 left is the next address given.
-	if al, err := a.Allocate(ctx, key("c4")); err != nil || al.Addr.String() != "198.19.0.11/29" {
+	if al, err := a.Allocate(ctx, key("c4"), overlay.Endpoint{}); err != nil || al.Addr.String() != "198.19.0.11/29" {
 		t.Fatalf("after reopening, allocate = %+v, %v; want .11", al, err)
 	}
 	if err := a.Flush(ctx); err != nil {
@@ -260,15 +263,15 @@ func TestFlushKeepsOrder(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "alloc.db")
 	held := func() []netip.Prefix { return []netip.Prefix{block} }
 	db, a, _ := open(t, path, held)
-	first, _ := a.Allocate(ctx, key("c1")) // .10
+	first, _ := a.Allocate(ctx, key("c1"), overlay.Endpoint{}) // .10
 	if err := a.Release(ctx, key("c1")); err != nil {
 		t.Fatal(err)
 	}
-	again, _ := a.Allocate(ctx, key("c2")) // .10 again, before any flush
+	again, _ := a.Allocate(ctx, key("c2"), overlay.Endpoint{}) // .10 again, before any flush
 	if again.Addr != first.Addr {
 		t.Fatalf("a released address is not free at once: %s then %s", first.Addr, again.Addr)
 	}
-	if _, err := a.Allocate(ctx, key("c3")); err != nil {
+	if _, err := a.Allocate(ctx, key("c3"), overlay.Endpoint{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Release(ctx, key("c3")); err != nil {
@@ -288,7 +291,7 @@ func TestFlushKeepsOrder(t *testing.T) {
 	if err := a.Flush(ctx); err != nil {
 		t.Fatalf("a flush with nothing to commit = %v", err)
 	}
-	if _, err := a.Allocate(ctx, key("c4")); err != nil {
+	if _, err := a.Allocate(ctx, key("c4"), overlay.Endpoint{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := a.Flush(ctx); err == nil {
@@ -330,7 +333,7 @@ func TestImport(t *testing.T) {
 	al := func(id, addr string) overlay.Allocation {
 		return overlay.Allocation{Key: key(id), Addr: netip.MustParsePrefix(addr), Host: "a"}
 	}
-	if _, err := a.Allocate(ctx, key("mine")); err != nil { // .10
+	if _, err := a.Allocate(ctx, key("mine"), overlay.Endpoint{}); err != nil { // .10
 		t.Fatal(err)
 	}
 	err := a.Import(ctx, []overlay.Allocation{
@@ -346,10 +349,10 @@ func TestImport(t *testing.T) {
 	if fmt.Sprint(list) != fmt.Sprint([]overlay.Allocation{al("mine", "198.19.0.10/29"), al("old1", "198.19.0.12/29")}) {
 		t.Fatalf("after Import: %v", list)
 	}
-	if next, err := a.Allocate(ctx, key("next")); err != nil || next.Addr.String() != "198.19.0.11/29" {
+	if next, err := a.Allocate(ctx, key("next"), overlay.Endpoint{}); err != nil || next.Addr.String() != "198.19.0.11/29" {
 		t.Fatalf("allocate after Import = %+v, %v", next, err)
 	}
-	if next, err := a.Allocate(ctx, key("next2")); err != nil || next.Addr.String() != "198.19.0.13/29" {
+	if next, err := a.Allocate(ctx, key("next2"), overlay.Endpoint{}); err != nil || next.Addr.String() != "198.19.0.13/29" {
 		t.Fatalf("allocate after Import skips .12 = %+v, %v", next, err)
 	}
 }
@@ -371,7 +374,7 @@ func BenchmarkAllocateRelease(b *testing.B) {
 	}
 	for i := 0; b.Loop(); i++ {
 		k := key(fmt.Sprint("c", i))
-		if _, err := a.Allocate(ctx, k); err != nil {
+		if _, err := a.Allocate(ctx, k, overlay.Endpoint{}); err != nil {
 			b.Fatal(err)
 		}
 		if err := a.Flush(ctx); err != nil {
@@ -418,4 +421,126 @@ func TestNetworkIDAndList(t *testing.T) {
 	if names, _ := db.Networks(); len(names) != 0 {
 		t.Fatalf("Networks after Drop = %v", names)
 	}
+}
+
+// TestEndpoints: an allocation's MAC address and labels are kept with it,
+// across a reopening, and go with its release; an interface that holds
+// an address keeps the endpoint it was given.
+func TestEndpoints(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "alloc.db")
+	held := func() []netip.Prefix { return []netip.Prefix{block} }
+	db, a, _ := open(t, path, held)
+	mac := net.HardwareAddr{0x02, 0x11, 0x22, 0x33, 0x44, 0x55}
+	labels := map[string]string{"app": "web", "tier": "front"}
+	ep := overlay.Endpoint{MAC: mac, Labels: labels}
+	if _, err := a.Allocate(ctx, key("c1"), ep); err != nil {
+		t.Fatal(err)
+	}
+	labels["app"] = "changed by the caller" // the allocator keeps its own copy
+	if _, err := a.AllocateAddr(ctx, key("c2"), netip.MustParseAddr("198.19.0.12"), overlay.Endpoint{Labels: map[string]string{"k": "v"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Allocate(ctx, key("bare"), overlay.Endpoint{}); err != nil {
+		t.Fatal(err)
+	}
+	again, err := a.Allocate(ctx, key("c1"), overlay.Endpoint{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 1}})
+	if err != nil || again.New || again.Endpoint.MAC.String() != mac.String() || again.Endpoint.Labels["app"] != "web" {
+		t.Fatalf("second Allocate of c1 = %+v, %v; want its first endpoint", again, err)
+	}
+	if err := a.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	db, a, _ = open(t, path, held)
+	want := map[string]overlay.Endpoint{
+		"c1":   {MAC: mac, Labels: map[string]string{"app": "web", "tier": "front"}},
+		"c2":   {Labels: map[string]string{"k": "v"}},
+		"bare": {},
+	}
+	list, _ := a.List(ctx)
+	if len(list) != len(want) {
+		t.Fatalf("after reopening: %v; want %d allocations", list, len(want))
+	}
+	for _, al := range list {
+		if w := want[al.Key.ContainerID]; !al.Endpoint.Equal(w) {
+			t.Errorf("after reopening, %s has endpoint %+v; want %+v", al.Key, al.Endpoint, w)
+		}
+	}
+	// Released and given again without an endpoint: nothing of the old one.
+	if err := a.Release(ctx, key("c1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Allocate(ctx, key("c1"), overlay.Endpoint{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	_, a, _ = open(t, path, held)
+	if al, err := a.Lookup(ctx, key("c1")); err != nil || !al.Endpoint.IsZero() {
+		t.Fatalf("c1 re-allocated without an endpoint: %+v, %v; want none", al, err)
+	}
+}
+
+// TestEndpointsOlderFile: a file written by an overlayd that kept no
+// endpoints opens, its allocations with none; an endpoint whose
+// allocation such an overlayd released (it leaves the endpoint bucket
+// alone) is forgotten.
+func TestEndpointsOlderFile(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "alloc.db")
+	bdb, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = bdb.Update(func(tx *bolt.Tx) error {
+		meta, err := tx.CreateBucket([]byte("meta"))
+		if err != nil {
+			return err
+		}
+		if err := meta.Put([]byte("host"), []byte("a")); err != nil {
+			return err
+		}
+		b, err := tx.CreateBucket([]byte("network/" + network.Name))
+		if err != nil {
+			return err
+		}
+		if err := b.Put([]byte("old/eth0"), []byte("198.19.0.10/29")); err != nil {
+			return err
+		}
+		eb, err := tx.CreateBucket([]byte("endpoint/" + network.Name))
+		if err != nil {
+			return err
+		}
+		return eb.Put([]byte("gone/eth0"), []byte(`{"mac":"02:00:00:00:00:07"}`))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bdb.Close()
+
+	db, a, fresh := open(t, path, func() []netip.Prefix { return []netip.Prefix{block} })
+	if fresh {
+		t.Fatal("an older file with allocations opened as fresh")
+	}
+	if al, err := a.Lookup(ctx, key("old")); err != nil || al.Addr.String() != "198.19.0.10/29" || !al.Endpoint.IsZero() {
+		t.Fatalf("old = %+v, %v; want 198.19.0.10/29 with no endpoint", al, err)
+	}
+	db.Close()
+	bdb, err = bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bdb.Close()
+	bdb.View(func(tx *bolt.Tx) error {
+		if v := tx.Bucket([]byte("endpoint/" + network.Name)).Get([]byte("gone/eth0")); v != nil {
+			t.Errorf("the endpoint of a released allocation is still on disk: %s", v)
+		}
+		return nil
+	})
 }

@@ -3,7 +3,6 @@ package hostlink
 import (
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net"
 	"strings"
 
@@ -74,15 +73,6 @@ func IfIndex(name string) (int, error) {
 		return 0, fmt.Errorf("index of %s: %w", name, err)
 	}
 	return int(ifr.Uint32()), nil
-}
-
-// RandomMAC returns a random locally administered unicast MAC address, as
-// the kernel gives a veth end; choosing it beforehand saves looking it up.
-func RandomMAC() net.HardwareAddr {
-	v := rand.Uint64()
-	mac := net.HardwareAddr{byte(v), byte(v >> 8), byte(v >> 16), byte(v >> 24), byte(v >> 32), byte(v >> 40)}
-	mac[0] = mac[0]&^1 | 2 // unicast, locally administered
-	return mac
 }
 
 // DeleteStale deletes every veth on bridge whose name starts with prefix

@@ -159,8 +159,9 @@ func (p *Pool) ReleaseBlocks(context.Context) error {
 	return nil
 }
 
-// Allocate returns key's address, allocating the lowest free one.
-func (p *Pool) Allocate(_ context.Context, key overlay.AttachmentKey) (overlay.Allocation, error) {
+// Allocate returns key's address, allocating the lowest free one with
+// endpoint ep.
+func (p *Pool) Allocate(_ context.Context, key overlay.AttachmentKey, ep overlay.Endpoint) (overlay.Allocation, error) {
 	p.s.mu.Lock()
 	defer p.s.mu.Unlock()
 	if p.s.err != nil {
@@ -172,7 +173,7 @@ func (p *Pool) Allocate(_ context.Context, key overlay.AttachmentKey) (overlay.A
 	for _, b := range p.heldLocked() {
 		for a := overlay.Gateway(b).Next(); a != overlay.Broadcast(b); a = a.Next() {
 			if _, used := p.s.addrs[a]; !used {
-				al := overlay.Allocation{Key: key, Addr: netip.PrefixFrom(a, b.Bits()), Host: p.host}
+				al := overlay.Allocation{Key: key, Addr: netip.PrefixFrom(a, b.Bits()), Host: p.host, Endpoint: ep.Clone()}
 				p.s.addrs[a] = al
 				al.New = true
 				return al, nil
@@ -194,8 +195,8 @@ func (p *Pool) Flush(context.Context) error {
 }
 
 // AllocateAddr gives key the address a if it is a free container address
-// of the host's blocks.
-func (p *Pool) AllocateAddr(_ context.Context, key overlay.AttachmentKey, a netip.Addr) (overlay.Allocation, error) {
+// of the host's blocks, with endpoint ep.
+func (p *Pool) AllocateAddr(_ context.Context, key overlay.AttachmentKey, a netip.Addr, ep overlay.Endpoint) (overlay.Allocation, error) {
 	p.s.mu.Lock()
 	defer p.s.mu.Unlock()
 	if p.s.err != nil {
@@ -214,7 +215,7 @@ func (p *Pool) AllocateAddr(_ context.Context, key overlay.AttachmentKey, a neti
 		if _, used := p.s.addrs[a]; used {
 			break
 		}
-		al := overlay.Allocation{Key: key, Addr: netip.PrefixFrom(a, b.Bits()), Host: p.host}
+		al := overlay.Allocation{Key: key, Addr: netip.PrefixFrom(a, b.Bits()), Host: p.host, Endpoint: ep.Clone()}
 		p.s.addrs[a] = al
 		al.New = true
 		return al, nil
