@@ -363,3 +363,31 @@ func TestStartingAnswers(t *testing.T) {
 		t.Errorf("DEL while starting left the veth %v", st)
 	}
 }
+
+// TestNetworkEndpoint: the MAC address asked for is the endpoint's, with
+// its labels; a bad one is Invalid and allocates nothing.
+func TestNetworkEndpoint(t *testing.T) {
+	ctx := context.Background()
+	h, store, _ := newHandler(t)
+	mac := net.HardwareAddr{0x02, 0x42, 0, 0, 0, 7}
+	key := overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"}
+	att, err := h.Allocate(ctx, Request{Network: "default", Key: key, Endpoint: overlay.Endpoint{MAC: mac, Labels: map[string]string{"app": "web"}}})
+	if err != nil || att.MAC.String() != mac.String() || att.Labels["app"] != "web" {
+		t.Fatalf("Add = %+v, %v; want MAC %s and label app=web", att, err, mac)
+	}
+	if al, err := store.Pool("a").Lookup(ctx, key); err != nil || al.Endpoint.MAC.String() != mac.String() {
+		t.Fatalf("the pool holds %+v, %v; want MAC %s", al, err, mac)
+	}
+	for _, ep := range []overlay.Endpoint{
+		{MAC: net.HardwareAddr{0x01, 0, 0x5e, 0, 0, 1}},
+		{Labels: map[string]string{"a b": "c"}},
+	} {
+		_, err := h.Allocate(ctx, Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: "bad", IfName: "eth0"}, Endpoint: ep})
+		if KindOf(err) != Invalid {
+			t.Errorf("Add with endpoint %+v = %v; want Invalid", ep, err)
+		}
+	}
+	if _, err := store.Pool("a").Lookup(ctx, overlay.AttachmentKey{ContainerID: "bad", IfName: "eth0"}); !errors.Is(err, overlay.ErrNotFound) {
+		t.Fatalf("a refused request allocated: %v", err)
+	}
+}

@@ -363,3 +363,39 @@ func TestNoAnswer(t *testing.T) {
 		t.Fatalf("AddEarly cancelled = %v, want ErrNoAnswer", err)
 	}
 }
+
+// TestRequestEndpoint: a request's MAC address must be unicast Ethernet
+// (code 2), its labels valid (code 7); both are optional.
+func TestRequestEndpoint(t *testing.T) {
+	base := cnirpc.Request{Network: "default", ContainerID: "abc", IfName: "eth0"}
+	ok := base
+	ok.MAC, ok.Labels = "02:00:00:00:00:01", map[string]string{"app": "web"}
+	if err := ok.Validate(); err != nil {
+		t.Fatalf("valid request: %v", err)
+	}
+	if mac, err := ok.HardwareAddr(); err != nil || mac.String() != "02:00:00:00:00:01" {
+		t.Fatalf("HardwareAddr = %v, %v", mac, err)
+	}
+	if mac, err := base.HardwareAddr(); mac != nil || err != nil {
+		t.Fatalf("HardwareAddr of none = %v, %v; want nil, nil", mac, err)
+	}
+	for _, tc := range []struct {
+		mac    string
+		labels map[string]string
+		code   uint
+	}{
+		{mac: "01:00:5e:00:00:01", code: cnirpc.CodeUnsupportedField},
+		{mac: "00:00:00:00:00:00", code: cnirpc.CodeUnsupportedField},
+		{mac: "02:00:00:00:00:00:00:01", code: cnirpc.CodeUnsupportedField},
+		{mac: "nonsense", code: cnirpc.CodeUnsupportedField},
+		{labels: map[string]string{"": "v"}, code: cnirpc.CodeInvalidNetwork},
+		{labels: map[string]string{"k": "a\nb"}, code: cnirpc.CodeInvalidNetwork},
+	} {
+		r := base
+		r.MAC, r.Labels = tc.mac, tc.labels
+		var e *cnirpc.Error
+		if err := r.Validate(); !errors.As(err, &e) || e.Code != tc.code {
+			t.Errorf("Validate(mac %q, labels %q) = %v; want code %d", tc.mac, tc.labels, err, tc.code)
+		}
+	}
+}

@@ -2,8 +2,10 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -136,6 +138,44 @@ func TestNetworksAtRunTime(t *testing.T) {
 	}
 	pings("networks created at run time")
 
+	// Endpoints: each interface's MAC address, the container's own, and
+	// its labels (CNI args.cni.labels and runtimeConfig.labels) are in
+	// etcd, as overlayctl shows them.
+	lab, err := n.NewContainer(ctx, h0, "lab")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lab.ConfList = fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay-red","plugins":[{"type":"overlay-cni","network":"red","socket":%q,
+		"capabilities":{"labels":true},"args":{"cni":{"labels":[{"key":"app","value":"web"}]}}}]}`, h0.Socket)
+	lab.CapabilityArgs = map[string]any{"labels": map[string]string{"tier": "front"}}
+	if err := n.Attach(ctx, lab); err != nil {
+		t.Fatal(err)
+	}
+	checkEndpoints := func(when string, want map[string]map[string]string, cs ...*simnet.Container) {
+		t.Helper()
+		eventually(t, 10*time.Second, when+": the endpoints of red in etcd", func() error {
+			eps := endpoints(t, n, "red")
+			for _, c := range cs {
+				mac := containerMAC(t, c)
+				ep, ok := eps[c.ID]
+				switch {
+				case !ok:
+					return fmt.Errorf("%s is not listed: %v", c.ID, eps)
+				case ep.MAC != mac || ep.Addr != c.Addr || ep.Host != hostID(t, c.Host):
+					return fmt.Errorf("%s is listed as %+v; its interface has %s, MAC %s, on %s", c.ID, ep, c.Addr, mac, c.Host.Name)
+				case !maps.Equal(ep.Labels, want[c.ID]):
+					return fmt.Errorf("%s has labels %v; want %v", c.ID, ep.Labels, want[c.ID])
+				}
+			}
+			return nil
+		})
+	}
+	labels := map[string]map[string]string{"lab": {"app": "web", "tier": "front"}}
+	checkEndpoints("after ADD", labels, r0, r1, both, lab)
+	if out := ctl(t, n, "endpoint", "list", "red", "--label", "app=web"); !strings.Contains(out, "lab") || strings.Contains(out, "r0") {
+		t.Fatalf("endpoint list --label app=web:\n%s", out)
+	}
+
 	// A restart keeps every network and flow.
 	if err := h1.Stop(); err != nil {
 		t.Fatal(err)
@@ -147,6 +187,7 @@ func TestNetworksAtRunTime(t *testing.T) {
 	waitServed(t, n, "red", h1)
 	waitServed(t, n, "blue", h1)
 	pings("overlayd restarted on " + h1.Name)
+	checkEndpoints("overlayd restarted on "+h1.Name, labels, r0, r1, both, lab)
 
 	// Deleting a network in use is refused; nothing changes.
 	time.Sleep(300 * time.Millisecond) // the mirrors copy the allocations to etcd
@@ -213,6 +254,36 @@ func TestNetworksAtRunTime(t *testing.T) {
 	if err := h0.Status(ctx); err != nil {
 		t.Fatalf("default network after the deletions: %v", err)
 	}
+}
+
+// endpoints returns the endpoints of network that overlayctl lists, by
+// container ID.
+func endpoints(t *testing.T, n *simnet.Net, network string) map[string]etcd.EndpointRecord {
+	t.Helper()
+	var list []etcd.EndpointRecord
+	if err := json.Unmarshal([]byte(ctl(t, n, "endpoint", "list", network, "--json")), &list); err != nil {
+		t.Fatalf("endpoint list --json: %v", err)
+	}
+	out := make(map[string]etcd.EndpointRecord, len(list))
+	for _, ep := range list {
+		out[ep.ContainerID] = ep
+	}
+	return out
+}
+
+// containerMAC returns the MAC address of c's interface, as its kernel
+// has it.
+func containerMAC(t *testing.T, c *simnet.Container) string {
+	t.Helper()
+	ifname := c.IfName
+	if ifname == "" {
+		ifname = "eth0"
+	}
+	out, err := c.Exec(context.Background(), "cat", "/sys/class/net/"+ifname+"/address")
+	if err != nil {
+		t.Fatalf("MAC of %s: %v: %s", c.ID, err, out)
+	}
+	return strings.TrimSpace(string(out))
 }
 
 // unreachable fails the test when from reaches to.

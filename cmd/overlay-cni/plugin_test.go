@@ -3,9 +3,11 @@ package main
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"testing"
 
+	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/overlaynet/overlay/cnirpc"
@@ -70,6 +72,48 @@ func TestParseConfRuntimeConfig(t *testing.T) {
 		if !errors.As(err, &e) || e.Code != types.ErrUnsupportedField || e.Msg != key {
 			t.Errorf("parseAll(%s) = %v, want code 2 naming %s", in, err, key)
 		}
+	}
+}
+
+// TestParseLabels: endpoint labels come from args.cni.labels (CNI
+// conventions: a list of key and value) and runtimeConfig.labels (the
+// same, or an object), the latter winning; bad ones are code 7 naming
+// where they came from.
+func TestParseLabels(t *testing.T) {
+	conf, err := parseAll([]byte(`{"name":"o",
+		"args":{"cni":{"labels":[{"key":"app","value":"web"},{"key":"tier","value":"back"},{"key":"tier","value":"front"}]}},
+		"runtimeConfig":{"labels":{"app":"api","team":"net"}}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"app": "api", "tier": "front", "team": "net"}
+	if !maps.Equal(conf.labels, want) {
+		t.Fatalf("labels %v; want %v", conf.labels, want)
+	}
+	if r := request(conf, &skel.CmdArgs{ContainerID: "c", IfName: "eth0"}); !maps.Equal(r.Labels, want) {
+		t.Fatalf("request carries labels %v; want %v", r.Labels, want)
+	}
+	if conf, err := parseAll([]byte(`{"name":"o","runtimeConfig":{"labels":[{"key":"k","value":""}]}}`)); err != nil || conf.labels["k"] != "" || len(conf.labels) != 1 {
+		t.Fatalf("a list in runtimeConfig: %v, %v", conf, err)
+	}
+	if conf, err := parseAll([]byte(`{"name":"o"}`)); err != nil || conf.labels != nil {
+		t.Fatalf("no labels: %v, %v", conf.labels, err)
+	}
+	for in, key := range map[string]string{
+		`{"name":"o","args":{"cni":{"labels":{"k":1}}}}`:          "args.cni.labels",
+		`{"name":"o","args":{"cni":{"labels":[{"value":"v"}]}}}`:  "args.cni.labels",
+		`{"name":"o","runtimeConfig":{"labels":"app=web"}}`:       "runtimeConfig.labels",
+		`{"name":"o","runtimeConfig":{"labels":{"bad key":"v"}}}`: "endpoint labels",
+		`{"name":"o","runtimeConfig":{"labels":{"k":"` + strings.Repeat("v", 1000) + `","l":"` + strings.Repeat("v", 1000) + `","m":"` + strings.Repeat("v", 1000) + `","n":"` + strings.Repeat("v", 1000) + `","o":"` + strings.Repeat("v", 1000) + `"}}}`: "endpoint labels",
+	} {
+		_, err := parseAll([]byte(in))
+		var e *types.Error
+		if !errors.As(err, &e) || e.Code != types.ErrInvalidNetworkConfig || e.Msg != key {
+			t.Errorf("parseAll(%.80s) = %v, want code 7 naming %s", in, err, key)
+		}
+	}
+	if _, err := parseConf([]byte(`{"name":"o","args":{"cni":{"labels":42}},"runtimeConfig":{"labels":7}}`)); err != nil {
+		t.Fatalf("parseConf (DEL's parsing) refused labels it does not need: %v", err)
 	}
 }
 

@@ -8,6 +8,7 @@
 //	overlayctl [connection flags] network list [--json]
 //	overlayctl [connection flags] network inspect NAME [--json]
 //	overlayctl [connection flags] network delete NAME [--force]
+//	overlayctl [connection flags] endpoint list NETWORK [--host ID] [--label KEY=VALUE] [--json]
 //
 // Exit codes: 0 success, 1 the command failed (etcd unreachable, a
 // network refused), 2 a usage error. docs/networks.md describes the
@@ -85,7 +86,7 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&c.cfg.DialTimeout, "etcd-dial-timeout", 5*time.Second, "how long to wait for etcd")
 	fs.StringVar(&c.prefix, "etcd-prefix", etcd.DefaultPrefix, "key prefix of the overlay's state in etcd")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: overlayctl [flags] network create|list|inspect|delete ...")
+		fmt.Fprintln(stderr, "usage: overlayctl [flags] network create|list|inspect|delete ...\n       overlayctl [flags] endpoint list NETWORK ...")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -105,11 +106,13 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rest := fs.Args()
 	if len(rest) == 0 {
 		fs.Usage()
-		return usagef("want a command: network")
+		return usagef("want a command: network or endpoint")
 	}
 	switch rest[0] {
 	case "network", "networks", "net":
 		return networkCmd(ctx, c, rest[1:], stdout, stderr)
+	case "endpoint", "endpoints", "ep":
+		return endpointCmd(ctx, c, rest[1:], stdout, stderr)
 	}
-	return usagef("unknown command %q (want network)", rest[0])
+	return usagef("unknown command %q (want network or endpoint)", rest[0])
 }

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"net/netip"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -83,9 +85,35 @@ func TestNetworkCommands(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	al := overlay.Allocation{Key: overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"}, Addr: netip.PrefixFrom(overlay.Gateway(b).Next(), b.Bits()), Host: "host-a"}
+	al := overlay.Allocation{Key: overlay.AttachmentKey{ContainerID: "c1", IfName: "eth0"}, Addr: netip.PrefixFrom(overlay.Gateway(b).Next(), b.Bits()), Host: "host-a",
+		Endpoint: overlay.Endpoint{MAC: net.HardwareAddr{2, 0, 0, 0, 0, 0xc1}, Labels: map[string]string{"app": "web"}}}
 	if _, err := p.Mirror(context.Background(), []overlay.Allocation{al}); err != nil {
 		t.Fatal(err)
+	}
+	code, out, errs = c.run("endpoint", "list", "red")
+	if code != 0 || !strings.Contains(out, "MAC") || !regexp.MustCompile(al.Addr.String()+` +host-a +c1 +eth0 +02:00:00:00:00:c1 +app=web`).MatchString(out) {
+		t.Fatalf("endpoint list: %d %q\n%s", code, errs, out)
+	}
+	code, out, _ = c.run("endpoint", "list", "--json", "red")
+	var eps []etcd.EndpointRecord
+	if code != 0 || json.Unmarshal([]byte(out), &eps) != nil || len(eps) != 1 || eps[0].Addr != al.Addr || eps[0].MAC != "02:00:00:00:00:c1" || eps[0].Labels["app"] != "web" {
+		t.Fatalf("endpoint list --json: %d %s", code, out)
+	}
+	for _, filter := range [][]string{{"--label", "app=db"}, {"--label", "app"}, {"--host", "host-b"}} {
+		args := append([]string{"endpoint", "list", "red"}, filter...)
+		code, out, errs = c.run(args...)
+		if filter[1] == "app" {
+			if code != 2 {
+				t.Errorf("%q: exit %d; want 2", args, code)
+			}
+			continue
+		}
+		if code != 0 || strings.Contains(out, "c1") {
+			t.Errorf("%q: %d %q %q; want no endpoint", args, code, out, errs)
+		}
+	}
+	if code, _, errs = c.run("endpoint", "list", "nope"); code != 1 || !strings.Contains(errs, `network "nope" does not exist`) {
+		t.Errorf("endpoint list of an unknown network: %d %q", code, errs)
 	}
 	code, out, _ = c.run("network", "inspect", "red")
 	if code != 0 || !strings.Contains(out, "host-a") || !strings.Contains(out, "1024 blocks of /26") {
