@@ -75,7 +75,7 @@ func (e Endpoint) IsZero() bool { return len(e.MAC) == 0 && len(e.Labels) == 0 }
 // a chance of about n²/2⁴⁷.
 func RandomMAC() net.HardwareAddr {
 	mac := make(net.HardwareAddr, 6)
-	rand.Read(mac) // never fails (crypto/rand)
+	rand.Read(mac)         // never fails (crypto/rand)
 	mac[0] = mac[0]&^1 | 2 // unicast, locally administered
 	return mac
 }
