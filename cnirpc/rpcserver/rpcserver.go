@@ -23,7 +23,9 @@ import (
 	"time"
 )
 
-// maxRequestBytes bounds a request body; a real one is about 100 bytes.
+// maxRequestBytes bounds a request body; a real one is about 100 bytes,
+// and endpoint labels add at most overlay.MaxEndpointLabelBytes and their
+// quoting.
 const maxRequestBytes = 64 << 10
 
 // maxGCRequestBytes bounds a GC request: it lists every attachment of
