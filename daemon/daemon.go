@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 
@@ -110,6 +111,13 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer nl.Close()
+	// The dataplanes list FDB entries through a handle of their own, on
+	// which the kernel filters them by device.
+	nlFDB, err := vxlan.OpenFDBSocket(netns.None())
+	if err != nil {
+		return err
+	}
+	defer nlFDB.Close()
 	ul, err := vxlan.DetectUnderlay(nl, cfg.UnderlayAddr)
 	if err != nil {
 		return err
@@ -224,7 +232,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	h := &host{cfg: cfg, log: log, id: id, mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
-		metrics: m, links: links, dp: vxlan.New(nl, log.With("component", "dataplane")), nl: nl, fw: fw,
+		metrics: m, links: links, dp: vxlan.New(nl, nlFDB, log.With("component", "dataplane")), nl: nl, nlFDB: nlFDB, fw: fw,
 		dir: &hostDirectory{store: store, log: log.With("component", "reconcile")}}
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
@@ -341,6 +349,7 @@ type host struct {
 	mac     net.HardwareAddr
 	ul      vxlan.Underlay
 	nl      *netlink.Handle
+	nlFDB   *vxlan.FDBSocket // for the dataplanes' FDB dumps (vxlan.New)
 	store   *etcd.Store
 	allocs  *local.DB
 	gossip  *gossip.Gossip

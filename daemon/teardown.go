@@ -74,7 +74,7 @@ func Teardown(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("teardown: netlink: %w", err)
 	}
 	defer h.Close()
-	dp := vxlan.New(h, log)
+	dp := vxlan.New(h, nil, log)
 
 	var errs []error
 	var names []string

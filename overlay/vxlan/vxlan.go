@@ -21,6 +21,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 
@@ -54,24 +55,46 @@ type Underlay struct {
 // serialized and block while they talk to the kernel.
 type Linux struct {
 	h   *netlink.Handle
+	fdb *FDBSocket // or nil: FDB entries are listed through h
 	log *slog.Logger
 
-	mu sync.Mutex // serializes the kernel work of Set, Delete and Text; guards heldMTU
-	// heldMTU is the MTU each bridge was last found to need, by name, so
-	// that a bridge held below the network's MTU is logged once.
-	heldMTU map[string]int
+	now func() time.Time
+
+	mu sync.Mutex // serializes the kernel work of Set, Delete and Text; guards ports
+	// ports is what the last scan of each bridge's ports found, by bridge
+	// name (see bridgeMTULocked).
+	ports map[string]portScan
 }
+
+// portScan is what a scan of a bridge's ports found: the MTU the bridge
+// needs, for which network MTU, and when.
+type portScan struct {
+	want, lowest int
+	at           time.Time
+}
+
+// PortScanInterval is how often the ports of a bridge that is at its
+// network's MTU are listed, to find one whose MTU was lowered by hand.
+// They are listed on every pass while the bridge is held below the
+// network's MTU, and when the network's MTU changes: only those make a
+// port with a lower MTU than the network's (the plugin gives every new
+// one the network's).
+const PortScanInterval = time.Minute
 
 var _ overlay.Dataplane = (*Linux)(nil)
 
 // New returns a dataplane that programs the network namespace of h, which
-// must not be nil and stays owned by the caller. A nil log discards the
+// must not be nil and stays owned by the caller. fdb, when not nil, is an
+// FDBSocket on the same namespace, also the caller's, through which the
+// VXLAN device's FDB entries are listed: the kernel then sends only that
+// device's, where h gets, and decodes, those of every bridge port of the
+// namespace (every container's) on every pass. A nil log discards the
 // logs.
-func New(h *netlink.Handle, log *slog.Logger) *Linux {
+func New(h *netlink.Handle, fdb *FDBSocket, log *slog.Logger) *Linux {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Linux{h: h, log: log, heldMTU: make(map[string]int)}
+	return &Linux{h: h, fdb: fdb, log: log, now: time.Now, ports: make(map[string]portScan)}
 }
 
 // mac is a comparable Ethernet address.

@@ -3,6 +3,7 @@ package vxlan
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -10,6 +11,8 @@ import (
 	"slices"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/overlaynet/overlay/overlay"
@@ -78,6 +81,7 @@ func (l *Linux) Delete(ctx context.Context, n overlay.Network) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	delete(l.ports, n.BridgeName())
 	return errors.Join(
 		l.deleteLinkLocked(n.VXLANName()),
 		l.deleteLinkLocked(n.BridgeName()),
@@ -184,9 +188,19 @@ func (l *Linux) ensureBridgeLocked(cfg overlay.DataplaneConfig) (netlink.Link, e
 // of being dropped silently by its veth. It logs when that starts and
 // ends. An MTU of 0, or ports that cannot be listed, give 0: the bridge's
 // MTU is left as it is.
+//
+// Listing the ports means listing every link of the namespace (netlink
+// cannot list one bridge's), which costs a pass O(containers on the
+// host): so the ports are listed only while the bridge is held, when want
+// changed, and every PortScanInterval.
 func (l *Linux) bridgeMTULocked(br netlink.Link, want int) (int, error) {
 	if want <= 0 {
 		return 0, nil
+	}
+	name := br.Attrs().Name
+	last, ok := l.ports[name]
+	if ok && last.want == want && last.lowest == want && l.now().Sub(last.at) < PortScanInterval {
+		return want, nil
 	}
 	links, err := retryDump(l.h.LinkList)
 	if err != nil {
@@ -199,17 +213,16 @@ func (l *Linux) bridgeMTULocked(br netlink.Link, want int) (int, error) {
 			below++
 		}
 	}
-	name := br.Attrs().Name
-	if l.heldMTU[name] != lowest {
+	if last.lowest != lowest {
 		switch {
 		case lowest < want:
 			l.log.Warn("holding the bridge at the MTU of containers created before the MTU was raised; recreate them to use the new MTU",
 				"device", name, "mtu", lowest, "network-mtu", want, "containers", below)
-		case l.heldMTU[name] != 0:
+		case last.lowest != 0:
 			l.log.Info("bridge back at the network's MTU: no container with a lower MTU is left", "device", name, "mtu", want)
 		}
-		l.heldMTU[name] = lowest
 	}
+	l.ports[name] = portScan{want: want, lowest: lowest, at: l.now()}
 	return lowest, nil
 }
 
@@ -377,7 +390,11 @@ func (l *Linux) syncFDBLocked(vx netlink.Link, want []fdbEntry) []error {
 // kernel makes (the all-zero default, multicast ones) are left out.
 func (l *Linux) listFDBLocked(vx netlink.Link) ([]fdbEntry, error) {
 	idx := vx.Attrs().Index
-	neighs, err := retryDump(func() ([]netlink.Neigh, error) { return l.h.NeighList(idx, unix.AF_BRIDGE) })
+	dump := func() ([]netlink.Neigh, error) { return l.h.NeighList(idx, unix.AF_BRIDGE) }
+	if l.fdb != nil {
+		dump = func() ([]netlink.Neigh, error) { return l.fdb.list(idx) }
+	}
+	neighs, err := retryDump(dump)
 	if err != nil {
 		err = fmt.Errorf("vxlan: list FDB of %s: %w", vx.Attrs().Name, err)
 	}
@@ -561,6 +578,77 @@ func route(idx int, r routeEntry) *netlink.Route {
 		nr.Flags = int(netlink.FLAG_ONLINK)
 	}
 	return nr
+}
+
+// FDBSocket lists the FDB entries of one device at a time, which the
+// kernel then filters for it: a netlink socket with strict checking of
+// dump requests on, and a request with nothing in its header but the
+// family and the device. (The netlink package's own FDB listing sends a
+// header the kernel's strict checks refuse, and without them the kernel
+// sends the entries of every bridge port of the namespace: every
+// container's.) It is safe for concurrent use.
+type FDBSocket struct {
+	sh *nl.SocketHandle
+}
+
+// OpenFDBSocket opens an FDBSocket on the namespace ns (netns.None() for
+// the calling thread's).
+func OpenFDBSocket(ns netns.NsHandle) (*FDBSocket, error) {
+	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("vxlan: netlink socket for FDB dumps: %w", err)
+	}
+	if err := unix.SetsockoptInt(s.GetFd(), unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("vxlan: netlink strict checking: %w", err)
+	}
+	for _, set := range []func(*unix.Timeval) error{s.SetSendTimeout, s.SetReceiveTimeout} {
+		if err := set(&nl.SocketTimeoutTv); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("vxlan: netlink socket timeout: %w", err)
+		}
+	}
+	return &FDBSocket{sh: &nl.SocketHandle{Socket: s}}, nil
+}
+
+// Close closes the socket.
+func (f *FDBSocket) Close() { f.sh.Close() }
+
+// fdbDumpRequest is the header of an FDB dump of one device: struct
+// ndmsg with its padding zero, as the kernel's strict checks want it.
+type fdbDumpRequest struct{ ifindex int32 }
+
+func (r fdbDumpRequest) Len() int { return unix.SizeofNdMsg }
+
+func (r fdbDumpRequest) Serialize() []byte {
+	b := make([]byte, unix.SizeofNdMsg)
+	b[0] = unix.AF_BRIDGE
+	binary.NativeEndian.PutUint32(b[4:], uint32(r.ifindex))
+	return b
+}
+
+// list returns the FDB entries of device idx. An error wrapping
+// netlink.ErrDumpInterrupted comes with what was read.
+func (f *FDBSocket) list(idx int) ([]netlink.Neigh, error) {
+	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, unix.NLM_F_DUMP)
+	req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: f.sh}
+	req.AddData(fdbDumpRequest{ifindex: int32(idx)})
+	msgs, err := req.Execute(unix.NETLINK_ROUTE, unix.RTM_NEWNEIGH)
+	if err != nil && !errors.Is(err, nl.ErrDumpInterrupted) {
+		return nil, err
+	}
+	out := make([]netlink.Neigh, 0, len(msgs))
+	for _, m := range msgs {
+		n, derr := netlink.NeighDeserialize(m)
+		if derr != nil {
+			continue
+		}
+		out = append(out, *n)
+	}
+	if err != nil {
+		err = netlink.ErrDumpInterrupted
+	}
+	return out, err
 }
 
 // DetectUnderlay finds the host's underlay in the network namespace of h.

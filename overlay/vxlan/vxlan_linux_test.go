@@ -64,7 +64,7 @@ func ourNamespaces() []string {
 	return out
 }
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("skipping: needs root to create network namespaces and VXLAN devices (run the tests as root)")
@@ -82,7 +82,7 @@ type testNS struct {
 }
 
 // newNS creates a namespace, with lo up, removed when the test ends.
-func newNS(t *testing.T, tag string) *testNS {
+func newNS(t testing.TB, tag string) *testNS {
 	t.Helper()
 	test := strings.ToLower(strings.NewReplacer("/", "_", "#", "_").Replace(t.Name()))
 	name := fmt.Sprintf("%s-%s-%s", runPrefix, test, tag)
@@ -113,14 +113,14 @@ func newNS(t *testing.T, tag string) *testNS {
 	return ns
 }
 
-func (ns *testNS) must(t *testing.T, err error, what string) {
+func (ns *testNS) must(t testing.TB, err error, what string) {
 	t.Helper()
 	if err != nil {
 		t.Fatalf("%s: %s: %v", ns.name, what, err)
 	}
 }
 
-func (ns *testNS) link(t *testing.T, name string) netlink.Link {
+func (ns *testNS) link(t testing.TB, name string) netlink.Link {
 	t.Helper()
 	link, err := ns.h.LinkByName(name)
 	ns.must(t, err, "get link "+name)
@@ -128,7 +128,7 @@ func (ns *testNS) link(t *testing.T, name string) netlink.Link {
 }
 
 // addAddr adds the address s ("198.18.0.1/24") to the link name.
-func (ns *testNS) addAddr(t *testing.T, name, s string) {
+func (ns *testNS) addAddr(t testing.TB, name, s string) {
 	t.Helper()
 	ns.must(t, ns.h.AddrAdd(ns.link(t, name), &netlink.Addr{IPNet: ipNet(netip.MustParsePrefix(s))}), "add address "+s+" to "+name)
 }
@@ -164,13 +164,18 @@ func (h *host) checkTextIs(t *testing.T, want string) {
 	}
 }
 
-func newDataplane(t *testing.T, ns *testNS) *Linux {
+func newDataplane(t testing.TB, ns *testNS) *Linux {
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	return New(ns.h, log.With("ns", ns.name))
+	fdb, err := OpenFDBSocket(ns.fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(fdb.Close)
+	return New(ns.h, fdb, log.With("ns", ns.name))
 }
 
 // testWriter sends the dataplane's logs to the test log.
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSuffix(string(p), "\n"))
@@ -187,7 +192,7 @@ const testMTU = 1450
 
 // addVeth adds a veth pair name (with address addr and MTU mtu unless 0)
 // and name-peer, both up. (Some kernels have no dummy devices.)
-func (ns *testNS) addVeth(t *testing.T, name, addr string, mtu int) {
+func (ns *testNS) addVeth(t testing.TB, name, addr string, mtu int) {
 	t.Helper()
 	ns.must(t, ns.h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}, PeerName: name + "p"}), "add veth pair "+name)
 	ns.addAddr(t, name, addr)
@@ -197,7 +202,7 @@ func (ns *testNS) addVeth(t *testing.T, name, addr string, mtu int) {
 
 // oneHost returns a host whose underlay is a veth ul0 with
 // 198.18.0.1/24, one block 198.19.0.0/26 and no peers.
-func oneHost(t *testing.T) *host {
+func oneHost(t testing.TB) *host {
 	ns := newNS(t, "a")
 	ns.addVeth(t, "ul0", "198.18.0.1/24", 0)
 	return &host{testNS: ns, dp: newDataplane(t, ns), cfg: overlay.DataplaneConfig{
@@ -600,9 +605,25 @@ func TestDelete(t *testing.T) {
 	a.checkText(t)
 }
 
+// TestWithoutStrictHandle: a dataplane given no strict handle lists FDB
+// entries through its one handle, and converges the same.
+func TestWithoutStrictHandle(t *testing.T) {
+	requireRoot(t)
+	a, b := twoHosts(t)
+	a.dp = New(a.h, nil, nil)
+	a.set(t)
+	b.set(t)
+	a.checkText(t)
+	a.must(t, a.h.NeighDel(&netlink.Neigh{LinkIndex: a.link(t, a.cfg.Network.VXLANName()).Attrs().Index, Family: unix.AF_BRIDGE,
+		Flags: netlink.NTF_SELF, State: netlink.NUD_PERMANENT, HardwareAddr: macB, IP: net.IP(b.cfg.Underlay.AsSlice())}), "delete the FDB entry of b")
+	a.set(t)
+	a.checkText(t)
+	checkTraffic(t, a, b)
+}
+
 func TestSetRejectsInvalidConfig(t *testing.T) {
 	// No kernel access: these fail before the first netlink call.
-	l := New(nil, nil)
+	l := New(nil, nil, nil)
 	good := overlay.DataplaneConfig{Network: testNetwork(), Underlay: netip.MustParseAddr("198.18.0.1"), VTEPMAC: macA, MTU: 1450}
 	for name, mutate := range map[string]func(*overlay.DataplaneConfig){
 		"network":  func(c *overlay.DataplaneConfig) { c.Network.VNI = 0 },
@@ -641,7 +662,7 @@ func TestIsGone(t *testing.T) {
 
 // addPort adds a veth pair whose first end, with the given MAC and MTU,
 // is a port of the bridge br; the other end stays in the namespace.
-func (ns *testNS) addPort(t *testing.T, br, name string, hw net.HardwareAddr, mtu int) {
+func (ns *testNS) addPort(t testing.TB, br, name string, hw net.HardwareAddr, mtu int) {
 	t.Helper()
 	ns.must(t, ns.h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name, HardwareAddr: hw, MTU: mtu, MasterIndex: ns.link(t, br).Attrs().Index}, PeerName: name + "p"}), "add port "+name)
 	ns.must(t, ns.h.LinkSetUp(ns.link(t, name)), "set "+name+" up")
@@ -703,5 +724,76 @@ func TestBridgeMTUFollowsPorts(t *testing.T) {
 	a.set(t)
 	if got := mtu(); got != 8950 {
 		t.Fatalf("bridge MTU %d once the old port is gone, want 8950", got)
+	}
+}
+
+// TestBridgeMTUPortLoweredByHand: a port whose MTU is lowered by hand,
+// while the bridge is at the network's MTU, holds the bridge down within
+// PortScanInterval, not on the next pass: listing the ports costs every
+// link of the namespace.
+func TestBridgeMTUPortLoweredByHand(t *testing.T) {
+	requireRoot(t)
+	a := oneHost(t)
+	now := time.Now()
+	a.dp.now = func() time.Time { return now }
+	a.set(t)
+	br := a.cfg.Network.BridgeName()
+	a.addPort(t, br, "c0", nil, testMTU)
+	a.set(t)
+	a.must(t, a.h.LinkSetMTU(a.link(t, "c0"), 1300), "lower the port's MTU by hand")
+	a.set(t)
+	mtu := func() int { return a.link(t, br).Attrs().MTU }
+	if got := mtu(); got != testMTU {
+		t.Fatalf("bridge MTU %d on the next pass, want %d: the ports were listed again", got, testMTU)
+	}
+	now = now.Add(PortScanInterval)
+	a.set(t)
+	if got := mtu(); got != 1300 {
+		t.Fatalf("bridge MTU %d a scan interval later, want 1300", got)
+	}
+	// Held: listed on every pass, so it rises as soon as the port is gone.
+	a.must(t, a.h.LinkDel(a.link(t, "c0")), "delete the port")
+	a.set(t)
+	if got := mtu(); got != testMTU {
+		t.Fatalf("bridge MTU %d once the port is gone, want %d", got, testMTU)
+	}
+}
+
+// BenchmarkSetBesideContainers times a pass of a network with no
+// containers on a host where another network's bridge has 300 ports: what
+// each network's pass costs on a host full of containers. "listing" is
+// the pass as it was before FDB dumps were filtered by the kernel and
+// ports listed only when needed: it dumps the FDB of every port and
+// lists every link on every pass.
+func BenchmarkSetBesideContainers(b *testing.B) {
+	requireRoot(b)
+	a := oneHost(b)
+	other := a.cfg
+	other.Network = testNetwork()
+	other.Network.Name, other.Network.VNI, other.Network.CIDR = "other", 4097, netip.MustParsePrefix("198.20.0.0/16")
+	other.Blocks = prefixes("198.20.0.0/26")
+	if err := a.dp.Set(context.Background(), other); err != nil {
+		b.Fatal(err)
+	}
+	for i := range 300 {
+		a.addPort(b, other.Network.BridgeName(), fmt.Sprintf("c%d", i), nil, testMTU)
+	}
+	ctx := context.Background()
+	listing := New(a.h, nil, nil)
+	now := time.Now()
+	listing.now = func() time.Time { return now }
+	for _, bc := range []struct {
+		name string
+		dp   *Linux
+		tick time.Duration
+	}{{"listing", listing, PortScanInterval}, {"now", a.dp, 0}} {
+		b.Run(bc.name, func(b *testing.B) {
+			for b.Loop() {
+				now = now.Add(bc.tick)
+				if err := bc.dp.Set(ctx, a.cfg); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

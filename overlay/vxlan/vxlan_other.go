@@ -9,6 +9,7 @@ import (
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/overlaynet/overlay/overlay"
 )
@@ -24,6 +25,15 @@ func (l *Linux) Delete(context.Context, overlay.Network) error { return errNotLi
 
 // Text fails: the dataplane needs Linux.
 func (l *Linux) Text(overlay.Network) (string, error) { return "", errNotLinux }
+
+// FDBSocket lists FDB entries; it exists only on Linux.
+type FDBSocket struct{}
+
+// OpenFDBSocket fails: the dataplane needs Linux.
+func OpenFDBSocket(netns.NsHandle) (*FDBSocket, error) { return nil, errNotLinux }
+
+// Close does nothing.
+func (f *FDBSocket) Close() {}
 
 // DetectUnderlay fails: the dataplane needs Linux.
 func DetectUnderlay(*netlink.Handle, netip.Addr) (Underlay, error) { return Underlay{}, errNotLinux }

@@ -178,7 +178,7 @@ func TestDiffRoutesByKey(t *testing.T) {
 }
 
 func TestNewNilLogger(t *testing.T) {
-	if l := New(nil, nil); l.log == nil {
+	if l := New(nil, nil, nil); l.log == nil {
 		t.Error("New(nil, nil) has a nil logger")
 	}
 }
