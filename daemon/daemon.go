@@ -233,7 +233,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	h := &host{cfg: cfg, log: log, id: id, mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
 		metrics: m, links: links, dp: vxlan.New(nl, nlFDB, log.With("component", "dataplane")), nl: nl, nlFDB: nlFDB, fw: fw,
-		dir: &hostDirectory{store: store, log: log.With("component", "reconcile")}}
+		dir: newHostDirectory(store, log.With("component", "reconcile"))}
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
 	set.Start(ctx, defs)

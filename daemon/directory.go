@@ -4,28 +4,94 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
 )
 
-// hostDirectory is the overlay.HostDirectory of the host records in etcd.
-// A record that cannot be decoded is logged (once per distinct error) and
-// left out. It is safe for concurrent use.
+// hostDirectory is the overlay.HostDirectory of the host records in etcd,
+// shared by every network's reconciler. A record that cannot be decoded
+// is logged (once per distinct error) and left out.
+//
+// Reads are shared the way a group commit shares a sync: a call waits for
+// the read in flight, if any, and is answered by the next one, which
+// starts after the call arrived and so sees every record written before
+// it. The networks whose passes run at once (one gossip event kicks them
+// all) read hosts/ once or twice between them, not once each. It is safe
+// for concurrent use.
 type hostDirectory struct {
-	store *etcd.Store
-	log   *slog.Logger
+	read func(context.Context) ([]etcd.HostRecord, error) // etcd.Store.Hosts
+	log  *slog.Logger
 
-	mu      sync.Mutex // guards lastBad
+	mu      sync.Mutex // guards the fields below
 	lastBad string     // the last decoding error logged
+	next    *hostRead  // the read the calls arriving now share, not started yet
+	running bool       // a goroutine runs the reads
+}
+
+// hostRead is one read of the host records and those waiting for it.
+type hostRead struct {
+	done  chan struct{} // closed once hosts and err are set
+	hosts []overlay.HostInfo
+	err   error
 }
 
 var _ overlay.HostDirectory = (*hostDirectory)(nil)
 
-// Hosts returns every host record in etcd that can be decoded.
+func newHostDirectory(store *etcd.Store, log *slog.Logger) *hostDirectory {
+	return &hostDirectory{read: store.Hosts, log: log}
+}
+
+// hostReadTimeout bounds one shared read, which no one caller's context
+// bounds: the reconcilers give up on it sooner (their pass's own bound).
+const hostReadTimeout = storeTimeout
+
+// Hosts returns every host record in etcd that can be decoded, from a
+// read that started after the call.
 func (d *hostDirectory) Hosts(ctx context.Context) ([]overlay.HostInfo, error) {
-	recs, err := d.store.Hosts(ctx)
+	d.mu.Lock()
+	if d.next == nil {
+		d.next = &hostRead{done: make(chan struct{})}
+	}
+	r := d.next
+	if !d.running {
+		d.running = true
+		go d.run(context.WithoutCancel(ctx))
+	}
+	d.mu.Unlock()
+	select {
+	case <-r.done:
+		return slices.Clone(r.hosts), r.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// run makes the reads that calls wait for, one after another, until none
+// waits.
+func (d *hostDirectory) run(ctx context.Context) {
+	for {
+		d.mu.Lock()
+		r := d.next
+		d.next = nil
+		if r == nil {
+			d.running = false
+			d.mu.Unlock()
+			return
+		}
+		d.mu.Unlock()
+		rctx, cancel := context.WithTimeout(ctx, hostReadTimeout)
+		r.hosts, r.err = d.hosts(rctx)
+		cancel()
+		close(r.done)
+	}
+}
+
+// hosts reads the host records.
+func (d *hostDirectory) hosts(ctx context.Context) ([]overlay.HostInfo, error) {
+	recs, err := d.read(ctx)
 	if err != nil && !errors.Is(err, etcd.ErrBadRecord) {
 		return nil, err
 	}
