@@ -82,9 +82,10 @@ type Request struct {
 	// IP, when valid, is the address asked for: Allocate gives exactly it
 	// or fails.
 	IP netip.Addr
-	// Endpoint is the MAC address asked for (nil: Allocate picks one) and
-	// the endpoint's labels. Allocate records them with a new address; an
-	// interface that holds one keeps the endpoint it was given then.
+	// Endpoint is the MAC address the interface will have (nil: unknown,
+	// the kernel picks it) and the endpoint's labels. Allocate records
+	// them with a new address; an interface that holds one keeps the
+	// endpoint it was given then, and the front end gives it that MAC.
 	Endpoint overlay.Endpoint
 }
 

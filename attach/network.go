@@ -46,16 +46,15 @@ func NewNetwork(bg context.Context, n overlay.Network, mtu int, pool Pool, statu
 const StoreTimeout = 10 * time.Second
 
 // Allocate allocates the container interface's address and endpoint, or
-// returns those it already holds. A request that asks for no MAC address
-// gets a random one. The allocation is decided, not yet durable: the
-// answer waits for Flush.
+// returns those it already holds. The endpoint's MAC address is the one
+// the front end will give the interface (it picks one when the runtime
+// did not): a request with none, from a front end that leaves the choice
+// to the kernel, records none. The allocation is decided, not yet
+// durable: the answer waits for Flush.
 func (d *Network) Allocate(ctx context.Context, r Request) (Attachment, error) {
 	ep := r.Endpoint
 	if err := ep.Validate(); err != nil {
 		return Attachment{}, errorf(Invalid, err, "add: the endpoint")
-	}
-	if ep.MAC == nil {
-		ep.MAC = overlay.RandomMAC()
 	}
 	ctx, cancel := context.WithTimeout(ctx, StoreTimeout)
 	defer cancel()

@@ -77,8 +77,10 @@ type Request struct {
 	// IP, when valid, is the address the runtime asked for (the CNI
 	// "ips" capability); ADD allocates exactly it or fails.
 	IP netip.Addr `json:"ip,omitzero"`
-	// MAC, on ADD, is the MAC address the runtime asked for (the CNI
-	// "mac" capability), as text; empty lets overlayd pick one.
+	// MAC, on ADD, is the MAC address the container interface will have,
+	// as text: the runtime's (the CNI "mac" capability) or one the plugin
+	// picked. Empty (an older plugin, which lets the kernel pick) records
+	// none.
 	MAC string `json:"mac,omitempty"`
 	// Labels, on ADD, are the endpoint's labels (CNI args.cni.labels and
 	// runtimeConfig.labels).

@@ -207,6 +207,11 @@ func (p *plugin) cmdAdd(args *skel.CmdArgs) error {
 	if err := parseArgs(args.Args); err != nil {
 		return err
 	}
+	if conf.mac == nil {
+		// The plugin picks the MAC address, not the kernel, so that
+		// overlayd records the one the container gets.
+		conf.mac = overlay.RandomMAC()
+	}
 	// The namespace before overlayd: a CNI_NETNS that is not one fails
 	// with code 8 before an address is allocated.
 	cont, err := openContainer(args.Netns)
