@@ -268,29 +268,29 @@ func encodeEndpoint(ep overlay.Endpoint) ([]byte, error) {
 
 // loadEndpoints reads the endpoints of eb into attach. An endpoint whose
 // allocation is gone (released by an older overlayd, which leaves the
-// endpoint bucket alone) is deleted.
+// endpoint bucket alone) is deleted, and so is one that cannot be
+// decoded: its allocation keeps its address, which is what matters, and
+// loses its MAC address and labels rather than stop the network.
 func loadEndpoints(eb *bolt.Bucket, attach map[overlay.AttachmentKey]entry) error {
 	var stale [][]byte
 	err := eb.ForEach(func(k, v []byte) error {
 		key, err := decodeKey(k)
-		if err != nil {
-			return err
-		}
 		e, ok := attach[key]
-		if !ok {
+		if err != nil || !ok {
 			stale = append(stale, k)
 			return nil
 		}
 		var rec endpointRecord
-		if err := json.Unmarshal(v, &rec); err != nil {
-			return fmt.Errorf("corrupt endpoint %q = %q: %w", k, v, err)
+		var mac net.HardwareAddr
+		err = json.Unmarshal(v, &rec)
+		if err == nil && rec.MAC != "" {
+			mac, err = net.ParseMAC(rec.MAC)
 		}
-		if rec.MAC != "" {
-			if e.ep.MAC, err = net.ParseMAC(rec.MAC); err != nil {
-				return fmt.Errorf("corrupt endpoint %q: %w", k, err)
-			}
+		if err != nil {
+			stale = append(stale, k)
+			return nil
 		}
-		e.ep.Labels = rec.Labels
+		e.ep = overlay.Endpoint{MAC: mac, Labels: rec.Labels}
 		attach[key] = e
 		return nil
 	})

@@ -490,7 +490,7 @@ func TestEndpoints(t *testing.T) {
 // TestEndpointsOlderFile: a file written by an overlayd that kept no
 // endpoints opens, its allocations with none; an endpoint whose
 // allocation such an overlayd released (it leaves the endpoint bucket
-// alone) is forgotten.
+// alone), or that cannot be decoded, is forgotten.
 func TestEndpointsOlderFile(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "alloc.db")
@@ -517,6 +517,12 @@ func TestEndpointsOlderFile(t *testing.T) {
 		if err != nil {
 			return err
 		}
+		if err := b.Put([]byte("bad/eth0"), []byte("198.19.0.11/29")); err != nil {
+			return err
+		}
+		if err := eb.Put([]byte("bad/eth0"), []byte(`{"mac":"not a mac"}`)); err != nil {
+			return err
+		}
 		return eb.Put([]byte("gone/eth0"), []byte(`{"mac":"02:00:00:00:00:07"}`))
 	})
 	if err != nil {
@@ -531,6 +537,11 @@ func TestEndpointsOlderFile(t *testing.T) {
 	if al, err := a.Lookup(ctx, key("old")); err != nil || al.Addr.String() != "198.19.0.10/29" || !al.Endpoint.IsZero() {
 		t.Fatalf("old = %+v, %v; want 198.19.0.10/29 with no endpoint", al, err)
 	}
+	// An endpoint that cannot be decoded costs its MAC and labels, not
+	// the network.
+	if al, err := a.Lookup(ctx, key("bad")); err != nil || al.Addr.String() != "198.19.0.11/29" || !al.Endpoint.IsZero() {
+		t.Fatalf("bad = %+v, %v; want 198.19.0.11/29 with no endpoint", al, err)
+	}
 	db.Close()
 	bdb, err = bolt.Open(path, 0o600, nil)
 	if err != nil {
@@ -538,8 +549,10 @@ func TestEndpointsOlderFile(t *testing.T) {
 	}
 	defer bdb.Close()
 	bdb.View(func(tx *bolt.Tx) error {
-		if v := tx.Bucket([]byte("endpoint/" + network.Name)).Get([]byte("gone/eth0")); v != nil {
-			t.Errorf("the endpoint of a released allocation is still on disk: %s", v)
+		for _, k := range []string{"gone/eth0", "bad/eth0"} {
+			if v := tx.Bucket([]byte("endpoint/" + network.Name)).Get([]byte(k)); v != nil {
+				t.Errorf("endpoint %s is still on disk: %s", k, v)
+			}
 		}
 		return nil
 	})
