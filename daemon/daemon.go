@@ -111,13 +111,16 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("netlink: %w", err)
 	}
 	defer nl.Close()
-	// The dataplanes list FDB entries through a handle of their own, on
-	// which the kernel filters them by device.
-	nlFDB, err := vxlan.OpenFDBSocket(netns.None())
+	// The dataplanes list FDB and neighbour entries through a socket of
+	// their own, on which the kernel filters them by device. A kernel
+	// without strict checking (before 4.20) sends them all: slower, the
+	// same result.
+	nlNeigh, err := vxlan.OpenNeighSocket(netns.None())
 	if err != nil {
-		return err
+		log.Warn("listing FDB and neighbour entries the slow way: every container's are read on every pass", "err", err)
+	} else {
+		defer nlNeigh.Close()
 	}
-	defer nlFDB.Close()
 	ul, err := vxlan.DetectUnderlay(nl, cfg.UnderlayAddr)
 	if err != nil {
 		return err
@@ -232,7 +235,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	h := &host{cfg: cfg, log: log, id: id, mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
-		metrics: m, links: links, dp: vxlan.New(nl, nlFDB, log.With("component", "dataplane")), nl: nl, nlFDB: nlFDB, fw: fw,
+		metrics: m, links: links, dp: vxlan.New(nl, nlNeigh, log.With("component", "dataplane")), nl: nl, nlNeigh: nlNeigh, fw: fw,
 		dir: newHostDirectory(store, log.With("component", "reconcile"))}
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
@@ -349,7 +352,7 @@ type host struct {
 	mac     net.HardwareAddr
 	ul      vxlan.Underlay
 	nl      *netlink.Handle
-	nlFDB   *vxlan.FDBSocket // for the dataplanes' FDB dumps (vxlan.New)
+	nlNeigh *vxlan.NeighSocket // the dataplanes' FDB and neighbour dumps, or nil (vxlan.New)
 	store   *etcd.Store
 	allocs  *local.DB
 	gossip  *gossip.Gossip

@@ -132,7 +132,7 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	rlog := log.With("component", "reconcile")
 	// A dataplane of its own: the networks' devices are apart, and one
 	// network's pass never waits for another's.
-	dp := vxlan.New(h.nl, h.nlFDB, log.With("component", "dataplane"))
+	dp := vxlan.New(h.nl, h.nlNeigh, log.With("component", "dataplane"))
 	r.rec = overlay.NewReconciler(n, localHost, r.pool, h.dir, h.gossip, dp, h.cfg.ResyncInterval, rlog)
 	if err := r.rec.Pass(ctx); err != nil {
 		// Not fatal: one failing entry must not stop the network. The

@@ -54,9 +54,9 @@ type Underlay struct {
 // through one netlink handle. It is safe for concurrent use: calls are
 // serialized and block while they talk to the kernel.
 type Linux struct {
-	h   *netlink.Handle
-	fdb *FDBSocket // or nil: FDB entries are listed through h
-	log *slog.Logger
+	h     *netlink.Handle
+	neigh *NeighSocket // or nil: FDB and neighbour entries are listed through h
+	log   *slog.Logger
 
 	now func() time.Time
 
@@ -84,17 +84,17 @@ const PortScanInterval = time.Minute
 var _ overlay.Dataplane = (*Linux)(nil)
 
 // New returns a dataplane that programs the network namespace of h, which
-// must not be nil and stays owned by the caller. fdb, when not nil, is an
-// FDBSocket on the same namespace, also the caller's, through which the
-// VXLAN device's FDB entries are listed: the kernel then sends only that
-// device's, where h gets, and decodes, those of every bridge port of the
-// namespace (every container's) on every pass. A nil log discards the
-// logs.
-func New(h *netlink.Handle, fdb *FDBSocket, log *slog.Logger) *Linux {
+// must not be nil and stays owned by the caller. neigh, when not nil, is a
+// NeighSocket on the same namespace, also the caller's, through which the
+// VXLAN device's FDB and neighbour entries are listed: the kernel then
+// sends only that device's, where h gets, and decodes, the FDB entries of
+// every bridge port of the namespace (every container's) and every
+// neighbour on every pass. A nil log discards the logs.
+func New(h *netlink.Handle, neigh *NeighSocket, log *slog.Logger) *Linux {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Linux{h: h, fdb: fdb, log: log, now: time.Now, ports: make(map[string]portScan)}
+	return &Linux{h: h, neigh: neigh, log: log, now: time.Now, ports: make(map[string]portScan)}
 }
 
 // mac is a comparable Ethernet address.

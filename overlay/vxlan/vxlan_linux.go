@@ -390,11 +390,7 @@ func (l *Linux) syncFDBLocked(vx netlink.Link, want []fdbEntry) []error {
 // kernel makes (the all-zero default, multicast ones) are left out.
 func (l *Linux) listFDBLocked(vx netlink.Link) ([]fdbEntry, error) {
 	idx := vx.Attrs().Index
-	dump := func() ([]netlink.Neigh, error) { return l.h.NeighList(idx, unix.AF_BRIDGE) }
-	if l.fdb != nil {
-		dump = func() ([]netlink.Neigh, error) { return l.fdb.list(idx) }
-	}
-	neighs, err := retryDump(dump)
+	neighs, err := l.dumpNeighs(unix.AF_BRIDGE, idx)
 	if err != nil {
 		err = fmt.Errorf("vxlan: list FDB of %s: %w", vx.Attrs().Name, err)
 	}
@@ -443,7 +439,7 @@ func (l *Linux) syncNeighsLocked(vx netlink.Link, want []neighEntry) []error {
 // VXLAN device. Entries the kernel resolved itself are left out.
 func (l *Linux) listNeighsLocked(vx netlink.Link) ([]neighEntry, error) {
 	idx := vx.Attrs().Index
-	neighs, err := retryDump(func() ([]netlink.Neigh, error) { return l.h.NeighList(idx, unix.AF_INET) })
+	neighs, err := l.dumpNeighs(unix.AF_INET, idx)
 	if err != nil {
 		err = fmt.Errorf("vxlan: list neighbours of %s: %w", vx.Attrs().Name, err)
 	}
@@ -580,23 +576,26 @@ func route(idx int, r routeEntry) *netlink.Route {
 	return nr
 }
 
-// FDBSocket lists the FDB entries of one device at a time, which the
-// kernel then filters for it: a netlink socket with strict checking of
-// dump requests on, and a request with nothing in its header but the
-// family and the device. (The netlink package's own FDB listing sends a
-// header the kernel's strict checks refuse, and without them the kernel
-// sends the entries of every bridge port of the namespace: every
-// container's.) It is safe for concurrent use.
-type FDBSocket struct {
+// NeighSocket lists the FDB and neighbour entries of one device at a
+// time, which the kernel then filters for it: a netlink socket with strict
+// checking of dump requests on, and requests that name the device the way
+// strict checking wants (an FDB dump in its header, a neighbour dump in
+// an NDA_IFINDEX attribute) with nothing else set. The netlink package's
+// own dumps send a header with stray padding, which only the lax parser
+// accepts, and the lax parser does not filter: the kernel then sends the
+// FDB entries of every bridge port of the namespace (every container's)
+// and every neighbour. It is safe for concurrent use.
+type NeighSocket struct {
 	sh *nl.SocketHandle
 }
 
-// OpenFDBSocket opens an FDBSocket on the namespace ns (netns.None() for
-// the calling thread's).
-func OpenFDBSocket(ns netns.NsHandle) (*FDBSocket, error) {
+// OpenNeighSocket opens a NeighSocket on the namespace ns (netns.None()
+// for the calling thread's). It fails on kernels without strict checking
+// (before 4.20); New then lists through its handle.
+func OpenNeighSocket(ns netns.NsHandle) (*NeighSocket, error) {
 	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_ROUTE)
 	if err != nil {
-		return nil, fmt.Errorf("vxlan: netlink socket for FDB dumps: %w", err)
+		return nil, fmt.Errorf("vxlan: netlink socket for neighbour dumps: %w", err)
 	}
 	if err := unix.SetsockoptInt(s.GetFd(), unix.SOL_NETLINK, unix.NETLINK_GET_STRICT_CHK, 1); err != nil {
 		s.Close()
@@ -608,31 +607,42 @@ func OpenFDBSocket(ns netns.NsHandle) (*FDBSocket, error) {
 			return nil, fmt.Errorf("vxlan: netlink socket timeout: %w", err)
 		}
 	}
-	return &FDBSocket{sh: &nl.SocketHandle{Socket: s}}, nil
+	return &NeighSocket{sh: &nl.SocketHandle{Socket: s}}, nil
 }
 
 // Close closes the socket.
-func (f *FDBSocket) Close() { f.sh.Close() }
+func (f *NeighSocket) Close() { f.sh.Close() }
 
-// fdbDumpRequest is the header of an FDB dump of one device: struct
-// ndmsg with its padding zero, as the kernel's strict checks want it.
-type fdbDumpRequest struct{ ifindex int32 }
+// neighDumpRequest is the header of a dump of one device's entries:
+// struct ndmsg, its padding zero. An FDB dump (AF_BRIDGE) names the
+// device in the header; a neighbour dump must leave it zero there and
+// names it in an attribute.
+type neighDumpRequest struct {
+	family  uint8
+	ifindex int32
+}
 
-func (r fdbDumpRequest) Len() int { return unix.SizeofNdMsg }
+func (r neighDumpRequest) Len() int { return unix.SizeofNdMsg }
 
-func (r fdbDumpRequest) Serialize() []byte {
+func (r neighDumpRequest) Serialize() []byte {
 	b := make([]byte, unix.SizeofNdMsg)
-	b[0] = unix.AF_BRIDGE
-	binary.NativeEndian.PutUint32(b[4:], uint32(r.ifindex))
+	b[0] = r.family
+	if r.family == unix.AF_BRIDGE {
+		binary.NativeEndian.PutUint32(b[4:], uint32(r.ifindex))
+	}
 	return b
 }
 
-// list returns the FDB entries of device idx. An error wrapping
-// netlink.ErrDumpInterrupted comes with what was read.
-func (f *FDBSocket) list(idx int) ([]netlink.Neigh, error) {
+// list returns the entries of family (AF_BRIDGE: FDB; AF_INET:
+// neighbours) of device idx. An error wrapping netlink.ErrDumpInterrupted
+// comes with what was read.
+func (f *NeighSocket) list(family uint8, idx int) ([]netlink.Neigh, error) {
 	req := nl.NewNetlinkRequest(unix.RTM_GETNEIGH, unix.NLM_F_DUMP)
 	req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: f.sh}
-	req.AddData(fdbDumpRequest{ifindex: int32(idx)})
+	req.AddData(neighDumpRequest{family: family, ifindex: int32(idx)})
+	if family != unix.AF_BRIDGE {
+		req.AddData(nl.NewRtAttr(unix.NDA_IFINDEX, nl.Uint32Attr(uint32(idx))))
+	}
 	msgs, err := req.Execute(unix.NETLINK_ROUTE, unix.RTM_NEWNEIGH)
 	if err != nil && !errors.Is(err, nl.ErrDumpInterrupted) {
 		return nil, err
@@ -649,6 +659,15 @@ func (f *FDBSocket) list(idx int) ([]netlink.Neigh, error) {
 		err = netlink.ErrDumpInterrupted
 	}
 	return out, err
+}
+
+// dumpNeighs lists the entries of family of device idx: through the
+// NeighSocket, or through the handle when there is none.
+func (l *Linux) dumpNeighs(family uint8, idx int) ([]netlink.Neigh, error) {
+	if l.neigh == nil {
+		return retryDump(func() ([]netlink.Neigh, error) { return l.h.NeighList(idx, int(family)) })
+	}
+	return retryDump(func() ([]netlink.Neigh, error) { return l.neigh.list(family, idx) })
 }
 
 // DetectUnderlay finds the host's underlay in the network namespace of h.

@@ -166,7 +166,7 @@ func (h *host) checkTextIs(t *testing.T, want string) {
 
 func newDataplane(t testing.TB, ns *testNS) *Linux {
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	fdb, err := OpenFDBSocket(ns.fd)
+	fdb, err := OpenNeighSocket(ns.fd)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,14 +26,14 @@ func (l *Linux) Delete(context.Context, overlay.Network) error { return errNotLi
 // Text fails: the dataplane needs Linux.
 func (l *Linux) Text(overlay.Network) (string, error) { return "", errNotLinux }
 
-// FDBSocket lists FDB entries; it exists only on Linux.
-type FDBSocket struct{}
+// NeighSocket lists FDB and neighbour entries; it exists only on Linux.
+type NeighSocket struct{}
 
-// OpenFDBSocket fails: the dataplane needs Linux.
-func OpenFDBSocket(netns.NsHandle) (*FDBSocket, error) { return nil, errNotLinux }
+// OpenNeighSocket fails: the dataplane needs Linux.
+func OpenNeighSocket(netns.NsHandle) (*NeighSocket, error) { return nil, errNotLinux }
 
 // Close does nothing.
-func (f *FDBSocket) Close() {}
+func (f *NeighSocket) Close() {}
 
 // DetectUnderlay fails: the dataplane needs Linux.
 func DetectUnderlay(*netlink.Handle, netip.Addr) (Underlay, error) { return Underlay{}, errNotLinux }
