@@ -39,12 +39,8 @@ type NetConf struct {
 		Labels json.RawMessage `json:"labels,omitempty"`
 	} `json:"runtimeConfig,omitempty"`
 	// Args are the runtime's arguments in the configuration (CNI
-	// conventions); the plugin reads args.cni.labels.
-	Args struct {
-		CNI struct {
-			Labels json.RawMessage `json:"labels,omitempty"`
-		} `json:"cni,omitempty"`
-	} `json:"args,omitempty"`
+	// conventions); the plugin reads args.cni.labels, on ADD only.
+	Args json.RawMessage `json:"args,omitempty"`
 
 	// Parsed from RuntimeConfig and Args by parseRuntimeConfig: only ADD
 	// uses them, so a DEL never fails over them.
@@ -54,8 +50,8 @@ type NetConf struct {
 }
 
 // parseLabels decodes labels given as CNI's conventions give them, a
-// list of {"key": k, "value": v}, or as an object {k: v}, into into. A
-// key given twice takes its last value.
+// list of {"key": k, "value": v}, or as an object {k: v}, into the map
+// into. A key given twice takes its last value.
 func parseLabels(field string, raw json.RawMessage, into map[string]string) error {
 	if len(raw) == 0 || string(raw) == "null" {
 		return nil
@@ -147,8 +143,18 @@ func parseRuntimeConfig(conf *NetConf) error {
 		}
 		conf.mac = mac
 	}
+	var args struct {
+		CNI struct {
+			Labels json.RawMessage `json:"labels"`
+		} `json:"cni"`
+	}
+	if len(conf.Args) > 0 {
+		if err := json.Unmarshal(conf.Args, &args); err != nil {
+			return types.NewError(types.ErrInvalidNetworkConfig, "args", "want an object, with labels in args.cni.labels: "+err.Error())
+		}
+	}
 	labels := make(map[string]string)
-	if err := parseLabels("args.cni.labels", conf.Args.CNI.Labels, labels); err != nil {
+	if err := parseLabels("args.cni.labels", args.CNI.Labels, labels); err != nil {
 		return err
 	}
 	if err := parseLabels("runtimeConfig.labels", conf.RuntimeConfig.Labels, labels); err != nil {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"strings"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -148,9 +147,6 @@ func checkContainer(cont *netlink.Handle, ifName string, att cnirpc.Attachment) 
 	}
 	if !found {
 		return types.NewError(types.ErrInternal, fmt.Sprintf("address %s is missing from %s", att.Addr, ifName), "")
-	}
-	if att.MAC != "" && !strings.EqualFold(link.Attrs().HardwareAddr.String(), att.MAC) {
-		return types.NewError(types.ErrInternal, fmt.Sprintf("%s has the MAC address %s, not the endpoint's %s", ifName, link.Attrs().HardwareAddr, att.MAC), "")
 	}
 	routes, err := cont.RouteList(link, netlink.FAMILY_V4)
 	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {

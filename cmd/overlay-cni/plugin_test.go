@@ -112,8 +112,17 @@ func TestParseLabels(t *testing.T) {
 			t.Errorf("parseAll(%.80s) = %v, want code 7 naming %s", in, err, key)
 		}
 	}
-	if _, err := parseConf([]byte(`{"name":"o","args":{"cni":{"labels":42}},"runtimeConfig":{"labels":7}}`)); err != nil {
-		t.Fatalf("parseConf (DEL's parsing) refused labels it does not need: %v", err)
+	for _, in := range []string{
+		`{"name":"o","args":{"cni":{"labels":42}},"runtimeConfig":{"labels":7}}`,
+		`{"name":"o","args":[]}`,
+		`{"name":"o","args":{"cni":"x"}}`,
+	} {
+		if _, err := parseConf([]byte(in)); err != nil {
+			t.Errorf("parseConf (DEL's parsing) of %s refused args or labels it does not need: %v", in, err)
+		}
+	}
+	if _, err := parseAll([]byte(`{"name":"o","args":[]}`)); err == nil {
+		t.Error("ADD took args that are not an object")
 	}
 }
 
