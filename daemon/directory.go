@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
@@ -33,9 +34,10 @@ type hostDirectory struct {
 
 // hostRead is one read of the host records and those waiting for it.
 type hostRead struct {
-	done  chan struct{} // closed once hosts and err are set
-	hosts []overlay.HostInfo
-	err   error
+	done    chan struct{} // closed once hosts and err are set
+	waiting int           // calls that joined it; guarded by hostDirectory.mu
+	hosts   []overlay.HostInfo
+	err     error
 }
 
 var _ overlay.HostDirectory = (*hostDirectory)(nil)
@@ -45,8 +47,10 @@ func newHostDirectory(store *etcd.Store, log *slog.Logger) *hostDirectory {
 }
 
 // hostReadTimeout bounds one shared read, which no one caller's context
-// bounds: the reconcilers give up on it sooner (their pass's own bound).
-const hostReadTimeout = storeTimeout
+// bounds: as long as a pass waits for its reads of the store (the
+// reconciler's bound), so that a read that hangs is given up as soon as
+// the passes waiting for it are, and the next pass starts a fresh one.
+const hostReadTimeout = 3 * time.Second
 
 // Hosts returns every host record in etcd that can be decoded, from a
 // read that started after the call.
@@ -56,6 +60,7 @@ func (d *hostDirectory) Hosts(ctx context.Context) ([]overlay.HostInfo, error) {
 		d.next = &hostRead{done: make(chan struct{})}
 	}
 	r := d.next
+	r.waiting++
 	if !d.running {
 		d.running = true
 		go d.run(context.WithoutCancel(ctx))

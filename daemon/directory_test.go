@@ -6,10 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
@@ -53,7 +53,15 @@ func TestHostDirectoryShared(t *testing.T) {
 		_, err := d.Hosts(gaveUp)
 		errc <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // let them all queue behind read 1
+	// Every one of them queued for the next read before read 1 ends.
+	for queued := 0; queued < waiting+1; {
+		d.mu.Lock()
+		if d.next != nil {
+			queued = d.next.waiting
+		}
+		d.mu.Unlock()
+		runtime.Gosched()
+	}
 	cancel()
 	if err := <-errc; !errors.Is(err, context.Canceled) {
 		t.Fatalf("a caller that gave up: %v; want context.Canceled", err)
