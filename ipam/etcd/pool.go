@@ -67,11 +67,15 @@ func addrRecord(host overlay.HostID, al overlay.Allocation) AddrRecord {
 }
 
 // Endpoint returns the MAC address and labels of the record. A MAC
-// address that does not parse is left out.
+// address that is not a unicast Ethernet address, or labels that
+// overlay.Endpoint.Validate refuses, are left out.
 func (r AddrRecord) Endpoint() overlay.Endpoint {
-	ep := overlay.Endpoint{Labels: r.Labels}
-	if mac, err := net.ParseMAC(r.MAC); err == nil {
+	var ep overlay.Endpoint
+	if mac, err := net.ParseMAC(r.MAC); err == nil && overlay.ValidateMAC(mac) == nil {
 		ep.MAC = mac
+	}
+	if (overlay.Endpoint{Labels: r.Labels}).Validate() == nil {
+		ep.Labels = r.Labels
 	}
 	return ep
 }

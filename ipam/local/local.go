@@ -286,11 +286,12 @@ func loadEndpoints(eb *bolt.Bucket, attach map[overlay.AttachmentKey]entry) erro
 		if err == nil && rec.MAC != "" {
 			mac, err = net.ParseMAC(rec.MAC)
 		}
-		if err != nil {
+		ep := overlay.Endpoint{MAC: mac, Labels: rec.Labels}
+		if err != nil || ep.Validate() != nil {
 			stale = append(stale, k)
 			return nil
 		}
-		e.ep = overlay.Endpoint{MAC: mac, Labels: rec.Labels}
+		e.ep = ep
 		attach[key] = e
 		return nil
 	})

@@ -513,8 +513,22 @@ func TestEndpointsOlderFile(t *testing.T) {
 		if err := b.Put([]byte("old/eth0"), []byte("198.19.0.10/29")); err != nil {
 			return err
 		}
+		// A network of which the file has no endpoint bucket at all.
+		ob, err := tx.CreateBucket([]byte("network/older"))
+		if err != nil {
+			return err
+		}
+		if err := ob.Put([]byte("o/eth0"), []byte("198.19.0.9/29")); err != nil {
+			return err
+		}
 		eb, err := tx.CreateBucket([]byte("endpoint/" + network.Name))
 		if err != nil {
+			return err
+		}
+		if err := b.Put([]byte("multicast/eth0"), []byte("198.19.0.12/29")); err != nil {
+			return err
+		}
+		if err := eb.Put([]byte("multicast/eth0"), []byte(`{"mac":"01:00:5e:00:00:01","labels":{"k":"v"}}`)); err != nil {
 			return err
 		}
 		if err := b.Put([]byte("bad/eth0"), []byte("198.19.0.11/29")); err != nil {
@@ -537,10 +551,22 @@ func TestEndpointsOlderFile(t *testing.T) {
 	if al, err := a.Lookup(ctx, key("old")); err != nil || al.Addr.String() != "198.19.0.10/29" || !al.Endpoint.IsZero() {
 		t.Fatalf("old = %+v, %v; want 198.19.0.10/29 with no endpoint", al, err)
 	}
+	older := network
+	older.Name = "older"
+	oa, fresh, err := db.Allocator(older, "a", func() []netip.Prefix { return []netip.Prefix{block} })
+	if err != nil || fresh {
+		t.Fatalf("a network without an endpoint bucket: fresh %v, %v", fresh, err)
+	}
+	if al, err := oa.Lookup(ctx, key("o")); err != nil || al.Addr.String() != "198.19.0.9/29" || !al.Endpoint.IsZero() {
+		t.Fatalf("o = %+v, %v; want 198.19.0.9/29 with no endpoint", al, err)
+	}
 	// An endpoint that cannot be decoded costs its MAC and labels, not
 	// the network.
 	if al, err := a.Lookup(ctx, key("bad")); err != nil || al.Addr.String() != "198.19.0.11/29" || !al.Endpoint.IsZero() {
 		t.Fatalf("bad = %+v, %v; want 198.19.0.11/29 with no endpoint", al, err)
+	}
+	if al, err := a.Lookup(ctx, key("multicast")); err != nil || !al.Endpoint.IsZero() {
+		t.Fatalf("multicast = %+v, %v; want no endpoint: a multicast MAC is not one to give a container", al, err)
 	}
 	db.Close()
 	bdb, err = bolt.Open(path, 0o600, nil)
@@ -549,7 +575,7 @@ func TestEndpointsOlderFile(t *testing.T) {
 	}
 	defer bdb.Close()
 	bdb.View(func(tx *bolt.Tx) error {
-		for _, k := range []string{"gone/eth0", "bad/eth0"} {
+		for _, k := range []string{"gone/eth0", "bad/eth0", "multicast/eth0"} {
 			if v := tx.Bucket([]byte("endpoint/" + network.Name)).Get([]byte(k)); v != nil {
 				t.Errorf("endpoint %s is still on disk: %s", k, v)
 			}
