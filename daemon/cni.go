@@ -21,8 +21,7 @@ type cniHandler struct{ svc *attach.Service }
 var _ rpcserver.Handler = cniHandler{}
 
 // request returns the service's request of r, which the server has
-// validated: a MAC address that does not parse is left for the service
-// to pick.
+// validated (a MAC address that did not parse would be taken as none).
 func request(r cnirpc.Request) attach.Request {
 	mac, _ := r.HardwareAddr()
 	return attach.Request{Network: r.Network, Key: overlay.AttachmentKey{ContainerID: r.ContainerID, IfName: r.IfName}, IP: r.IP,
@@ -45,7 +44,9 @@ var codes = map[attach.Kind]uint{
 	attach.Unavailable:    cnirpc.CodeTryAgainLater,
 	attach.NoAddress:      cnirpc.CodeNoAddress,
 	attach.NotFound:       cnirpc.CodeUnknownContainer,
-	attach.Invalid:        cnirpc.CodeInvalidNetwork,
+	// The server refuses a bad MAC (code 2) or labels (code 7) before
+	// the service sees them; what the service still finds is the labels.
+	attach.Invalid: cnirpc.CodeInvalidNetwork,
 }
 
 // cniError returns err as a *cnirpc.Error: its message, the error

@@ -141,12 +141,12 @@ func TestNetworksAtRunTime(t *testing.T) {
 	// Endpoints: each interface's MAC address, the container's own, and
 	// its labels (CNI args.cni.labels and runtimeConfig.labels) are in
 	// etcd, as overlayctl shows them.
-	lab, err := n.NewContainer(ctx, h0, "lab")
+	lab, err := n.NewContainer(ctx, h1, "lab")
 	if err != nil {
 		t.Fatal(err)
 	}
 	lab.ConfList = fmt.Appendf(nil, `{"cniVersion":"1.1.0","name":"overlay-red","plugins":[{"type":"overlay-cni","network":"red","socket":%q,
-		"capabilities":{"labels":true},"args":{"cni":{"labels":[{"key":"app","value":"web"}]}}}]}`, h0.Socket)
+		"capabilities":{"labels":true},"args":{"cni":{"labels":[{"key":"app","value":"web"}]}}}]}`, h1.Socket)
 	lab.CapabilityArgs = map[string]any{"labels": map[string]string{"tier": "front"}}
 	if err := n.Attach(ctx, lab); err != nil {
 		t.Fatal(err)
@@ -187,7 +187,18 @@ func TestNetworksAtRunTime(t *testing.T) {
 	waitServed(t, n, "red", h1)
 	waitServed(t, n, "blue", h1)
 	pings("overlayd restarted on " + h1.Name)
-	checkEndpoints("overlayd restarted on "+h1.Name, labels, r0, r1, both, lab)
+	// The restarted overlayd kept the endpoints in its own file: etcd's
+	// copy of lab's, deleted now, comes back whole from it.
+	estore, closeEStore, err := n.Store(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := fmt.Sprintf("%snetworks/red/addrs/%s-%d/%s", etcd.DefaultPrefix, lab.Addr.Masked().Addr(), lab.Addr.Bits(), lab.Addr.Addr())
+	if resp, err := estore.Client().Delete(ctx, key); err != nil || resp.Deleted != 1 {
+		t.Fatalf("delete %s: %v, %v", key, resp, err)
+	}
+	closeEStore()
+	checkEndpoints("overlayd restarted on "+h1.Name+", lab's record in etcd deleted", labels, r0, r1, both, lab)
 
 	// Deleting a network in use is refused; nothing changes.
 	time.Sleep(300 * time.Millisecond) // the mirrors copy the allocations to etcd

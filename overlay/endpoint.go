@@ -15,8 +15,8 @@ type Endpoint struct {
 	// MAC is the container interface's MAC address, or nil when it is not
 	// known (an allocation made by an older overlayd).
 	MAC net.HardwareAddr
-	// Labels are the endpoint's key/value labels (CNI args.cni.labels or
-	// runtimeConfig.labels, or a Docker endpoint's labels).
+	// Labels are the endpoint's key/value labels (CNI args.cni.labels and
+	// runtimeConfig.labels).
 	Labels map[string]string
 }
 
@@ -46,7 +46,8 @@ func (e Endpoint) Validate() error {
 	return nil
 }
 
-// ValidateMAC reports whether mac is a unicast Ethernet address.
+// ValidateMAC returns an error, saying why, unless mac is a non-zero
+// unicast Ethernet address.
 func ValidateMAC(mac net.HardwareAddr) error {
 	if len(mac) != 6 || mac[0]&1 != 0 {
 		return fmt.Errorf("mac %s: want a unicast Ethernet address", mac)
