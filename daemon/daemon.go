@@ -53,10 +53,21 @@ const ipForwardPath = "/proc/sys/net/ipv4/ip_forward"
 // network in etcd, starting and removing networks as they are created
 // and deleted. On return the dataplane is left in place, so that
 // restarting overlayd does not cut established flows.
+//
+// Under systemd (Type=notify) it reports its start in STATUS lines, sends
+// READY=1 once it serves ADD and STOPPING=1 when it stops, and, with
+// WatchdogSec, pings the watchdog while every network's reconcile loop
+// ends passes (stallAfter).
 func Run(ctx context.Context, cfg Config) error {
 	start := time.Now()
 	cfg = cfg.withDefaults()
 	log := cfg.Logger
+	sd := newNotifier(log)
+	sd.status("checking the configuration and this host")
+	wdInterval, err := watchdogInterval()
+	if err != nil {
+		return err
+	}
 	if cfg.Network.Name != "" {
 		if err := cfg.Network.Validate(); err != nil {
 			return fmt.Errorf("configuration: %w", err)
@@ -180,6 +191,7 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("gossip is not encrypted: set --gossip-key-file so that hosts without the key cannot join")
 	}
 
+	sd.status("connecting to etcd")
 	var conn etcdConnection
 	if early != nil {
 		conn, taken = <-early, true
@@ -200,6 +212,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 	// From here on, etcd and the kernel change.
+	sd.status("registering this host and starting its networks")
 	if err := os.WriteFile(ipForwardPath, []byte("1\n"), 0o644); err != nil {
 		return fmt.Errorf("enable IPv4 forwarding: %w", err)
 	}
@@ -251,7 +264,23 @@ func Run(ctx context.Context, cfg Config) error {
 	log.Info("ready", "networks", set.Names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
+	sd.ready(fmt.Sprintf("ready: %d networks, underlay %s", len(set.Names()), ul.Addr))
+
 	eg, ctx := errgroup.WithContext(ctx)
+	eg.Go(func() error {
+		<-ctx.Done()
+		sd.stopping()
+		return nil
+	})
+	if wdInterval > 0 {
+		stall := stallAfter(cfg.ResyncInterval)
+		if 2*wdInterval <= stall {
+			log.Warn("WatchdogSec is not above the time after which a reconcile loop counts as stuck: systemd may restart a healthy overlayd", "watchdog", 2*wdInterval, "stuck-after", stall)
+		}
+		eg.Go(func() error {
+			return sd.watchdog(ctx, wdInterval, func(now time.Time) error { return set.Stalled(now, stall) })
+		})
+	}
 	eg.Go(func() error { return set.Run(ctx) })
 	eg.Go(func() error { return store.WatchNetworks(ctx, set.Kick) })
 	eg.Go(func() error { return g.Run(ctx) })

@@ -171,6 +171,9 @@ func (r *netRuntime) Attacher() attach.Attacher { return r.handler }
 // Kick asks the reconcile loop for a pass.
 func (r *netRuntime) Kick() { r.rec.Kick() }
 
+// LastPass returns when the reconcile loop last ended a pass.
+func (r *netRuntime) LastPass() time.Time { return r.rec.Status().LastPass }
+
 // Run runs the network's loops until ctx is done.
 func (r *netRuntime) Run(ctx context.Context) error {
 	eg, ctx := errgroup.WithContext(ctx)

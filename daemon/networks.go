@@ -2,9 +2,11 @@ package daemon
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,6 +25,9 @@ type network interface {
 	Attacher() attach.Attacher
 	// Kick asks the network's reconcile loop for a pass.
 	Kick()
+	// LastPass returns when the network's reconcile loop last ended a
+	// pass, failed or not.
+	LastPass() time.Time
 	// Remove removes the network from this host once it is deleted in
 	// etcd: its devices, its containers' host veths and this host's
 	// record of its allocations. It is called after Run has returned.
@@ -260,6 +265,25 @@ func (s *networkSet) Lookup(name string) (attach.Attacher, bool) {
 		return nil, ok
 	}
 	return e.net.Attacher(), true
+}
+
+// Stalled returns an error naming the networks whose reconcile loop has
+// ended no pass in the after before now, or nil when every loop moves. A
+// network still starting is not one of them.
+func (s *networkSet) Stalled(now time.Time, after time.Duration) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var stuck []string
+	for name, e := range s.nets {
+		if e.net != nil && now.Sub(e.net.LastPass()) > after {
+			stuck = append(stuck, name)
+		}
+	}
+	if len(stuck) == 0 {
+		return nil
+	}
+	slices.Sort(stuck)
+	return fmt.Errorf("the reconcile loop of network %s has ended no pass for more than %s", strings.Join(stuck, ", "), after)
 }
 
 // Names returns the names of the networks the set serves, sorted.

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 type fakeNetwork struct {
 	def    overlay.Network
 	events *eventLog
+	last   atomic.Int64 // LastPass, in Unix nanoseconds
 }
 
 func (f *fakeNetwork) Run(ctx context.Context) error {
@@ -29,6 +31,7 @@ func (f *fakeNetwork) Run(ctx context.Context) error {
 }
 func (f *fakeNetwork) Attacher() attach.Attacher { return fakeAttacher(f.def.Name) }
 func (f *fakeNetwork) Kick()                     { f.events.add("kick " + f.def.Name) }
+func (f *fakeNetwork) LastPass() time.Time       { return time.Unix(0, f.last.Load()) }
 func (f *fakeNetwork) Remove(ctx context.Context) {
 	f.events.add("remove " + f.def.Name + " " + f.def.ID)
 }
@@ -91,6 +94,9 @@ func testDef(name, id string) overlay.Network {
 	return overlay.Network{Name: name, ID: id, CIDR: netip.MustParsePrefix("10.0.0.0/16"), BlockBits: 26, VNI: 1, Port: 4789}
 }
 
+// passedAt is when the fake networks' last pass ended.
+var passedAt = time.Date(2026, 12, 2, 12, 0, 0, 0, time.UTC)
+
 func newTestSet(t *testing.T) (*networkSet, *fakeEtcd, *eventLog) {
 	t.Helper()
 	store := &fakeEtcd{failing: map[string]int{}}
@@ -107,7 +113,9 @@ func newTestSet(t *testing.T) (*networkSet, *fakeEtcd, *eventLog) {
 			return nil, errors.New("lock held")
 		}
 		events.add("start " + n.Name + " " + n.ID)
-		return &fakeNetwork{def: n, events: events}, nil
+		f := &fakeNetwork{def: n, events: events}
+		f.last.Store(passedAt.UnixNano())
+		return f, nil
 	}
 	sweep := func(_ context.Context, defs []overlay.Network) {
 		store.mu.Lock()
@@ -266,4 +274,24 @@ func code(err error) uint {
 		return e.Code
 	}
 	return 0
+}
+
+// TestNetworkSetStalled: the set names the networks whose reconcile loop
+// has ended no pass for too long, which stops the watchdog's pings.
+func TestNetworkSetStalled(t *testing.T) {
+	s, store, _ := newTestSet(t)
+	store.set(testDef("a", "1"), testDef("b", "2"))
+	ctx := context.Background()
+	defs, _ := store.list(ctx)
+	s.Start(ctx, defs)
+	if err := s.Stalled(passedAt.Add(20*time.Second), 20*time.Second); err != nil {
+		t.Fatalf("Stalled at the limit: %v; want nil", err)
+	}
+	s.mu.Lock()
+	s.nets["b"].net.(*fakeNetwork).last.Store(passedAt.Add(15 * time.Second).UnixNano())
+	s.mu.Unlock()
+	err := s.Stalled(passedAt.Add(21*time.Second), 20*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "network a ") || strings.Contains(err.Error(), "b") {
+		t.Fatalf("Stalled with a stuck = %v; want a named, not b", err)
+	}
 }
