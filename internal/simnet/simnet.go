@@ -101,6 +101,9 @@ type Host struct {
 	Socket string
 	// Extra are flags added to its overlayd's command line (Args).
 	Extra []string
+	// Env are environment variables ("NAME=value") added to its
+	// overlayd's, such as systemd's NOTIFY_SOCKET.
+	Env []string
 
 	n        *Net
 	mu       sync.Mutex // guards cmd and done
@@ -262,6 +265,9 @@ func (h *Host) Start(ctx context.Context) error {
 	}
 	cmd := exec.Command("ip", append([]string{"netns", "exec", h.Name, h.n.opts.Overlayd}, h.Args()...)...)
 	cmd.Stdout, cmd.Stderr = out, out
+	if len(h.Env) > 0 {
+		cmd.Env = append(os.Environ(), h.Env...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		h.mu.Unlock()
