@@ -1,9 +1,10 @@
 # Sourced by the scripts in this directory: makes sure a fresh Debian
 # machine has what the project needs, installing it if not.
-#   ensure_packages  iproute2, iputils-ping, git, iptables, nftables, gcc,
-#                    libc6-dev (apt-get, as root; iptables and nftables for
-#                    the portmap plugin, gcc and libc6-dev for the race
-#                    detector, which needs cgo)
+#   ensure_packages  iproute2, iputils-ping, git, iptables, nftables,
+#                    systemd, gcc, libc6-dev (apt-get, as root; iptables and
+#                    nftables for the portmap plugin, systemd for
+#                    systemd-analyze verify of the unit, gcc and libc6-dev
+#                    for the race detector, which needs cgo)
 #   ensure_go        Go >= $GO_MIN on PATH; when the machine has none or an
 #                    older one, Debian's golang-go downloads the official
 #                    toolchain module ($GO_VERSION) from the Go module proxy.
@@ -28,6 +29,7 @@ ensure_packages() {
 	command -v git >/dev/null || need+=(git)
 	command -v iptables >/dev/null || need+=(iptables)
 	command -v nft >/dev/null || need+=(nftables)
+	command -v systemd-analyze >/dev/null || need+=(systemd)
 	command -v gcc >/dev/null || need+=(gcc)
 	[ -e /usr/include/stdlib.h ] || need+=(libc6-dev)
 	if [ ${#need[@]} -gt 0 ]; then
