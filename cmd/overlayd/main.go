@@ -9,6 +9,9 @@
 //	overlayd remove-host [flags] HOST-ID  remove a host that is gone, from any host
 //
 // Run "overlayd -h" for the flags; docs/configuration.md describes them.
+// Each flag can also come from an OVERLAYD_* environment variable and from
+// the file that --config names; a flag on the command line wins over its
+// environment variable, which wins over the file.
 package main
 
 import (
@@ -22,19 +25,25 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"regexp"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/overlaynet/overlay/daemon"
+	"github.com/overlaynet/overlay/internal/version"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/peterbourgon/ff/v3"
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-func run(args []string, stderr io.Writer) int {
+// errVersion is what parseFlags returns for --version.
+var errVersion = errors.New("version asked for")
+
+func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "run"
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		cmd, args = args[0], args[1:]
@@ -45,6 +54,10 @@ func run(args []string, stderr io.Writer) int {
 	}
 	cfg, logger, rest, err := parseFlags(cmd, args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if errors.Is(err, errVersion) {
+		fmt.Fprintln(stdout, version.String("overlayd"))
 		return 0
 	}
 	if err == nil && cmd == "remove-host" && len(rest) != 1 {
@@ -118,8 +131,17 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	fs.DurationVar(&cfg.OrphanGrace, "orphan-grace", cfg.OrphanGrace, "how long after start to wait before releasing the addresses of containers whose veth is gone")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "text or json")
-	if err := fs.Parse(args); err != nil {
-		return cfg, nil, nil, err
+	fs.String("config", "", "file of flags, one per line as `name value` (# starts a comment); the command line and OVERLAYD_* environment variables override it")
+	showVersion := fs.Bool("version", false, "print overlayd's version and exit")
+	err := ff.Parse(fs, args, ff.WithEnvVarPrefix(envPrefix), ff.WithConfigFileFlag("config"), ff.WithConfigFileParser(fileParser(fs)))
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return cfg, nil, nil, err
+		}
+		return cfg, nil, nil, configError(err, fs.Lookup("config").Value.String())
+	}
+	if *showVersion {
+		return cfg, nil, nil, errVersion
 	}
 
 	var level slog.Level
@@ -143,7 +165,6 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 			}
 		}
 	}
-	var err error
 	if cfg.Network.CIDR, err = netip.ParsePrefix(*cidr); err != nil {
 		return cfg, nil, nil, fmt.Errorf("--network-cidr: %w", err)
 	}
@@ -175,4 +196,66 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 		return cfg, nil, nil, fmt.Errorf("--block-idle %s: want a positive duration", cfg.IdleBlock)
 	}
 	return cfg, cfg.Logger, fs.Args(), nil
+}
+
+// envPrefix starts the environment variable of every flag: --etcd-endpoints
+// is OVERLAYD_ETCD_ENDPOINTS.
+const envPrefix = "OVERLAYD"
+
+// fileError is a line of the --config file that cannot be used.
+type fileError struct {
+	name, value string
+	err         error // nil: no such flag
+}
+
+func (e *fileError) Error() string {
+	if e.err == nil {
+		return fmt.Sprintf("%q: no such flag (overlayd -h lists them)", e.name)
+	}
+	return fmt.Sprintf("%s %q: %v", e.name, e.value, e.err)
+}
+
+// fileParser reads the --config file as ff.PlainParser does, and makes
+// its errors fileErrors, which name the flag and the value.
+func fileParser(fs *flag.FlagSet) ff.ConfigFileParser {
+	return func(r io.Reader, set func(name, value string) error) error {
+		return ff.PlainParser(r, func(name, value string) error {
+			if err := set(name, value); err != nil {
+				if fs.Lookup(name) == nil {
+					return &fileError{name: name}
+				}
+				return &fileError{name: name, value: value, err: errors.Unwrap(err)}
+			}
+			return nil
+		})
+	}
+}
+
+// envError finds, in ff.Parse's error about an environment variable, the
+// variable and the flag it sets.
+var envError = regexp.MustCompile(`setting flag "([^"]+)" from environment variable "([^"]+)"`)
+
+// configError rewords what ff.Parse returns so that it names where the
+// bad value came from (the command line, an environment variable or the
+// --config file at path), the flag and the value.
+func configError(err error, path string) error {
+	var fe *fileError
+	if errors.As(err, &fe) {
+		return fmt.Errorf("--config file %s: %w", path, fe)
+	}
+	msg := err.Error()
+	if m := envError.FindStringSubmatch(msg); m != nil {
+		cause := err
+		for errors.Unwrap(cause) != nil {
+			cause = errors.Unwrap(cause)
+		}
+		return fmt.Errorf("environment: %s=%q (flag --%s): %v", m[2], os.Getenv(m[2]), m[1], cause)
+	}
+	if rest, ok := strings.CutPrefix(msg, "error parsing commandline arguments: "); ok {
+		return errors.New("command line: " + rest)
+	}
+	if errors.Is(err, os.ErrNotExist) || errors.Is(err, os.ErrPermission) {
+		return fmt.Errorf("--config file: %w", err)
+	}
+	return err
 }
