@@ -30,10 +30,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/peterbourgon/ff/v3"
+
 	"github.com/overlaynet/overlay/daemon"
 	"github.com/overlaynet/overlay/internal/version"
 	"github.com/overlaynet/overlay/overlay"
-	"github.com/peterbourgon/ff/v3"
 )
 
 func main() {
