@@ -9,6 +9,7 @@
 //	overlayctl [connection flags] network inspect NAME [--json]
 //	overlayctl [connection flags] network delete NAME [--force]
 //	overlayctl [connection flags] endpoint list NETWORK [--host ID] [--label KEY=VALUE] [--json]
+//	overlayctl --version
 //
 // Exit codes: 0 success, 1 the command failed (etcd unreachable, a
 // network refused), 2 a usage error. docs/networks.md describes the
@@ -27,6 +28,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/overlaynet/overlay/internal/version"
 	"github.com/overlaynet/overlay/ipam/etcd"
 )
 
@@ -85,6 +87,7 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&c.cfg.CAFile, "etcd-ca", "", "CA bundle that verifies etcd's server certificates")
 	fs.DurationVar(&c.cfg.DialTimeout, "etcd-dial-timeout", 5*time.Second, "how long to wait for etcd")
 	fs.StringVar(&c.prefix, "etcd-prefix", etcd.DefaultPrefix, "key prefix of the overlay's state in etcd")
+	showVersion := fs.Bool("version", false, "print overlayctl's version and exit")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: overlayctl [flags] network create|list|inspect|delete ...\n       overlayctl [flags] endpoint list NETWORK ...")
 		fs.PrintDefaults()
@@ -94,6 +97,10 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 			return err
 		}
 		return usageError{err.Error()}
+	}
+	if *showVersion {
+		fmt.Fprintln(stdout, version.String("overlayctl"))
+		return nil
 	}
 	for _, e := range strings.Split(*endpoints, ",") {
 		if e = strings.TrimSpace(e); e != "" {

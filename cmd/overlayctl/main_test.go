@@ -143,3 +143,10 @@ func TestUnreachableEtcd(t *testing.T) {
 		t.Fatalf("exit %d, %q; want 1 and a hint", code, errb.String())
 	}
 }
+
+func TestVersion(t *testing.T) {
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"--version"}, &out, &errb); code != 0 || !strings.HasPrefix(out.String(), "overlayctl ") || !strings.Contains(out.String(), "go1.") {
+		t.Fatalf("--version: exit %d, %q, %q", code, out.String(), errb.String())
+	}
+}
