@@ -248,7 +248,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	h := &host{cfg: cfg, log: log, id: id, mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
-		metrics: m, links: links, dp: vxlan.New(nl, nlNeigh, log.With("component", "dataplane")), nl: nl, nlNeigh: nlNeigh, fw: fw,
+		metrics: m, links: links, svc: svc, dp: vxlan.New(nl, nlNeigh, log.With("component", "dataplane")), nl: nl, nlNeigh: nlNeigh, fw: fw,
 		dir: newHostDirectory(store, log.With("component", "reconcile"))}
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
 	setPtr.Store(set)
@@ -306,7 +306,12 @@ func Run(ctx context.Context, cfg Config) error {
 		return srv.Shutdown(sctx)
 	})
 	if metricsListener != nil {
-		eg.Go(func() error { return m.Serve(ctx, metricsListener) })
+		eg.Go(func() error {
+			return m.Serve(ctx, metricsListener, map[string]http.Handler{
+				"/healthz": healthz(func(now time.Time) error { return set.Stalled(now, stallAfter(cfg.ResyncInterval)) }),
+				"/readyz":  readyz(func(ctx context.Context) []string { return h.missing(ctx, set.Names()) }),
+			})
+		})
 	}
 	if emb != nil {
 		eg.Go(func() error {
@@ -388,6 +393,7 @@ type host struct {
 	live    *etcd.Liveness
 	metrics *metrics.Metrics
 	links   attach.HostLinks
+	svc     *attach.Service
 	dp      overlay.Dataplane
 	dir     *hostDirectory
 	fw      Firewall

@@ -1,13 +1,19 @@
 package e2e
 
 import (
+	"bufio"
 	"context"
+	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/overlaynet/overlay/internal/simnet"
 )
 
 // TestSystemdNotifications: a real overlayd under a fake systemd (its
@@ -65,6 +71,13 @@ func TestSystemdNotifications(t *testing.T) {
 	if first := slices.Index(got, "WATCHDOG=1"); first < ready {
 		t.Errorf("the watchdog was pinged before READY=1: %q", got)
 	}
+	// The health endpoints beside /metrics say the same.
+	for path, want := range map[string]string{"/healthz": "ok\n", "/readyz": "ready\n"} {
+		code, body := httpGet(t, h, "127.0.0.1:9476", path)
+		if code != 200 || body != want {
+			t.Errorf("GET %s: %d %q; want 200 %q", path, code, body, want)
+		}
+	}
 	if err := h.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -77,5 +90,56 @@ func TestSystemdNotifications(t *testing.T) {
 		case <-time.After(5 * time.Second):
 			t.Fatal("no STOPPING=1 after SIGTERM")
 		}
+	}
+}
+
+// httpGet makes a GET of path at addr from inside host h's namespace and
+// returns the status code and body.
+func httpGet(t *testing.T, h *simnet.Host, addr, path string) (int, string) {
+	t.Helper()
+	var conn net.Conn
+	if err := h.InNS(func() error {
+		var err error
+		conn, err = net.DialTimeout("tcp", addr, 5*time.Second)
+		return err
+	}); err != nil {
+		t.Fatalf("%s: dial %s: %v", h.Name, addr, err)
+	}
+	defer conn.Close()
+	fmt.Fprintf(conn, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, addr)
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	return resp.StatusCode, string(body)
+}
+
+// TestReadyzSaysWhatIsMissing: with host 1, which runs the embedded etcd,
+// stopped, host 2's /readyz answers 503 naming etcd and the network that
+// can no longer be kept (its passes cannot read etcd), while /healthz
+// stays 200: its loops move.
+func TestReadyzSaysWhatIsMissing(t *testing.T) {
+	n := newNet(t, 2)
+	h1, h2 := n.Hosts[0], n.Hosts[1]
+	if code, body := httpGet(t, h2, "127.0.0.1:9476", "/readyz"); code != 200 {
+		t.Fatalf("/readyz with both hosts up: %d %q", code, body)
+	}
+	if err := h1.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 30*time.Second, "host 2's /readyz naming etcd and the degraded network", func() error {
+		code, body := httpGet(t, h2, "127.0.0.1:9476", "/readyz")
+		if code != 503 || !strings.Contains(body, "etcd: ") || !strings.Contains(body, "network "+n.Network.Name+": degraded: ") {
+			return fmt.Errorf("%d %q", code, body)
+		}
+		return nil
+	})
+	if code, body := httpGet(t, h2, "127.0.0.1:9476", "/healthz"); code != 200 || body != "ok\n" {
+		t.Fatalf("/healthz with etcd down: %d %q; want 200: the loops still move", code, body)
 	}
 }

@@ -132,12 +132,15 @@ func (g *Group) Unregister() {
 	g.cs = nil
 }
 
-// Serve serves /metrics on l until ctx is done. The caller opens l, so
-// that an address already in use is found before the daemon reports
-// ready.
-func (m *Metrics) Serve(ctx context.Context, l net.Listener) error {
+// Serve serves /metrics, and handlers at their patterns, on l until ctx
+// is done. The caller opens l, so that an address already in use is found
+// before the daemon reports ready.
+func (m *Metrics) Serve(ctx context.Context, l net.Listener, handlers map[string]http.Handler) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+	for pattern, h := range handlers {
+		mux.Handle(pattern, h)
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
 		<-ctx.Done()

@@ -151,6 +151,17 @@ func (s *Store) RegisterHost(ctx context.Context, rec HostRecord) error {
 	return nil
 }
 
+// Ping reads one key with a quorum read: it fails when etcd cannot be
+// reached or has lost its quorum.
+func (s *Store) Ping(ctx context.Context) error {
+	ctx, cancel := bound(ctx)
+	defer cancel()
+	if _, err := s.cli.Get(ctx, s.networksGenKey(), clientv3.WithCountOnly()); err != nil {
+		return fmt.Errorf("etcd does not answer: %w", err)
+	}
+	return nil
+}
+
 // ErrBadRecord is wrapped by the errors about records in etcd that cannot
 // be decoded, as opposed to etcd that cannot be read.
 var ErrBadRecord = errors.New("etcd: record cannot be decoded")
