@@ -114,8 +114,8 @@ const (
 // Validate reports whether the definition can be used, naming the field
 // that is wrong.
 func (n Network) Validate() error {
-	if len(n.Name) == 0 || len(n.Name) > MaxNameLen || !validName(n.Name) {
-		return fmt.Errorf("%w: name %q: want 1 to %d lower-case letters, digits or '-'", ErrInvalidNetwork, n.Name, MaxNameLen)
+	if err := ValidateName(n.Name); err != nil {
+		return err
 	}
 	if !n.CIDR.IsValid() || !n.CIDR.Addr().Is4() {
 		return fmt.Errorf("%w: cidr %q: want an IPv4 prefix such as 198.19.0.0/16", ErrInvalidNetwork, n.CIDR)
@@ -146,6 +146,15 @@ func (n Network) Validate() error {
 	}
 	if err := ValidateLabels(n.Labels); err != nil {
 		return fmt.Errorf("%w: %w", ErrInvalidNetwork, err)
+	}
+	return nil
+}
+
+// ValidateName returns an error, wrapping ErrInvalidNetwork, unless name
+// can name a network.
+func ValidateName(name string) error {
+	if len(name) == 0 || len(name) > MaxNameLen || !validName(name) {
+		return fmt.Errorf("%w: name %q: want 1 to %d lower-case letters, digits or '-'", ErrInvalidNetwork, name, MaxNameLen)
 	}
 	return nil
 }

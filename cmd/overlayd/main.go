@@ -7,6 +7,7 @@
 //	overlayd [flags]                      run the daemon
 //	overlayd teardown [flags]             remove this host from the overlay for good
 //	overlayd remove-host [flags] HOST-ID  remove a host that is gone, from any host
+//	overlayd install-cni [flags]          put the plugin and a conflist into the runtime's directories
 //
 // Run "overlayd -h" for the flags; docs/configuration.md describes them.
 // Each flag can also come from an OVERLAYD_* environment variable and from
@@ -49,8 +50,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		cmd, args = args[0], args[1:]
 	}
+	if cmd == "install-cni" {
+		return runInstall(args, stdout, stderr)
+	}
 	if cmd != "run" && cmd != "teardown" && cmd != "remove-host" {
-		fmt.Fprintf(stderr, "overlayd: unknown command %q (want run, teardown or remove-host)\n", cmd)
+		fmt.Fprintf(stderr, "overlayd: unknown command %q (want run, teardown, remove-host or install-cni)\n", cmd)
 		return 2
 	}
 	cfg, logger, rest, err := parseFlags(cmd, args, stderr)
