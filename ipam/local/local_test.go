@@ -494,55 +494,21 @@ func TestEndpoints(t *testing.T) {
 func TestEndpointsOlderFile(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "alloc.db")
-	bdb, err := bolt.Open(path, 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = bdb.Update(func(tx *bolt.Tx) error {
-		meta, err := tx.CreateBucket([]byte("meta"))
-		if err != nil {
-			return err
-		}
-		if err := meta.Put([]byte("host"), []byte("a")); err != nil {
-			return err
-		}
-		b, err := tx.CreateBucket([]byte("network/" + network.Name))
-		if err != nil {
-			return err
-		}
-		if err := b.Put([]byte("old/eth0"), []byte("198.19.0.10/29")); err != nil {
-			return err
-		}
-		// A network of which the file has no endpoint bucket at all.
-		ob, err := tx.CreateBucket([]byte("network/older"))
-		if err != nil {
-			return err
-		}
-		if err := ob.Put([]byte("o/eth0"), []byte("198.19.0.9/29")); err != nil {
-			return err
-		}
-		eb, err := tx.CreateBucket([]byte("endpoint/" + network.Name))
-		if err != nil {
-			return err
-		}
-		if err := b.Put([]byte("multicast/eth0"), []byte("198.19.0.12/29")); err != nil {
-			return err
-		}
-		if err := eb.Put([]byte("multicast/eth0"), []byte(`{"mac":"01:00:5e:00:00:01","labels":{"k":"v"}}`)); err != nil {
-			return err
-		}
-		if err := b.Put([]byte("bad/eth0"), []byte("198.19.0.11/29")); err != nil {
-			return err
-		}
-		if err := eb.Put([]byte("bad/eth0"), []byte(`{"mac":"not a mac"}`)); err != nil {
-			return err
-		}
-		return eb.Put([]byte("gone/eth0"), []byte(`{"mac":"02:00:00:00:00:07"}`))
+	// The file as an older overlayd left it. "network/older" has no
+	// endpoint bucket at all; "gone" has an endpoint and no allocation,
+	// "bad" and "multicast" endpoints that cannot be used.
+	writeBolt(t, path, map[string]map[string]string{
+		"meta": {"host": "a"},
+		"network/" + network.Name: {
+			"old/eth0": "198.19.0.10/29", "multicast/eth0": "198.19.0.12/29", "bad/eth0": "198.19.0.11/29",
+		},
+		"network/older": {"o/eth0": "198.19.0.9/29"},
+		"endpoint/" + network.Name: {
+			"multicast/eth0": `{"mac":"01:00:5e:00:00:01","labels":{"k":"v"}}`,
+			"bad/eth0":       `{"mac":"not a mac"}`,
+			"gone/eth0":      `{"mac":"02:00:00:00:00:07"}`,
+		},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	bdb.Close()
 
 	db, a, fresh := open(t, path, func() []netip.Prefix { return []netip.Prefix{block} })
 	if fresh {
@@ -569,7 +535,7 @@ func TestEndpointsOlderFile(t *testing.T) {
 		t.Fatalf("multicast = %+v, %v; want no endpoint: a multicast MAC is not one to give a container", al, err)
 	}
 	db.Close()
-	bdb, err = bolt.Open(path, 0o600, nil)
+	bdb, err := bolt.Open(path, 0o600, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -582,4 +548,31 @@ func TestEndpointsOlderFile(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// writeBolt writes a bbolt file at path with the given buckets and keys.
+func writeBolt(t *testing.T, path string, buckets map[string]map[string]string) {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.Update(func(tx *bolt.Tx) error {
+		for name, kvs := range buckets {
+			b, err := tx.CreateBucket([]byte(name))
+			if err != nil {
+				return err
+			}
+			for k, v := range kvs {
+				if err := b.Put([]byte(k), []byte(v)); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }
