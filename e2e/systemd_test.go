@@ -126,9 +126,14 @@ func httpGet(t *testing.T, h *simnet.Host, addr, path string) (int, string) {
 func TestReadyzSaysWhatIsMissing(t *testing.T) {
 	n := newNet(t, 2)
 	h1, h2 := n.Hosts[0], n.Hosts[1]
-	if code, body := httpGet(t, h2, "127.0.0.1:9476", "/readyz"); code != 200 {
-		t.Fatalf("/readyz with both hosts up: %d %q", code, body)
-	}
+	// Ready to serve ADD comes before gossip has joined the other host,
+	// which /readyz also wants: wait for it.
+	eventually(t, 10*time.Second, "host 2's /readyz with both hosts up", func() error {
+		if code, body := httpGet(t, h2, "127.0.0.1:9476", "/readyz"); code != 200 {
+			return fmt.Errorf("%d %q", code, body)
+		}
+		return nil
+	})
 	if err := h1.Stop(); err != nil {
 		t.Fatal(err)
 	}
