@@ -30,6 +30,8 @@ type hostDirectory struct {
 	lastBad string     // the last decoding error logged
 	next    *hostRead  // the read the calls arriving now share, not started yet
 	running bool       // a goroutine runs the reads
+	// known are the hosts of the last read that succeeded.
+	known []overlay.HostID
 }
 
 // hostRead is one read of the host records and those waiting for it.
@@ -74,6 +76,14 @@ func (d *hostDirectory) Hosts(ctx context.Context) ([]overlay.HostInfo, error) {
 	}
 }
 
+// Known returns the hosts registered in etcd as of the last read that
+// succeeded, without reading etcd; nil before the first.
+func (d *hostDirectory) Known() []overlay.HostID {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.known
+}
+
 // run makes the reads that calls wait for, one after another, until none
 // waits.
 func (d *hostDirectory) run(ctx context.Context) {
@@ -90,6 +100,15 @@ func (d *hostDirectory) run(ctx context.Context) {
 		rctx, cancel := context.WithTimeout(ctx, hostReadTimeout)
 		r.hosts, r.err = d.hosts(rctx)
 		cancel()
+		if r.err == nil {
+			known := make([]overlay.HostID, len(r.hosts))
+			for i, h := range r.hosts {
+				known[i] = h.Host
+			}
+			d.mu.Lock()
+			d.known = known
+			d.mu.Unlock()
+		}
 		close(r.done)
 	}
 }

@@ -78,6 +78,9 @@ func TestHostDirectoryShared(t *testing.T) {
 			t.Errorf("caller %d got %v; want read2, which started after it arrived", i, h)
 		}
 	}
+	if k := d.Known(); len(k) != 1 || k[0] != "read2" {
+		t.Errorf("Known = %v, want the last read's [read2]", k)
+	}
 	if n := reads.Load(); n != 2 {
 		t.Fatalf("%d reads for %d callers; want 2", n, waiting+2)
 	}

@@ -153,6 +153,8 @@ type Stats struct {
 	// RejectedMetas counts the metadata rejected since New; a member that
 	// sends the same invalid metadata again is counted once.
 	RejectedMetas uint64
+	// Traffic is what was sent and received since New.
+	Traffic Traffic
 }
 
 // Gossip is this host's membership in the overlay's gossip cluster. Its
@@ -184,10 +186,14 @@ type Gossip struct {
 	closed bool
 
 	rejectedMetas atomic.Uint64
+	traffic       counters
 
-	mu sync.Mutex // guards nodes
+	mu sync.Mutex // guards nodes and departed
 	// nodes holds every other live node by name, decoded or rejected.
 	nodes map[string]node
+	// departed holds the other nodes that were live since New and left
+	// or failed since, by name.
+	departed map[string]bool
 }
 
 // node is what is known about another live memberlist node.
@@ -234,6 +240,7 @@ func New(cfg Config) (*Gossip, error) {
 		done:         make(chan struct{}),
 		notifyDone:   make(chan struct{}),
 		nodes:        make(map[string]node),
+		departed:     make(map[string]bool),
 	}
 	meta, err := g.encodeLocal()
 	if err != nil {
@@ -247,9 +254,23 @@ func New(cfg Config) (*Gossip, error) {
 	}
 
 	mc := g.memberlistConfig(cfg)
+	next := cfg.Transport
+	if next == nil {
+		nt, port, err := netTransport(mc.BindAddr, mc.BindPort, mc)
+		if err != nil {
+			return nil, err
+		}
+		if mc.BindPort == 0 {
+			mc.BindPort, mc.AdvertisePort = port, cmp.Or(cfg.AdvertisePort, port)
+		}
+		next = nt
+	}
+	transport := newCountingTransport(next, &g.traffic)
+	mc.Transport = transport
 	go g.notifyLoop()
 	ml, err := memberlist.Create(mc)
 	if err != nil {
+		_ = transport.Shutdown()
 		close(g.done)
 		<-g.notifyDone
 		return nil, fmt.Errorf("gossip: start memberlist: %w", err)
@@ -292,7 +313,6 @@ func (g *Gossip) memberlistConfig(cfg Config) *memberlist.Config {
 	mc.GossipInterval = cmp.Or(cfg.GossipInterval, mc.GossipInterval)
 	mc.PushPullInterval = cmp.Or(cfg.PushPullInterval, mc.PushPullInterval)
 	mc.TCPTimeout = cmp.Or(cfg.TCPTimeout, mc.TCPTimeout)
-	mc.Transport = cfg.Transport
 	mc.Delegate = delegate{g}
 	mc.Events = events{g}
 	mc.Logger = slog.NewLogLogger(g.log.With("component", "memberlist").Handler(), slog.LevelDebug)
@@ -342,7 +362,35 @@ func (g *Gossip) Stats() Stats {
 		}
 	}
 	s.RejectedMetas = g.rejectedMetas.Load()
+	s.Traffic = g.traffic.load()
 	return s
+}
+
+// State is what gossip knows of a host.
+type State int
+
+// The states of a host.
+const (
+	// Unknown: not heard of since New.
+	Unknown State = iota
+	// Alive: a live member, whatever its metadata.
+	Alive
+	// Departed: was a live member since New, and left or failed since.
+	Departed
+)
+
+// State returns what gossip knows of host, without blocking on the
+// network.
+func (g *Gossip) State(host overlay.HostID) State {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if _, ok := g.nodes[string(host)]; ok {
+		return Alive
+	}
+	if g.departed[string(host)] {
+		return Departed
+	}
+	return Unknown
 }
 
 // NumMembers returns the number of live memberlist nodes, this host and
@@ -585,6 +633,7 @@ func (g *Gossip) update(n *memberlist.Node, joined bool) {
 	addr := net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
 
 	g.mu.Lock()
+	delete(g.departed, n.Name)
 	old, had := g.nodes[n.Name]
 	if err != nil {
 		repeated := had && old.err != nil && string(old.raw) == string(n.Meta)
@@ -614,6 +663,7 @@ func (g *Gossip) remove(n *memberlist.Node) {
 	}
 	g.mu.Lock()
 	delete(g.nodes, n.Name)
+	g.departed[n.Name] = true
 	g.mu.Unlock()
 	// n.State cannot tell a leave from a failure: memberlist keeps the
 	// state outside the Node it passes.

@@ -171,6 +171,9 @@ type Status struct {
 	Took time.Duration
 	// LastErr is the error of the last pass, nil when it succeeded.
 	LastErr error
+	// LastSuccess is when the last pass that succeeded ended; zero
+	// before the first.
+	LastSuccess time.Time
 	// Config is the configuration last given to the dataplane.
 	Config DataplaneConfig
 	// Disagreements are what the live members' gossip said on the last
@@ -191,6 +194,10 @@ type Status struct {
 // state and hands it to the dataplane, so a failed pass is repaired by the
 // next one. Its methods are safe for concurrent use.
 type Reconciler struct {
+	// OnPass, when set before Run, is told how long each pass took and
+	// its error, after its status is recorded. It must not block.
+	OnPass func(took time.Duration, err error)
+
 	network   Network
 	local     Local
 	owners    BlockOwners
@@ -304,8 +311,10 @@ func (r *Reconciler) Pass(ctx context.Context) error {
 		r.status.Failures++
 		r.status.LastErr = readErr
 		r.status.LastPass = time.Now()
-		r.status.Took = r.status.LastPass.Sub(start)
+		took := r.status.LastPass.Sub(start)
+		r.status.Took = took
 		r.mu.Unlock()
+		r.observe(took, readErr)
 		return readErr
 	}
 	cfg, disagree := Desired(r.network, r.local, owners, hosts, alive)
@@ -322,17 +331,29 @@ func (r *Reconciler) Pass(ctx context.Context) error {
 	}
 
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	r.status.Passes++
 	if err != nil {
 		r.status.Failures++
 	}
 	r.status.LastErr = err
 	r.status.LastPass = time.Now()
-	r.status.Took = r.status.LastPass.Sub(start)
+	if err == nil {
+		r.status.LastSuccess = r.status.LastPass
+	}
+	took := r.status.LastPass.Sub(start)
+	r.status.Took = took
 	r.status.Config = cfg
 	r.status.Disagreements = disagree
+	r.mu.Unlock()
+	r.observe(took, err)
 	return err
+}
+
+// observe tells OnPass of a pass.
+func (r *Reconciler) observe(took time.Duration, err error) {
+	if r.OnPass != nil {
+		r.OnPass(took, err)
+	}
 }
 
 // newDisagreementsLocked returns, per member, the disagreements that

@@ -271,10 +271,21 @@ func TestReconcilerKeepsStateWhileEtcdIsDown(t *testing.T) {
 	members.Set(member("b", "198.18.0.2"))
 	dp := &overlaytest.Dataplane{}
 	r := overlay.NewReconciler(testNet, localA(), store, store, members, dp, time.Hour, discard())
+	var observed []error
+	r.OnPass = func(took time.Duration, err error) {
+		if took <= 0 {
+			t.Errorf("OnPass told %v", took)
+		}
+		observed = append(observed, err)
+	}
 	if err := r.Pass(ctx); err != nil {
 		t.Fatal(err)
 	}
 	before := dp.Text("default")
+	good := r.Status().LastSuccess
+	if good.IsZero() || !good.Equal(r.Status().LastPass) {
+		t.Fatalf("after a good pass: LastSuccess %v, LastPass %v", good, r.Status().LastPass)
+	}
 
 	outage := errors.New("etcd down")
 	store.SetErr(outage)
@@ -284,8 +295,11 @@ func TestReconcilerKeepsStateWhileEtcdIsDown(t *testing.T) {
 	if got := dp.Text("default"); got != before {
 		t.Fatalf("outage changed the dataplane:\n%s\nwant:\n%s", got, before)
 	}
-	if st := r.Status(); st.Failures != 1 || st.Passes != 2 {
-		t.Errorf("status = %+v", st)
+	if st := r.Status(); st.Failures != 1 || st.Passes != 2 || !st.LastSuccess.Equal(good) || !st.LastPass.After(good) {
+		t.Errorf("status = %+v; want the failed pass after the last success, which stays", st)
+	}
+	if len(observed) != 2 || observed[0] != nil || !errors.Is(observed[1], outage) {
+		t.Errorf("OnPass told %v, want nil then the outage", observed)
 	}
 }
 

@@ -12,10 +12,10 @@ func TestLine(t *testing.T) {
 		{Key: "vcs.time", Value: "2026-12-02T21:40:00Z"},
 		{Key: "vcs.modified", Value: "true"},
 	}}
-	if got, want := line("overlayd", bi), "overlayd v0.3.0 (commit 1c39631a2b4e, 2026-12-02T21:40:00Z, modified) go1.26.8"; got != want {
+	if got, want := infoOf(bi).Line("overlayd"), "overlayd v0.3.0 (commit 1c39631a2b4e, 2026-12-02T21:40:00Z, modified) go1.26.8"; got != want {
 		t.Errorf("line = %q, want %q", got, want)
 	}
-	if got, want := line("overlayctl", &debug.BuildInfo{GoVersion: "go1.26.8"}), "overlayctl (devel) go1.26.8"; got != want {
+	if got, want := infoOf(&debug.BuildInfo{GoVersion: "go1.26.8"}).Line("overlayctl"), "overlayctl (devel) go1.26.8"; got != want {
 		t.Errorf("line without VCS = %q, want %q", got, want)
 	}
 	if s := String("overlayd"); !strings.HasPrefix(s, "overlayd ") || !strings.Contains(s, "go1.") {

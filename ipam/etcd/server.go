@@ -27,6 +27,9 @@ type ClientConfig struct {
 	CAFile string
 	// DialTimeout bounds the first connection.
 	DialTimeout time.Duration
+	// DialOptions are more gRPC options for the client, such as the
+	// interceptors that count its requests.
+	DialOptions []grpc.DialOption
 }
 
 // How the client finds its way back to a member that went away. gRPC's
@@ -110,7 +113,7 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 
 		DialKeepAliveTime:    keepaliveTime,
 		DialKeepAliveTimeout: keepaliveTimeout,
-		DialOptions:          dialOptions(),
+		DialOptions:          append(dialOptions(), cfg.DialOptions...),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("etcd client for %v: %w", cfg.Endpoints, err)

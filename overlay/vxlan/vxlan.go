@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -64,6 +65,45 @@ type Linux struct {
 	// ports is what the last scan of each bridge's ports found, by bridge
 	// name (see bridgeMTULocked).
 	ports map[string]portScan
+
+	statsMu sync.Mutex // guards stats; never held while talking to the kernel
+	stats   Stats
+}
+
+// Stats are what a Linux dataplane programmed, by kind of entry: "fdb",
+// "neighbour", "route" (on the VXLAN device) and "gateway" (the bridge's
+// addresses).
+type Stats struct {
+	// Entries counts the entries the last Set left on the devices: those
+	// it wanted, less those it failed to add.
+	Entries map[string]int
+	// Added and Deleted count the entries added and deleted since New.
+	Added, Deleted map[string]uint64
+}
+
+// Stats returns what the dataplane programmed. It does not wait for a Set
+// in progress. The maps are the caller's.
+func (l *Linux) Stats() Stats {
+	l.statsMu.Lock()
+	defer l.statsMu.Unlock()
+	return Stats{Entries: maps.Clone(l.stats.Entries), Added: maps.Clone(l.stats.Added), Deleted: maps.Clone(l.stats.Deleted)}
+}
+
+// record counts, for kind, the entries now on the device and the changes
+// made.
+func (l *Linux) record(kind string, entries, added, deleted int) {
+	l.statsMu.Lock()
+	defer l.statsMu.Unlock()
+	l.stats.Entries[kind] = entries
+	l.stats.Added[kind] += uint64(added)
+	l.stats.Deleted[kind] += uint64(deleted)
+}
+
+// forget counts no entries of any kind: the devices are gone.
+func (l *Linux) forget() {
+	l.statsMu.Lock()
+	defer l.statsMu.Unlock()
+	clear(l.stats.Entries)
 }
 
 // portScan is what a scan of a bridge's ports found: the MTU the bridge
@@ -94,7 +134,9 @@ func New(h *netlink.Handle, neigh *NeighSocket, log *slog.Logger) *Linux {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Linux{h: h, neigh: neigh, log: log, now: time.Now, ports: make(map[string]portScan)}
+	return &Linux{h: h, neigh: neigh, log: log, now: time.Now, ports: make(map[string]portScan), stats: Stats{
+		Entries: make(map[string]int), Added: make(map[string]uint64), Deleted: make(map[string]uint64),
+	}}
 }
 
 // mac is a comparable Ethernet address.

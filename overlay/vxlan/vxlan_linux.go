@@ -82,6 +82,7 @@ func (l *Linux) Delete(ctx context.Context, n overlay.Network) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	delete(l.ports, n.BridgeName())
+	l.forget()
 	return errors.Join(
 		l.deleteLinkLocked(n.VXLANName()),
 		l.deleteLinkLocked(n.BridgeName()),
@@ -336,11 +337,13 @@ func (l *Linux) syncGatewaysLocked(br netlink.Link, cidr netip.Prefix, want []ne
 	errs := []error{err}
 	add, del := diff(want, have, identity)
 	name := br.Attrs().Name
+	added, deleted := 0, 0
 	for _, p := range add {
 		if err := l.h.AddrReplace(br, &netlink.Addr{IPNet: ipNet(p)}); err != nil {
 			errs = append(errs, fmt.Errorf("vxlan: add address %s to %s: %w", p, name, err))
 			continue
 		}
+		added++
 		l.log.Info("added gateway", "device", name, "addr", p)
 	}
 	for _, p := range del {
@@ -350,8 +353,10 @@ func (l *Linux) syncGatewaysLocked(br netlink.Link, cidr netip.Prefix, want []ne
 			}
 			continue
 		}
+		deleted++
 		l.log.Info("deleted stale gateway", "device", name, "addr", p)
 	}
+	l.record("gateway", len(want)-(len(add)-added), added, deleted)
 	return errs
 }
 
@@ -377,8 +382,9 @@ func (l *Linux) syncFDBLocked(vx netlink.Link, want []fdbEntry) []error {
 	have, err := l.listFDBLocked(vx)
 	add, del := diff(want, have, identity)
 	idx := vx.Attrs().Index
-	return append([]error{err}, apply(l, vx.Attrs().Name, add, del, verbs[fdbEntry]{
+	return append([]error{err}, apply(l, vx.Attrs().Name, len(want), add, del, verbs[fdbEntry]{
 		kind:     "FDB entry",
+		metric:   "fdb",
 		add:      func(e fdbEntry) error { return l.h.NeighSet(fdbNeigh(idx, e)) },
 		del:      func(e fdbEntry) error { return l.h.NeighDel(fdbNeigh(idx, e)) },
 		describe: func(e fdbEntry) string { return fmt.Sprintf("%s dst %s", e.MAC, e.Dst) },
@@ -427,8 +433,9 @@ func (l *Linux) syncNeighsLocked(vx netlink.Link, want []neighEntry) []error {
 	have, err := l.listNeighsLocked(vx)
 	add, del := diff(want, have, func(e neighEntry) netip.Addr { return e.IP })
 	idx := vx.Attrs().Index
-	return append([]error{err}, apply(l, vx.Attrs().Name, add, del, verbs[neighEntry]{
+	return append([]error{err}, apply(l, vx.Attrs().Name, len(want), add, del, verbs[neighEntry]{
 		kind:     "neighbour",
+		metric:   "neighbour",
 		add:      func(e neighEntry) error { return l.h.NeighSet(neigh(idx, e)) },
 		del:      func(e neighEntry) error { return l.h.NeighDel(neigh(idx, e)) },
 		describe: func(e neighEntry) string { return fmt.Sprintf("%s lladdr %s", e.IP, e.MAC) },
@@ -476,8 +483,9 @@ func (l *Linux) syncRoutesLocked(vx netlink.Link, want []routeEntry) []error {
 	// Routes of other protocols on the device are someone else's.
 	del = slices.DeleteFunc(del, func(r routeEntry) bool { return r.Proto != RouteProtocol })
 	idx := vx.Attrs().Index
-	return append([]error{err}, apply(l, vx.Attrs().Name, add, del, verbs[routeEntry]{
+	return append([]error{err}, apply(l, vx.Attrs().Name, len(want), add, del, verbs[routeEntry]{
 		kind:     "route",
+		metric:   "route",
 		add:      func(r routeEntry) error { return l.h.RouteReplace(route(idx, r)) },
 		del:      func(r routeEntry) error { return l.h.RouteDel(route(idx, r)) },
 		describe: func(r routeEntry) string { return fmt.Sprintf("%s via %s", r.Dst, r.Gw) },
@@ -487,20 +495,25 @@ func (l *Linux) syncRoutesLocked(vx netlink.Link, want []routeEntry) []error {
 // verbs are how apply changes one kind of entry.
 type verbs[E any] struct {
 	kind     string // "route", "neighbour", "FDB entry": for logs and errors
+	metric   string // its kind in Stats
 	add, del func(E) error
 	describe func(E) string
 }
 
 // apply adds the entries of add and deletes those of del on device, logs
-// every change and returns every failure; a failure does not stop the rest,
-// and deleting an entry that is already gone is success.
-func apply[E any](l *Linux, device string, add, del []E, v verbs[E]) []error {
+// and counts every change, counts the wanted entries (of which add are
+// those missing) that are on the device, and returns every failure; a
+// failure does not stop the rest, and deleting an entry that is already
+// gone is success.
+func apply[E any](l *Linux, device string, wanted int, add, del []E, v verbs[E]) []error {
 	var errs []error
+	added, deleted := 0, 0
 	for _, e := range add {
 		if err := v.add(e); err != nil {
 			errs = append(errs, fmt.Errorf("vxlan: add %s %s to %s: %w", v.kind, v.describe(e), device, err))
 			continue
 		}
+		added++
 		l.log.Info("added "+v.kind, "device", device, "entry", v.describe(e))
 	}
 	for _, e := range del {
@@ -510,8 +523,10 @@ func apply[E any](l *Linux, device string, add, del []E, v verbs[E]) []error {
 			}
 			continue
 		}
+		deleted++
 		l.log.Info("deleted stale "+v.kind, "device", device, "entry", v.describe(e))
 	}
+	l.record(v.metric, wanted-(len(add)-added), added, deleted)
 	return errs
 }
 

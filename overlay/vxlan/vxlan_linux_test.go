@@ -404,12 +404,21 @@ func TestPeerChanges(t *testing.T) {
 	a.cfg.Peers = []overlay.Peer{peerB, peerC}
 	a.set(t)
 	a.checkText(t)
+	gw := len(a.cfg.Blocks)
+	checkStats(t, a.dp.Stats(),
+		map[string]int{"fdb": 2, "neighbour": 2, "route": 3, "gateway": gw},
+		map[string]uint64{"fdb": 2, "neighbour": 2, "route": 3, "gateway": uint64(gw)},
+		map[string]uint64{})
 
 	// C leaves; B gains a block.
 	peerB.Blocks = prefixes("198.19.0.64/26", "198.19.1.0/26")
 	a.cfg.Peers = []overlay.Peer{peerB}
 	a.set(t)
 	a.checkText(t)
+	checkStats(t, a.dp.Stats(),
+		map[string]int{"fdb": 1, "neighbour": 1, "route": 2, "gateway": gw},
+		map[string]uint64{"fdb": 2, "neighbour": 2, "route": 4, "gateway": uint64(gw)},
+		map[string]uint64{"fdb": 1, "neighbour": 1, "route": 2})
 	text, _ := a.dp.Text(a.cfg.Network)
 	if strings.Contains(text, "198.18.0.3") || strings.Contains(text, macC.String()) {
 		t.Errorf("entries of the removed peer remain:\n%s", text)
@@ -429,6 +438,18 @@ func TestPeerChanges(t *testing.T) {
 	a.cfg.Peers, a.cfg.Blocks = nil, nil
 	a.set(t)
 	a.checkTextIs(t, "")
+}
+
+// checkStats compares what a dataplane says it programmed with what a
+// test made it do; a kind missing from a map is 0.
+func checkStats(t *testing.T, got Stats, entries map[string]int, added, deleted map[string]uint64) {
+	t.Helper()
+	for _, kind := range []string{"fdb", "neighbour", "route", "gateway"} {
+		if got.Entries[kind] != entries[kind] || got.Added[kind] != added[kind] || got.Deleted[kind] != deleted[kind] {
+			t.Errorf("%s: %d entries, %d added, %d deleted; want %d, %d, %d", kind,
+				got.Entries[kind], got.Added[kind], got.Deleted[kind], entries[kind], added[kind], deleted[kind])
+		}
+	}
 }
 
 func TestRecreatesDeletedDevice(t *testing.T) {
@@ -599,6 +620,11 @@ func TestDelete(t *testing.T) {
 	}
 	if _, err := a.dp.Text(a.cfg.Network); !errors.Is(err, overlay.ErrNotFound) {
 		t.Errorf("Text after Delete: %v, want overlay.ErrNotFound", err)
+	}
+	for kind, n := range a.dp.Stats().Entries {
+		if n != 0 {
+			t.Errorf("%d %s entries counted after Delete", n, kind)
+		}
 	}
 	// Set after Delete starts again from nothing.
 	a.set(t)
