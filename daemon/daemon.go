@@ -23,6 +23,7 @@ import (
 	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
 	"github.com/overlaynet/overlay/gossip"
+	"github.com/overlaynet/overlay/internal/version"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/etcd/embedded"
 	"github.com/overlaynet/overlay/ipam/local"
@@ -64,6 +65,9 @@ func Run(ctx context.Context, cfg Config) error {
 	log := cfg.Logger
 	sd := newNotifier(log)
 	sd.status("checking the configuration and this host")
+	m := metrics.New(version.Read())
+	// The etcd client's requests are counted and timed from the first.
+	cfg.Etcd.DialOptions = append(cfg.Etcd.DialOptions, m.EtcdClientOptions()...)
 	wdInterval, err := watchdogInterval()
 	if err != nil {
 		return err
@@ -150,10 +154,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer os.Remove(cfg.Socket)
 	cniLog := log.With("component", "cni")
-	m := metrics.New()
 	// Every request is counted, those a starting overlayd answers too.
 	svc := attach.NewService(links)
-	srv := rpcserver.NewServer(rpcserver.Observed(rpcserver.NewHandler(cniHandler{svc}, cniLog), m.ObserveCNI), rpcserver.DefaultServerConfig(), cniLog)
+	srv := rpcserver.NewServer(rpcserver.Observed(rpcserver.NewHandler(cniHandler{svc}, cniLog), func(o rpcserver.Outcome) {
+		m.ObserveCNI(o.Op, o.Result, o.Answer, o.Confirmation)
+	}), rpcserver.DefaultServerConfig(), cniLog)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	defer srv.Close()
@@ -561,28 +566,46 @@ func (h *host) join(ctx context.Context, hosts []etcd.HostRecord) {
 	h.log.Info("joined gossip", "contacted", n, "of", len(addrs))
 }
 
-// registerMetrics exports the host's own state: liveness and gossip.
+// registerMetrics exports the host's own state: liveness, firewall,
+// gossip, and the other hosts by their state in gossip.
 func (h *host) registerMetrics() {
-	m := h.metrics
-	m.CounterFunc("ipam", "liveness_lost_total", "Times this host's liveness key was lost (its lease expired, as in a quorum loss longer than its TTL) and created again.", nil, func() float64 {
-		return float64(h.live.Lost())
-	})
-	m.GaugeFunc("ipam", "liveness", "1 while this host's liveness key exists in etcd, as far as it knows; 0 while it is being created again.", nil, func() float64 {
-		if h.live.Alive() {
-			return 1
+	h.metrics.Host(func() metrics.HostStats {
+		gs := h.gossip.Stats()
+		tr := gs.Traffic
+		return metrics.HostStats{
+			Liveness:               h.live.Alive(),
+			LivenessLost:           h.live.Lost(),
+			FirewallWrites:         h.fwWrites.Load(),
+			FirewallFailures:       h.fwFailures.Load(),
+			GossipMembers:          gs.Members,
+			GossipRejectedMetadata: gs.RejectedMetas,
+			Gossip: metrics.GossipTraffic{
+				PacketsSent: tr.PacketsSent, PacketsReceived: tr.PacketsReceived,
+				BytesSent: tr.BytesSent, BytesReceived: tr.BytesReceived,
+				StreamsOpened: tr.StreamsOpened, StreamsAccepted: tr.StreamsAccepted,
+				StreamBytesSent: tr.StreamBytesSent, StreamBytesReceived: tr.StreamBytesReceived,
+			},
+			Peers: peerStates(h.id, h.dir.Known(), h.gossip.State),
 		}
-		return 0
 	})
-	m.CounterFunc("firewall", "writes_total", "Times the overlay's nftables table was written because it differed from the networks in etcd (each network created or deleted, or the table changed by hand).", nil, func() float64 {
-		return float64(h.fwWrites.Load())
-	})
-	m.CounterFunc("firewall", "failures_total", "Failed writes of the overlay's nftables table: while they fail, networks are not isolated from each other.", nil, func() float64 {
-		return float64(h.fwFailures.Load())
-	})
-	m.GaugeFunc("gossip", "members", "Other live hosts with valid metadata.", nil, func() float64 {
-		return float64(h.gossip.Stats().Members)
-	})
-	m.CounterFunc("gossip", "rejected_metadata_total", "Gossip metadata rejected as malformed.", nil, func() float64 {
-		return float64(h.gossip.Stats().RejectedMetas)
-	})
+}
+
+// peerStates counts the hosts registered in etcd, self left out, by their
+// state in gossip (metrics.PeerStates).
+func peerStates(self overlay.HostID, registered []overlay.HostID, state func(overlay.HostID) gossip.State) map[string]int {
+	out := make(map[string]int, len(metrics.PeerStates))
+	for _, host := range registered {
+		if host == self {
+			continue
+		}
+		switch state(host) {
+		case gossip.Alive:
+			out["alive"]++
+		case gossip.Departed:
+			out["dead"]++
+		default:
+			out["remembered"]++
+		}
+	}
+	return out
 }

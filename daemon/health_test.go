@@ -3,11 +3,15 @@ package daemon
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/overlaynet/overlay/gossip"
+	"github.com/overlaynet/overlay/overlay"
 )
 
 // TestHealthEndpoints: /healthz and /readyz answer 200 with "ok" and
@@ -43,5 +47,16 @@ func TestHealthEndpoints(t *testing.T) {
 	missing = []string{"etcd: etcd does not answer: context deadline exceeded", "network red: not ready: this host holds no block"}
 	if code, body := get(rz); code != 503 || body != strings.Join(missing, "\n")+"\n" {
 		t.Errorf("/readyz not ready: %d %q", code, body)
+	}
+}
+
+// TestPeerStates: the registered hosts, self left out, by what gossip
+// knows of them.
+func TestPeerStates(t *testing.T) {
+	known := map[overlay.HostID]gossip.State{"a": gossip.Alive, "b": gossip.Alive, "c": gossip.Departed}
+	got := peerStates("self", []overlay.HostID{"self", "a", "b", "c", "d"}, func(h overlay.HostID) gossip.State { return known[h] })
+	want := map[string]int{"alive": 2, "dead": 1, "remembered": 1}
+	if !maps.Equal(got, want) {
+		t.Errorf("peerStates = %v, want %v", got, want)
 	}
 }

@@ -8,7 +8,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/overlaynet/overlay/attach"
@@ -35,7 +34,7 @@ type netRuntime struct {
 	addrs   *ipam.Pool
 	rec     *overlay.Reconciler
 	handler *attach.Network
-	metrics *metrics.Group
+	metrics *metrics.Network
 	// before are the allocations that existed when the runtime started:
 	// those whose veth is gone are released after the orphan grace.
 	before  []overlay.Allocation
@@ -134,12 +133,14 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	// network's pass never waits for another's.
 	dp := vxlan.New(h.nl, h.nlNeigh, log.With("component", "dataplane"))
 	r.rec = overlay.NewReconciler(n, localHost, r.pool, h.dir, h.gossip, dp, h.cfg.ResyncInterval, rlog)
+	r.metrics = h.metrics.Network(n.Name, func() metrics.NetworkStats { return r.stats(dp) })
+	r.rec.OnPass = func(took time.Duration, _ error) { r.metrics.ObservePass(took) }
 	if err := r.rec.Pass(ctx); err != nil {
 		// Not fatal: one failing entry must not stop the network. The
 		// loop retries; STATUS says "not ready" until a pass succeeds.
 		log.Error("programming the dataplane failed; retrying", "err", err)
 	}
-	r.handler = attach.NewNetwork(r.bg, n, mtu, r.addrs, r.rec.Status, func() int { return h.gossip.Stats().Members }, h.links, h.log.With("component", "cni"))
+	r.handler = attach.NewNetwork(r.bg, n, mtu, timedFlush{r.addrs, r.metrics.ObserveFlush}, r.rec.Status, func() int { return h.gossip.Stats().Members }, h.links, h.log.With("component", "cni"))
 	before, err := r.handler.Allocations(ctx)
 	if err != nil {
 		log.Warn("reading this host's allocations; addresses of vanished containers stay allocated until GC", "err", err)
@@ -161,7 +162,9 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 		},
 		interval: reclaimInterval(h.cfg), after: h.cfg.ReclaimAfter, kick: r.rec.Kick, log: log,
 	}
-	r.registerMetrics()
+	if err := r.metrics.Register(); err != nil {
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -238,63 +241,51 @@ func importAllocations(ctx context.Context, alloc *local.Allocator, pool *etcd.P
 	return nil
 }
 
-// registerMetrics exports the network's state, labelled with its name.
-func (r *netRuntime) registerMetrics() {
-	m := r.h.metrics.Group(prometheus.Labels{"network": r.network.Name})
-	r.metrics = m
-	m.GaugeFunc("dataplane", "peers", "Other hosts programmed in the dataplane.", func() float64 {
-		return float64(len(r.rec.Status().Config.Peers))
-	})
-	m.GaugeFunc("ipam", "blocks", "Blocks this host allocates from.", func() float64 {
-		return float64(len(r.addrs.Held()))
-	})
-	m.GaugeFunc("ipam", "addresses", "Addresses allocated to containers on this host.", func() float64 {
-		list, _ := r.alloc.List(context.Background())
-		return float64(len(list))
-	})
-	m.GaugeFunc("ipam", "free_addresses", "Free addresses in the blocks this host holds.", func() float64 {
-		return float64(r.addrs.Free())
-	})
-	m.GaugeFunc("ipam", "max_blocks", "The cap on the blocks this host may hold (--max-blocks).", func() float64 {
-		return float64(r.h.cfg.MaxBlocks)
-	})
-	m.GaugeFunc("ipam", "stranded_addresses", "Addresses containers on this host hold in blocks it lost (reclaimed or removed while it was away): recreate those containers.", func() float64 {
-		return float64(len(r.alloc.Stranded()))
-	})
-	m.CounterFunc("ipam", "block_claims_total", "Blocks this host claimed.", func() float64 {
-		return float64(r.addrs.Stats().Claims)
-	})
-	m.CounterFunc("ipam", "block_claim_failures_total", "Block claims that failed for another reason than a full network (etcd unreachable).", func() float64 {
-		return float64(r.addrs.Stats().ClaimFailures)
-	})
-	m.CounterFunc("ipam", "block_claim_waits_total", "ADDs that found every held block full and waited for a claim.", func() float64 {
-		return float64(r.addrs.Stats().WaitedClaims)
-	})
-	m.CounterFunc("ipam", "block_give_backs_total", "Empty blocks this host gave back.", func() float64 {
-		return float64(r.addrs.Stats().GiveBacks)
-	})
-	m.CounterFunc("ipam", "blocks_lost_total", "Blocks this host found taken by another host or removed in etcd.", func() float64 {
-		return float64(r.addrs.Stats().Lost)
-	})
-	m.CounterFunc("ipam", "reclaimed_blocks_total", "Blocks of gone hosts (liveness key gone for the reclaim period) this host freed.", func() float64 {
-		return float64(r.reclaim.reclaimed.Load())
-	})
-	m.GaugeFunc("ipam", "mirror_last_success_timestamp_seconds", "When this host's allocations were last copied to etcd, in Unix seconds; 0 before the first copy.", func() float64 {
-		return float64(r.mirror.mirrored.Load()) / 1e9
-	})
-	m.CounterFunc("reconcile", "passes_total", "Reconcile passes, failed ones included.", func() float64 {
-		return float64(r.rec.Status().Passes)
-	})
-	m.CounterFunc("reconcile", "failures_total", "Reconcile passes that failed.", func() float64 {
-		return float64(r.rec.Status().Failures)
-	})
-	m.GaugeFunc("reconcile", "last_pass_seconds", "How long the last reconcile pass took: its reads of etcd and the dataplane's convergence.", func() float64 {
-		return r.rec.Status().Took.Seconds()
-	})
-	m.GaugeFunc("gossip", "disagreements", "Fields of live members' gossip metadata that differ from etcd in the last pass (ignored).", func() float64 {
-		return float64(len(r.rec.Status().Disagreements))
-	})
-	m.CounterFunc("gossip", "disagreeing_members_total", "Times a live member's gossip metadata came to differ from etcd (each logged once at WARN).", func() float64 {
-		return float64(r.rec.Status().DisagreeingMembers)
-	})
+// stats are the network's figures on this host, for its metrics; dp is
+// its dataplane.
+func (r *netRuntime) stats(dp *vxlan.Linux) metrics.NetworkStats {
+	st := r.rec.Status()
+	ps := r.addrs.Stats()
+	ds := dp.Stats()
+	list, _ := r.alloc.List(context.Background()) // a read of the local file
+	s := metrics.NetworkStats{
+		PeersProgrammed:    len(st.Config.Peers),
+		Entries:            ds.Entries,
+		Added:              ds.Added,
+		Deleted:            ds.Deleted,
+		Blocks:             len(r.addrs.Held()),
+		MaxBlocks:          r.h.cfg.MaxBlocks,
+		Addresses:          len(list),
+		FreeAddresses:      r.addrs.Free(),
+		StrandedAddresses:  len(r.alloc.Stranded()),
+		BlockClaims:        ps.Claims,
+		BlockClaimFailures: ps.ClaimFailures,
+		BlockClaimWaits:    ps.WaitedClaims,
+		BlockGiveBacks:     ps.GiveBacks,
+		BlocksLost:         ps.Lost,
+		ReclaimedBlocks:    r.reclaim.reclaimed.Load(),
+		Passes:             st.Passes,
+		PassFailures:       st.Failures,
+		LastSuccess:        st.LastSuccess,
+		LastPassTook:       st.Took,
+		Disagreements:      len(st.Disagreements),
+		DisagreeingMembers: st.DisagreeingMembers,
+	}
+	if ns := r.mirror.mirrored.Load(); ns != 0 {
+		s.MirrorLastSuccess = time.Unix(0, ns)
+	}
+	return s
+}
+
+// timedFlush is a pool whose flushes are timed.
+type timedFlush struct {
+	attach.Pool
+	observe func(time.Duration)
+}
+
+func (p timedFlush) Flush(ctx context.Context) error {
+	start := time.Now()
+	err := p.Pool.Flush(ctx)
+	p.observe(time.Since(start))
+	return err
 }

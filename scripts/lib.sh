@@ -4,7 +4,14 @@
 #                    systemd, gcc, libc6-dev (apt-get, as root; iptables and
 #                    nftables for the portmap plugin, systemd for
 #                    systemd-analyze verify of the unit, gcc and libc6-dev
-#                    for the race detector, which needs cgo)
+#                    for the race detector, which needs cgo). No package may
+#                    start a service in the root namespace: a policy-rc.d
+#                    forbids it while apt-get runs.
+#   ensure_promtool  promtool (and prometheus) on PATH, for the tests of the
+#                    alert rules: when the machine has none, Debian's
+#                    prometheus package is downloaded and unpacked into a
+#                    cache directory, never installed (installing it would
+#                    enable a Prometheus service on the root namespace).
 #   ensure_go        Go >= $GO_MIN on PATH; when the machine has none or an
 #                    older one, Debian's golang-go downloads the official
 #                    toolchain module ($GO_VERSION) from the Go module proxy.
@@ -17,8 +24,18 @@ apt_install() {
 		echo "missing $*: run as root (sudo) so it can be installed with apt-get" >&2
 		return 1
 	fi
-	DEBIAN_FRONTEND=noninteractive apt-get update -q
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+	# Debian's prometheus package would start a Prometheus on port 9090
+	# of the root namespace: invoke-rc.d asks policy-rc.d first, and 101
+	# means "not allowed".
+	local policy=/usr/sbin/policy-rc.d made=
+	if [ ! -e "$policy" ]; then
+		printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made=1
+	fi
+	local rc=0
+	DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" || rc=$?
+	[ -z "$made" ] || rm -f "$policy"
+	return $rc
 }
 
 ensure_packages() {
@@ -68,4 +85,20 @@ ensure_go() {
 	fi
 	export PATH="$dir/bin:$PATH"
 	go_ok "$dir/bin/go"
+}
+
+ensure_promtool() {
+	command -v promtool >/dev/null && return 0
+	local cache=${XDG_CACHE_HOME:-$HOME/.cache}/overlay-prometheus
+	if [ ! -x "$cache/usr/bin/promtool" ]; then
+		if [ "$(id -u)" != 0 ]; then
+			echo "missing promtool: run as root (sudo) so that Debian's prometheus package can be downloaded" >&2
+			return 1
+		fi
+		mkdir -p "$cache/deb"
+		DEBIAN_FRONTEND=noninteractive apt-get update -q
+		(cd "$cache/deb" && rm -f prometheus_*.deb && apt-get download -q prometheus) || return 1
+		dpkg-deb -x "$cache"/deb/prometheus_*.deb "$cache" || return 1
+	fi
+	export PATH="$cache/usr/bin:$PATH"
 }

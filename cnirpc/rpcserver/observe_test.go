@@ -8,7 +8,6 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
@@ -22,19 +21,20 @@ func (*failingFlush) Flush(context.Context, string) error {
 }
 
 // TestObserveCountsOutcomes: an early ADD whose confirmation carries an
-// error is observed with that error's status, not the 200 of its early
-// answer; every path outside the protocol is one op, "other".
+// error is observed with that error's result, not the success of its
+// early answer, and with its answer and confirmation timed apart; every
+// path outside the protocol is one op, "other".
 func TestObserveCountsOutcomes(t *testing.T) {
 	type seen struct {
-		op     string
-		status int
+		op, result string
+		confirmed  bool
 	}
 	var got []seen
-	observe := func(op string, status int, took time.Duration) {
-		if took <= 0 {
-			t.Errorf("%s took %v", op, took)
+	observe := func(o rpcserver.Outcome) {
+		if o.Answer <= 0 || o.Confirmation < 0 || (o.Confirmation > 0 && o.Confirmation < o.Answer) {
+			t.Errorf("%s: answer %v, confirmation %v", o.Op, o.Answer, o.Confirmation)
 		}
-		got = append(got, seen{op, status})
+		got = append(got, seen{o.Op, o.Result, o.Confirmation > 0})
 	}
 	log := slog.New(slog.DiscardHandler)
 	ok := rpcserver.Observed(rpcserver.NewHandler(&fakeHandler{}, log), observe)
@@ -47,19 +47,27 @@ func TestObserveCountsOutcomes(t *testing.T) {
 		path, body string
 		want       seen
 	}{
-		{ok, "POST", "/v1/add", early, seen{"add", 200}},
-		{failing, "POST", "/v1/add", early, seen{"add", 503}},
-		{failing, "POST", "/v1/add", add, seen{"add", 503}},
-		{ok, "GET", "/v1/status?network=default", "", seen{"status", 200}},
-		{ok, "POST", "/v1/del", "{bad json", seen{"del", 400}},
-		{ok, "POST", "/v1/anything-a-client-makes-up-" + strings.Repeat("x", 40), "", seen{"other", 404}},
-		{ok, "GET", "/metrics", "", seen{"other", 404}},
+		{ok, "POST", "/v1/add", early, seen{"add", "ok", true}},
+		{ok, "POST", "/v1/add", add, seen{"add", "ok", false}},
+		{failing, "POST", "/v1/add", early, seen{"add", "try_again_later", true}},
+		{failing, "POST", "/v1/add", add, seen{"add", "try_again_later", false}},
+		{ok, "GET", "/v1/status?network=default", "", seen{"status", "ok", false}},
+		{ok, "GET", "/v1/status", "", seen{"status", "invalid_network", false}},
+		{ok, "POST", "/v1/del", "{bad json", seen{"del", "decoding_failure", false}},
+		{ok, "POST", "/v1/anything-a-client-makes-up-" + strings.Repeat("x", 40), "", seen{"other", "bad_request", false}},
+		{ok, "GET", "/v1/add", "", seen{"add", "bad_request", false}},
+		{ok, "GET", "/metrics", "", seen{"other", "bad_request", false}},
 	} {
 		got = nil
 		w := httptest.NewRecorder()
 		tc.h.ServeHTTP(w, httptest.NewRequest(tc.method, tc.path, strings.NewReader(tc.body)))
 		if len(got) != 1 || got[0] != tc.want {
 			t.Errorf("%s %s %s: observed %v, want %v", tc.method, tc.path, tc.body, got, tc.want)
+		}
+	}
+	for code, want := range map[uint]string{0: "ok", cnirpc.CodeNoAddress: "no_address", cnirpc.CodeUnknownContainer: "unknown_container", 42: "internal"} {
+		if got := rpcserver.ResultOf(code); got != want {
+			t.Errorf("ResultOf(%d) = %q, want %q", code, got, want)
 		}
 	}
 	// The early answer still reaches the plugin before the confirmation.

@@ -61,15 +61,31 @@ type Handler interface {
 // other request path is "other".
 var ops = [...]string{"add", "check", "del", "gc", "status"}
 
-// Observe is told the outcome of each request once it is complete: its
-// operation ("add", "check", "del", "gc", "status" or "other", so the set of values is bounded whatever path a
-// client sends), the HTTP status of its outcome, and how long it took. For
-// an early ADD, the outcome is the confirmation's: an ADD whose allocation
-// failed to reach the disk after its early answer counts as the error
-// it was, not as the 200 its answer carried, and the time runs to the
-// confirmation. It is called from the request's goroutine and must not
-// block.
-type Observe func(op string, status int, took time.Duration)
+// Outcome is how one request to the socket ended.
+type Outcome struct {
+	// Op is the request's operation: "add", "check", "del", "gc",
+	// "status", or "other" for any other path, so that the set of values
+	// is bounded whatever path a client sends.
+	Op string
+	// Result is "ok", or the kind of the error the request ended with
+	// (see ResultOf); for a path or method the protocol does not have,
+	// "bad_request".
+	Result string
+	// Answer is how long the request took to its answer: for an early
+	// ADD the early answer, for every other request the whole of it.
+	Answer time.Duration
+	// Confirmation is, for an early ADD, how long it took to its
+	// confirmation (the allocation durable, or the error that it is
+	// not); 0 for every other request.
+	Confirmation time.Duration
+}
+
+// Observe is told the outcome of each request once it is complete. For an
+// early ADD, the result is the confirmation's: an ADD whose allocation
+// failed to reach the disk after its early answer counts as the error it
+// was, not as the success its answer carried. It is called from the
+// request's goroutine and must not block.
+type Observe func(Outcome)
 
 // NewHandler returns the HTTP handler of the protocol over h.
 func NewHandler(h Handler, log *slog.Logger) http.Handler { return newMux(h, log) }
@@ -79,9 +95,16 @@ func NewHandler(h Handler, log *slog.Logger) http.Handler { return newMux(h, log
 func Observed(next http.Handler, observe Observe) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		ow := &outcomeWriter{ResponseWriter: w, status: http.StatusOK}
+		ow := &outcomeWriter{ResponseWriter: w, result: "ok", start: start}
 		next.ServeHTTP(ow, r)
-		observe(opOf(r.URL.Path), ow.status, time.Since(start))
+		o := Outcome{Op: opOf(r.URL.Path), Result: ow.result, Answer: time.Since(start)}
+		if !ow.answered.IsZero() {
+			o.Answer, o.Confirmation = ow.answered.Sub(start), o.Answer
+		}
+		if !ow.protocol && ow.status >= 400 {
+			o.Result = "bad_request" // the mux's 404 or 405
+		}
+		observe(o)
 	})
 }
 
@@ -93,10 +116,41 @@ func opOf(path string) string {
 	return "other"
 }
 
-// outcomeWriter records the status of a request's outcome for Observe.
+// ResultOf names the kind of error code carries, for Outcome.Result:
+// "ok" for 0, and for the codes this protocol uses "unknown_container"
+// (3), "invalid_environment" (4), "decoding_failure" (6),
+// "invalid_network" (7), "unsupported_field" (2), "try_again_later"
+// (11), "no_address" (100) and "internal" (999 and any other).
+func ResultOf(code uint) string {
+	switch code {
+	case 0:
+		return "ok"
+	case cnirpc.CodeUnsupportedField:
+		return "unsupported_field"
+	case cnirpc.CodeUnknownContainer:
+		return "unknown_container"
+	case cnirpc.CodeInvalidEnvironment:
+		return "invalid_environment"
+	case cnirpc.CodeDecodingFailure:
+		return "decoding_failure"
+	case cnirpc.CodeInvalidNetwork:
+		return "invalid_network"
+	case cnirpc.CodeTryAgainLater:
+		return "try_again_later"
+	case cnirpc.CodeNoAddress:
+		return "no_address"
+	}
+	return "internal"
+}
+
+// outcomeWriter records the outcome of a request for Observe.
 type outcomeWriter struct {
 	http.ResponseWriter
-	status int
+	start    time.Time
+	status   int
+	result   string
+	protocol bool      // the result was set by the protocol, not the mux
+	answered time.Time // when an early ADD's answer was flushed, or zero
 }
 
 func (w *outcomeWriter) WriteHeader(code int) {
@@ -108,11 +162,22 @@ func (w *outcomeWriter) WriteHeader(code int) {
 // an early ADD answer is flushed before its confirmation.
 func (w *outcomeWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// setOutcome records status as the outcome of the request w answers,
-// when it is observed.
-func setOutcome(w http.ResponseWriter, status int) {
+// setResult records e (nil for success) as the result of the request w
+// answers, when it is observed.
+func setResult(w http.ResponseWriter, e *cnirpc.Error) {
 	if ow, ok := w.(*outcomeWriter); ok {
-		ow.status = status
+		ow.protocol = true
+		if e != nil {
+			ow.result = ResultOf(e.Code)
+		}
+	}
+}
+
+// setAnswered records that the early answer of the ADD w answers was
+// sent, and when.
+func setAnswered(w http.ResponseWriter) {
+	if ow, ok := w.(*outcomeWriter); ok {
+		ow.answered = time.Now()
 	}
 }
 
@@ -190,10 +255,12 @@ func serveAdd(w http.ResponseWriter, r *http.Request, log *slog.Logger, h Handle
 	enc := json.NewEncoder(w)
 	_ = enc.Encode(att)
 	_ = http.NewResponseController(w).Flush()
+	setAnswered(w)
 	conf := cnirpc.Confirmation{Durable: true}
+	setResult(w, nil)
 	if err := h.Flush(r.Context(), req.Network); err != nil {
 		conf = cnirpc.Confirmation{Err: asError("add", err)}
-		setOutcome(w, statusOf(conf.Err))
+		setResult(w, conf.Err)
 		log.Warn("cni request failed", "op", "add", "code", conf.Err.Code, "err", conf.Err.Error())
 	}
 	_ = enc.Encode(conf)
@@ -240,10 +307,14 @@ func statusOf(e *cnirpc.Error) int {
 func writeError(w http.ResponseWriter, log *slog.Logger, op string, err error) {
 	e := asError(op, err)
 	log.Warn("cni request failed", "op", op, "code", e.Code, "err", e.Error())
+	setResult(w, e)
 	writeJSON(w, statusOf(e), e)
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
+	if status == http.StatusOK {
+		setResult(w, nil)
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)

@@ -17,18 +17,17 @@ import (
 // root is the repository, from this package's directory.
 const root = "../.."
 
-// source holds what the code of the repository says: its string literals
-// and the metric names it registers.
+// source holds what the code of the repository says: its string
+// literals.
 type source struct {
 	literals []string
-	metrics  map[string]bool
 }
 
 // readSource parses every non-test Go file of the repository (but the
 // pinned tools).
 func readSource(t *testing.T) source {
 	t.Helper()
-	src := source{metrics: map[string]bool{}}
+	var src source
 	fset := token.NewFileSet()
 	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -52,43 +51,6 @@ func readSource(t *testing.T) source {
 						src.literals = append(src.literals, s)
 					}
 				}
-			case *ast.CompositeLit:
-				// prometheus.CounterOpts{Namespace: namespace, Subsystem: "x", Name: "y"}
-				var sub, name string
-				for _, e := range n.Elts {
-					kv, ok := e.(*ast.KeyValueExpr)
-					if !ok {
-						continue
-					}
-					key, _ := kv.Key.(*ast.Ident)
-					lit, _ := kv.Value.(*ast.BasicLit)
-					if key == nil || lit == nil {
-						continue
-					}
-					v, _ := strconv.Unquote(lit.Value)
-					switch key.Name {
-					case "Subsystem":
-						sub = v
-					case "Name":
-						name = v
-					}
-				}
-				if sub != "" && name != "" {
-					src.metrics["overlay_"+sub+"_"+name] = true
-				}
-			case *ast.CallExpr:
-				// m.GaugeFunc("x", "y", ...) and m.CounterFunc("x", "y", ...)
-				sel, ok := n.Fun.(*ast.SelectorExpr)
-				if !ok || (sel.Sel.Name != "GaugeFunc" && sel.Sel.Name != "CounterFunc") || len(n.Args) < 2 {
-					return true
-				}
-				sub, ok1 := n.Args[0].(*ast.BasicLit)
-				name, ok2 := n.Args[1].(*ast.BasicLit)
-				if ok1 && ok2 {
-					s, _ := strconv.Unquote(sub.Value)
-					m, _ := strconv.Unquote(name.Value)
-					src.metrics["overlay_"+s+"_"+m] = true
-				}
 			}
 			return true
 		})
@@ -97,8 +59,8 @@ func readSource(t *testing.T) source {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(src.metrics) == 0 || len(src.literals) == 0 {
-		t.Fatal("found no metric or no string literal in the code: the parser missed it")
+	if len(src.literals) == 0 {
+		t.Fatal("found no string literal in the code: the parser missed it")
 	}
 	return src
 }
@@ -138,10 +100,7 @@ func docs(t *testing.T) map[string]string {
 	return out
 }
 
-var (
-	msgRE    = regexp.MustCompile(`msg=(?:"((?:[^"\\]|\\.)*)"|([^\s"` + "`" + `|,)]+))`)
-	metricRE = regexp.MustCompile(`\boverlay_[a-z0-9_]*[a-z0-9]`)
-)
+var msgRE = regexp.MustCompile(`msg=(?:"((?:[^"\\]|\\.)*)"|([^\s"` + "`" + `|,)]+))`)
 
 // TestQuotedLogMessagesExist: every msg="..." in the docs is a message
 // the code logs.
@@ -166,29 +125,5 @@ func TestQuotedLogMessagesExist(t *testing.T) {
 	}
 	if n < 20 {
 		t.Errorf("found only %d quoted log messages in the docs: is the msg= convention still used?", n)
-	}
-}
-
-// TestMetricNamesExist: every overlay_ metric the docs name is one the
-// code registers, and docs/metrics.md lists every one it registers.
-func TestMetricNamesExist(t *testing.T) {
-	src := readSource(t)
-	suffixes := []string{"_bucket", "_sum", "_count"}
-	for name, text := range docs(t) {
-		for _, m := range metricRE.FindAllString(text, -1) {
-			ok := src.metrics[m]
-			for _, suf := range suffixes {
-				ok = ok || src.metrics[strings.TrimSuffix(m, suf)]
-			}
-			if !ok {
-				t.Errorf("%s names a metric the code does not register: %s", name, m)
-			}
-		}
-	}
-	table := docs(t)["metrics.md"]
-	for m := range src.metrics {
-		if !strings.Contains(table, "| `"+m+"` |") {
-			t.Errorf("docs/metrics.md has no row for %s", m)
-		}
 	}
 }
