@@ -94,29 +94,38 @@ func TestSystemdNotifications(t *testing.T) {
 }
 
 // httpGet makes a GET of path at addr from inside host h's namespace and
-// returns the status code and body.
+// returns the status code and body; it fails the test when it cannot.
 func httpGet(t *testing.T, h *simnet.Host, addr, path string) (int, string) {
 	t.Helper()
+	code, body, err := tryGet(h, addr, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return code, body
+}
+
+// tryGet makes a GET of path at addr from inside host h's namespace.
+func tryGet(h *simnet.Host, addr, path string) (int, string, error) {
 	var conn net.Conn
 	if err := h.InNS(func() error {
 		var err error
 		conn, err = net.DialTimeout("tcp", addr, 5*time.Second)
 		return err
 	}); err != nil {
-		t.Fatalf("%s: dial %s: %v", h.Name, addr, err)
+		return 0, "", fmt.Errorf("%s: dial %s: %w", h.Name, addr, err)
 	}
 	defer conn.Close()
 	fmt.Fprintf(conn, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, addr)
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	if err != nil {
-		t.Fatalf("GET %s: %v", path, err)
+		return 0, "", fmt.Errorf("GET %s: %w", path, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)
 	if err != nil {
-		t.Fatalf("GET %s: %v", path, err)
+		return 0, "", fmt.Errorf("GET %s: %w", path, err)
 	}
-	return resp.StatusCode, string(body)
+	return resp.StatusCode, string(body), nil
 }
 
 // TestReadyzSaysWhatIsMissing: with host 1, which runs the embedded etcd,
