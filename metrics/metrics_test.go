@@ -2,6 +2,8 @@ package metrics
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"maps"
 	"os"
 	"os/exec"
@@ -317,5 +319,66 @@ func TestAlertRules(t *testing.T) {
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
+	}
+}
+
+// TestDashboard: every query of the Grafana dashboard is PromQL that
+// promtool accepts (each made a recording rule, with the dashboard's
+// variables given values) and names only metrics overlayd has.
+func TestDashboard(t *testing.T) {
+	b, err := os.ReadFile("../deploy/grafana/overlay.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string `json:"title"`
+			Targets []struct {
+				Expr string `json:"expr"`
+			} `json:"targets"`
+		} `json:"panels"`
+	}
+	if err := json.Unmarshal(b, &dash); err != nil {
+		t.Fatalf("deploy/grafana/overlay.json: %v", err)
+	}
+	known := map[string]bool{}
+	for _, n := range names(t, everything(t)) {
+		known[n] = true
+	}
+	vars := strings.NewReplacer("$instance", ".*", "$__rate_interval", "5m")
+	var rules strings.Builder
+	rules.WriteString("groups:\n  - name: dashboard\n    rules:\n")
+	exprs := 0
+	for i, p := range dash.Panels {
+		if len(p.Targets) == 0 {
+			t.Errorf("panel %q has no query", p.Title)
+		}
+		for j, tg := range p.Targets {
+			exprs++
+			for _, tok := range metricToken.FindAllString(tg.Expr, -1) {
+				if s, ok := strings.CutSuffix(tok, "_bucket"); ok {
+					tok = s
+				}
+				if !known[tok] {
+					t.Errorf("panel %q queries %s, which is no metric", p.Title, tok)
+				}
+			}
+			q, _ := json.Marshal(vars.Replace(tg.Expr)) // a JSON string is a YAML string
+			fmt.Fprintf(&rules, "      - record: dashboard:panel%d_%d\n        expr: %s\n", i, j, q)
+		}
+	}
+	if exprs < 10 {
+		t.Fatalf("only %d queries in the dashboard", exprs)
+	}
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Skip("promtool not found (Debian's prometheus package); scripts/lib.sh installs it")
+	}
+	f := filepath.Join(t.TempDir(), "dashboard.yml")
+	if err := os.WriteFile(f, []byte(rules.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(promtool, "check", "rules", f).CombinedOutput(); err != nil {
+		t.Errorf("promtool check rules on the dashboard's queries: %v\n%s", err, out)
 	}
 }
