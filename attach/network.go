@@ -73,7 +73,7 @@ func (d *Network) Allocate(ctx context.Context, r Request) (Attachment, error) {
 		return Attachment{}, storeError("add", err)
 	}
 	if al.New {
-		d.log.Info("allocated", "container", key.ContainerID, "ifname", key.IfName, "addr", al.Addr)
+		d.log.Debug("allocated", "container", key.ContainerID, "ifname", key.IfName, "addr", al.Addr)
 	}
 	return d.attachment(al), nil
 }
@@ -175,7 +175,7 @@ func (d *Network) finishDelete(key overlay.AttachmentKey, name string, released 
 	if !ok {
 		return
 	}
-	d.log.Info("released", "container", key.ContainerID, "ifname", key.IfName)
+	d.log.Debug("released", "container", key.ContainerID, "ifname", key.IfName)
 	d.retry(key, "deleting the host veth "+name, func(context.Context) error { return d.links.Delete(name) })
 }
 
