@@ -16,6 +16,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc"
 
 	"github.com/overlaynet/overlay/internal/version"
@@ -54,10 +55,7 @@ overlay_cni_requests_total{op="del",result="ok"} 1
 // its series.
 func histogramCount(t *testing.T, m *Metrics, name string) uint64 {
 	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	mfs := gather(t, m)
 	for _, mf := range mfs {
 		if mf.GetName() == name {
 			var n uint64
@@ -168,10 +166,7 @@ overlay_reconcile_last_success_timestamp_seconds{network="red"} 1.7000000005e+09
 // gathered returns the label pairs of each series of name, sorted.
 func gathered(t *testing.T, m *Metrics, name string) []string {
 	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	mfs := gather(t, m)
 	var out []string
 	for _, mf := range mfs {
 		if mf.GetName() != name {
@@ -193,10 +188,7 @@ func gathered(t *testing.T, m *Metrics, name string) []string {
 // as promlint (the linter of promtool check metrics) checks them.
 func TestLint(t *testing.T) {
 	m := everything(t)
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	mfs := gather(t, m)
 	problems, err := promlint.NewWithMetricFamilies(mfs).Lint()
 	if err != nil {
 		t.Fatal(err)
@@ -239,10 +231,7 @@ func everything(t *testing.T) *Metrics {
 // names returns the names of the overlay_ metric families of m.
 func names(t *testing.T, m *Metrics) []string {
 	t.Helper()
-	mfs, err := m.Registry.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
+	mfs := gather(t, m)
 	var out []string
 	for _, mf := range mfs {
 		if strings.HasPrefix(mf.GetName(), "overlay_") {
@@ -381,4 +370,14 @@ func TestDashboard(t *testing.T) {
 	if out, err := exec.Command(promtool, "check", "rules", f).CombinedOutput(); err != nil {
 		t.Errorf("promtool check rules on the dashboard's queries: %v\n%s", err, out)
 	}
+}
+
+// gather returns what a scrape of m would.
+func gather(t *testing.T, m *Metrics) []*dto.MetricFamily {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mfs
 }
