@@ -365,6 +365,7 @@ func (c etcdConnection) close() {
 // embedded one when no endpoints are configured.
 func connectEtcd(ctx context.Context, cfg Config) etcdConnection {
 	ecfg := cfg.Etcd
+	ecfg.Logger = cfg.Logger.With("component", "etcd-client")
 	var c etcdConnection
 	if len(ecfg.Endpoints) == 0 {
 		c.emb, c.err = embedded.Start(ctx, embedded.Config{

@@ -5,13 +5,17 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+
+	"github.com/overlaynet/overlay/internal/zapslog"
 )
 
 // ClientConfig says how to reach an etcd cluster.
@@ -30,6 +34,9 @@ type ClientConfig struct {
 	// DialOptions are more gRPC options for the client, such as the
 	// interceptors that count its requests.
 	DialOptions []grpc.DialOption
+	// Logger receives the client's own warnings and errors (a member
+	// that cannot be reached, a request retried); nil discards them.
+	Logger *slog.Logger
 }
 
 // How the client finds its way back to a member that went away. gRPC's
@@ -77,6 +84,15 @@ func dialOptions() []grpc.DialOption {
 	}
 }
 
+// clientLogger returns the etcd client's zap logger: log's handler from
+// warnings up, or nothing.
+func clientLogger(log *slog.Logger) *zap.Logger {
+	if log == nil {
+		return zap.NewNop()
+	}
+	return zapslog.New(log.Handler(), zapcore.WarnLevel)
+}
+
 // Connect returns a client of the cluster and checks that it answers
 // within cfg.DialTimeout, so a wrong endpoint fails at start with a clear
 // error instead of on the first request.
@@ -108,7 +124,7 @@ func Connect(ctx context.Context, cfg ClientConfig) (*clientv3.Client, error) {
 		Endpoints:   cfg.Endpoints,
 		DialTimeout: cfg.DialTimeout,
 		TLS:         tlsCfg,
-		Logger:      zap.NewNop(),
+		Logger:      clientLogger(cfg.Logger),
 		Context:     context.WithoutCancel(ctx),
 
 		DialKeepAliveTime:    keepaliveTime,

@@ -14,6 +14,9 @@ import (
 
 	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/overlaynet/overlay/internal/zapslog"
 )
 
 // startTimeout bounds how long an embedded etcd may take to elect itself
@@ -30,7 +33,8 @@ type Config struct {
 	// PeerURL is where it listens for peers; a single member talks to
 	// none, but etcd always listens.
 	PeerURL string
-	// Logger receives a line when it starts and stops.
+	// Logger receives a line when it starts and stops, and the server's
+	// errors.
 	Logger *slog.Logger
 }
 
@@ -42,13 +46,21 @@ type Server struct {
 }
 
 // Start starts a single-member etcd in cfg.Dir and waits until it
-// serves clients. Its own logs are discarded: its failures reach the
-// caller as errors (here and on Err). Close stops it.
+// serves clients. Its own errors go to cfg.Logger (with component=etcd);
+// its failures also reach the caller as errors (here and on Err). Close
+// stops it.
 func Start(ctx context.Context, cfg Config) (*Server, error) {
 	ecfg := embed.NewConfig()
 	ecfg.Dir = filepath.Join(cfg.Dir, "etcd")
 	ecfg.Name = "overlayd"
-	ecfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	zl := zap.NewNop()
+	if cfg.Logger != nil {
+		// Errors only: a single member has no peers to lose, and its
+		// warnings (slow requests on a busy disk) are its clients' to
+		// report, as overlayd does when a request fails.
+		zl = zapslog.New(cfg.Logger.With("component", "etcd").Handler(), zapcore.ErrorLevel)
+	}
+	ecfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zl)
 	cu, err := url.Parse(cfg.ClientURL)
 	if err != nil {
 		return nil, fmt.Errorf("embedded etcd client URL %q: %w", cfg.ClientURL, err)
