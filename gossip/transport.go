@@ -141,9 +141,14 @@ func (t *countingTransport) opened(conn net.Conn, err error) (net.Conn, error) {
 
 func (t *countingTransport) StreamCh() <-chan net.Conn { return t.streams }
 
+// Shutdown shuts the transport down, then stops the relays: while it
+// shuts down, its listeners may still be handing over a packet or a
+// connection, which a relay must take (memberlist reads until after
+// Shutdown returns), or its Shutdown would wait for them forever.
 func (t *countingTransport) Shutdown() error {
+	err := t.next.Shutdown()
 	t.once.Do(func() { close(t.done) })
-	return t.next.Shutdown()
+	return err
 }
 
 // countingConn counts the bytes of a gossip stream.
