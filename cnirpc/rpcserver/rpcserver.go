@@ -95,7 +95,7 @@ func NewHandler(h Handler, log *slog.Logger) http.Handler { return newMux(h, log
 func Observed(next http.Handler, observe Observe) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		ow := &outcomeWriter{ResponseWriter: w, result: "ok", start: start}
+		ow := &outcomeWriter{ResponseWriter: w, result: "ok"}
 		next.ServeHTTP(ow, r)
 		o := Outcome{Op: opOf(r.URL.Path), Result: ow.result, Answer: time.Since(start)}
 		if !ow.answered.IsZero() {
@@ -146,7 +146,6 @@ func ResultOf(code uint) string {
 // outcomeWriter records the outcome of a request for Observe.
 type outcomeWriter struct {
 	http.ResponseWriter
-	start    time.Time
 	status   int
 	result   string
 	protocol bool      // the result was set by the protocol, not the mux

@@ -6,6 +6,7 @@ package zapslog
 import (
 	"context"
 	"log/slog"
+	"maps"
 	"slices"
 
 	"go.uber.org/zap"
@@ -53,7 +54,7 @@ func (c *core) Write(e zapcore.Entry, fields []zapcore.Field) error {
 	for _, f := range fields {
 		f.AddTo(enc)
 	}
-	for _, k := range sortedKeys(enc.Fields) {
+	for _, k := range slices.Sorted(maps.Keys(enc.Fields)) {
 		r.AddAttrs(slog.Any(k, enc.Fields[k]))
 	}
 	return c.h.Handle(context.Background(), r)
@@ -73,13 +74,4 @@ func level(l zapcore.Level) slog.Level {
 		return slog.LevelWarn
 	}
 	return slog.LevelError
-}
-
-func sortedKeys(m map[string]any) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }
