@@ -572,7 +572,6 @@ func (h *host) join(ctx context.Context, hosts []etcd.HostRecord) {
 func (h *host) registerMetrics() {
 	h.metrics.Host(func() metrics.HostStats {
 		gs := h.gossip.Stats()
-		tr := gs.Traffic
 		return metrics.HostStats{
 			Liveness:               h.live.Alive(),
 			LivenessLost:           h.live.Lost(),
@@ -580,13 +579,8 @@ func (h *host) registerMetrics() {
 			FirewallFailures:       h.fwFailures.Load(),
 			GossipMembers:          gs.Members,
 			GossipRejectedMetadata: gs.RejectedMetas,
-			Gossip: metrics.GossipTraffic{
-				PacketsSent: tr.PacketsSent, PacketsReceived: tr.PacketsReceived,
-				BytesSent: tr.BytesSent, BytesReceived: tr.BytesReceived,
-				StreamsOpened: tr.StreamsOpened, StreamsAccepted: tr.StreamsAccepted,
-				StreamBytesSent: tr.StreamBytesSent, StreamBytesReceived: tr.StreamBytesReceived,
-			},
-			Peers: peerStates(h.id, h.dir.Known(), h.gossip.State),
+			Gossip:                 metrics.GossipTraffic(gs.Traffic), // the same fields
+			Peers:                  peerStates(h.id, h.dir.Known(), h.gossip.State),
 		}
 	})
 }
