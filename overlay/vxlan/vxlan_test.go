@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/overlaynet/overlay/overlay"
@@ -180,6 +181,27 @@ func TestDiffRoutesByKey(t *testing.T) {
 func TestNewNilLogger(t *testing.T) {
 	if l := New(nil, nil, nil); l.log == nil {
 		t.Error("New(nil, nil) has a nil logger")
+	}
+}
+
+// TestStatsWhilePassing: a scrape reads the counts while a pass writes
+// them (run with -race), and what it gets is its own copy.
+func TestStatsWhilePassing(t *testing.T) {
+	l := New(nil, nil, nil)
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for range 1000 {
+			l.record("fdb", 2, 1, 0)
+		}
+	})
+	for range 1000 {
+		st := l.Stats()
+		st.Entries["fdb"] = -1 // the caller's map, not the dataplane's
+	}
+	wg.Wait()
+	l.forget()
+	if st := l.Stats(); st.Entries["fdb"] != 0 || st.Added["fdb"] != 1000 {
+		t.Errorf("after 1000 passes and forget: %+v", st)
 	}
 }
 
