@@ -8,10 +8,14 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/overlaynet/overlay/internal/etcdtest"
 	"github.com/overlaynet/overlay/ipam/etcd"
@@ -409,5 +413,60 @@ func TestHostsLeavesOutBadRecords(t *testing.T) {
 	cancel()
 	if _, err := s.Hosts(cctx); err == nil || errors.Is(err, etcd.ErrBadRecord) {
 		t.Fatalf("Hosts with a cancelled context = %v; want a read error, not ErrBadRecord", err)
+	}
+}
+
+// TestClaimWhoseAnswerIsLost: a claim that commits but whose answer is
+// lost (a timeout under load) is found out and held, not leaked: etcd
+// and the pool agree on the host's blocks.
+func TestClaimWhoseAnswerIsLost(t *testing.T) {
+	// The etcd client retries a Txn whose answer came back as a gRPC
+	// status, and returns a context error at once: both are covered.
+	for _, lost := range []error{status.Error(codes.DeadlineExceeded, "the answer was lost"), context.DeadlineExceeded} {
+		t.Run(fmt.Sprint(lost), func(t *testing.T) { claimWithAnswerLost(t, lost) })
+	}
+}
+
+func claimWithAnswerLost(t *testing.T, lost error) {
+	ctx := context.Background()
+	cli := startEtcd(t)
+	var lose atomic.Bool
+	lossy, err := etcd.Connect(ctx, etcd.ClientConfig{Endpoints: cli.Endpoints(), DialOptions: []grpc.DialOption{
+		grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+			err := invoker(ctx, method, req, reply, cc, opts...)
+			if err == nil && method == "/etcdserverpb.KV/Txn" && lose.CompareAndSwap(true, false) {
+				return lost
+			}
+			return err
+		}),
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lossy.Close() })
+	n := testNetwork()
+	p := etcd.NewStore(lossy, "").Pool(n, "a")
+	lose.Store(true)
+	b, err := p.Claim(ctx, netip.Prefix{}, nil)
+	if err != nil {
+		t.Fatalf("Claim with its answer lost = %v; want the committed block", err)
+	}
+	if lose.Load() {
+		t.Fatal("the interceptor lost no answer: the test tests nothing")
+	}
+	if held := p.Held(); len(held) != 1 || held[0] != b {
+		t.Fatalf("pool holds %v, want [%s]", held, b)
+	}
+	owners, err := etcd.NewStore(cli, "").Pool(n, "checker").Owners(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(owners) != 1 || owners[b] != "a" {
+		t.Fatalf("etcd's owners %v, want only %s of a", owners, b)
+	}
+	// The pool holds the block with the revision etcd has: giving it
+	// back works.
+	if err := p.Give(ctx, b); err != nil {
+		t.Fatalf("Give of the found block: %v", err)
 	}
 }

@@ -274,13 +274,33 @@ func (p *Pool) Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Pr
 			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
 				clientv3.Compare(clientv3.CreateRevision(p.s.networkKey(p.net.Name)), ">", 0)).
 			Then(clientv3.OpPut(key, string(val))).
-			Else(clientv3.OpGet(p.s.networkKey(p.net.Name), clientv3.WithCountOnly())).
+			Else(clientv3.OpGet(p.s.networkKey(p.net.Name), clientv3.WithCountOnly()), clientv3.OpGet(key)).
 			Commit()
 		if err != nil {
+			// The claim may have committed before its answer was lost
+			// (a timeout under load): a block this host owns in etcd
+			// but does not know it holds would be lost to the network
+			// until the host restarts. Find out.
+			if createRev, modRev, ok := p.claimed(ctx, key, now); ok {
+				p.mu.Lock()
+				p.held[b] = held{createRev: createRev, modRev: modRev}
+				p.mu.Unlock()
+				return true, nil
+			}
 			return false, fmt.Errorf("claim block %s for %s: %w", b, p.host, err)
 		}
 		if !resp.Succeeded && resp.Responses[0].GetResponseRange().Count == 0 {
 			return false, fmt.Errorf("claim block %s for %s: network %q was deleted: %w", b, p.host, p.net.Name, overlay.ErrNotFound)
+		}
+		if !resp.Succeeded {
+			// The etcd client retries a request whose answer was lost:
+			// the block may be taken by this very claim's first attempt.
+			if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 && ownClaim(kvs[0].Value, p.host, now) {
+				p.mu.Lock()
+				p.held[b] = held{createRev: kvs[0].CreateRevision, modRev: kvs[0].ModRevision}
+				p.mu.Unlock()
+				return true, nil
+			}
 		}
 		if resp.Succeeded {
 			rev := resp.Header.Revision
@@ -362,6 +382,34 @@ func (p *Pool) Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Pr
 	}
 	return netip.Prefix{}, fmt.Errorf("claim a block for %s: network %s (%s) has no free block of its %d blocks of /%d: %w",
 		p.host, p.net.Name, p.net.CIDR, p.net.NumBlocks(), p.net.BlockBits, overlay.ErrPoolExhausted)
+}
+
+// resolveTimeout bounds the read that finds out whether a claim whose
+// answer was lost committed.
+const resolveTimeout = 5 * time.Second
+
+// claimed reports whether block key holds the claim this pool made at
+// claimedAt (its record names this host and that instant, which no other
+// claim shares), with the key's revisions. It reads with a bound of its
+// own: the claim's context may be what ran out.
+func (p *Pool) claimed(ctx context.Context, key string, claimedAt time.Time) (createRev, modRev int64, ok bool) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), resolveTimeout)
+	defer cancel()
+	resp, err := p.s.cli.Get(ctx, key)
+	if err != nil || len(resp.Kvs) == 0 {
+		return 0, 0, false
+	}
+	if !ownClaim(resp.Kvs[0].Value, p.host, claimedAt) {
+		return 0, 0, false
+	}
+	return resp.Kvs[0].CreateRevision, resp.Kvs[0].ModRevision, true
+}
+
+// ownClaim reports whether a block record is host's claim made at
+// claimedAt.
+func ownClaim(val []byte, host overlay.HostID, claimedAt time.Time) bool {
+	var rec BlockRecord
+	return json.Unmarshal(val, &rec) == nil && rec.Host == host && rec.Claimed.Equal(claimedAt)
 }
 
 // taken returns the network's claimed blocks, reading keys only: what a
