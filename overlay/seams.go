@@ -75,6 +75,38 @@ type Dataplane interface {
 	Delete(ctx context.Context, n Network) error
 }
 
+// Difference is one way a network's dataplane in the kernel differs from
+// the state it should have (DataplaneChecker).
+type Difference struct {
+	// Kind is what differs: "device", "gateway", "fdb", "neighbour" or
+	// "route".
+	Kind string `json:"kind"`
+	// Want is the entry the desired state holds; "" when the kernel's
+	// entry is stale.
+	Want string `json:"want,omitempty"`
+	// Have is the kernel's entry; "" when it is missing.
+	Have string `json:"have,omitempty"`
+}
+
+// String says what differs, for a person.
+func (d Difference) String() string {
+	switch {
+	case d.Have == "":
+		return d.Kind + " missing: " + d.Want
+	case d.Want == "":
+		return d.Kind + " stale: " + d.Have
+	}
+	return d.Kind + " differs: have " + d.Have + ", want " + d.Want
+}
+
+// DataplaneChecker reads a network's dataplane back from the kernel.
+type DataplaneChecker interface {
+	// Check returns how the kernel's state of cfg.Network differs from
+	// cfg, changing nothing. The error reports what could not be read;
+	// the differences found in the rest are still returned.
+	Check(ctx context.Context, cfg DataplaneConfig) ([]Difference, error)
+}
+
 // BlockOwners reports who owns the blocks of one network.
 type BlockOwners interface {
 	// Owners returns the owner of every claimed block. It blocks on the

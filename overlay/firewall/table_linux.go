@@ -121,6 +121,36 @@ func (t *Table) Comments() (forward, postrouting []string, err error) {
 	return forward, postrouting, nil
 }
 
+// Check compares the table with the rules of networks (Rules), by their
+// comments, and returns those it lacks and those it holds that networks
+// do not ask for; a table that does not exist lacks them all. It changes
+// nothing.
+func (t *Table) Check(networks []overlay.Network) (missing, stale []string, err error) {
+	forward, post := Rules(networks)
+	gotF, gotP, err := t.Comments()
+	if err != nil {
+		return nil, nil, err
+	}
+	have := make(map[string]int)
+	for _, c := range append(gotF, gotP...) {
+		have[c]++
+	}
+	for _, c := range append(comments(forward), comments(post)...) {
+		if have[c] > 0 {
+			have[c]--
+			continue
+		}
+		missing = append(missing, c)
+	}
+	for c, n := range have {
+		for range n {
+			stale = append(stale, c)
+		}
+	}
+	slices.Sort(stale)
+	return missing, stale, nil
+}
+
 // holds reports whether the table holds exactly the rules given. A table
 // or chain that cannot be read (deleted by hand) does not: it is
 // rewritten.

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/nftables"
@@ -89,5 +90,45 @@ func TestTableConverges(t *testing.T) {
 	}
 	if err := tbl.Delete(); err != nil {
 		t.Fatalf("deleting a table that does not exist: %v", err)
+	}
+}
+
+// TestTableCheck: Check names the rules a table lacks and those it holds
+// for networks that are gone, and changes nothing.
+func TestTableCheck(t *testing.T) {
+	tbl := newTable(t)
+	red, blue := def("red", "10.1.0.0/16"), def("blue", "10.2.0.0/16")
+	wantF, wantP := Rules([]overlay.Network{red, blue})
+	missing, stale, err := tbl.Check([]overlay.Network{red, blue})
+	if err != nil || len(missing) != len(wantF)+len(wantP) || len(stale) != 0 {
+		t.Fatalf("Check without a table = %q, %q, %v; want every rule missing", missing, stale, err)
+	}
+	if _, err := tbl.Set([]overlay.Network{red, blue}); err != nil {
+		t.Fatal(err)
+	}
+	if missing, stale, err := tbl.Check([]overlay.Network{red, blue}); err != nil || len(missing)+len(stale) != 0 {
+		t.Fatalf("Check after Set = %q, %q, %v", missing, stale, err)
+	}
+	// blue is gone from etcd but the table still holds it; green is new.
+	green := def("green", "10.3.0.0/16")
+	missing, stale, err = tbl.Check([]overlay.Network{red, green})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range missing {
+		if !strings.Contains(c, "green") {
+			t.Errorf("missing %q: not a rule about green", c)
+		}
+	}
+	if len(missing) == 0 || len(stale) == 0 {
+		t.Fatalf("Check = missing %q, stale %q; want green's missing and blue's stale", missing, stale)
+	}
+	for _, c := range stale {
+		if !strings.Contains(c, "blue") {
+			t.Errorf("stale %q: not a rule about blue", c)
+		}
+	}
+	if f, p, _ := tbl.Comments(); !slices.Equal(f, comments(wantF)) || !slices.Equal(p, comments(wantP)) {
+		t.Errorf("Check changed the table")
 	}
 }

@@ -305,3 +305,61 @@ func diff[E comparable, K comparable](want, have []E, key func(E) K) (add, del [
 
 // identity is the key of entries whose every field identifies them.
 func identity[E any](e E) E { return e }
+
+func (f fdbEntry) String() string   { return fmt.Sprintf("%s dst %s", f.MAC, f.Dst) }
+func (n neighEntry) String() string { return fmt.Sprintf("%s lladdr %s", n.IP, n.MAC) }
+
+// String renders the route in ip-route's words.
+func (r routeEntry) String() string {
+	s := r.Dst.String()
+	if r.Gw.IsValid() {
+		s += " via " + r.Gw.String()
+	}
+	if r.Src.IsValid() {
+		s += " src " + r.Src.String()
+	}
+	if r.OnLink {
+		s += " onlink"
+	}
+	s += fmt.Sprintf(" proto %d", r.Proto)
+	if r.Metric != 0 {
+		s += fmt.Sprintf(" metric %d", r.Metric)
+	}
+	return s
+}
+
+// differences lists how have differs from want, entry by entry: an entry
+// whose key both hold with other values is one difference, not two.
+func differences(want, have state) []overlay.Difference {
+	var out []overlay.Difference
+	out = append(out, differ("gateway", want.Gateways, have.Gateways, identity[netip.Prefix], netip.Prefix.String)...)
+	out = append(out, differ("fdb", want.FDB, have.FDB, func(e fdbEntry) mac { return e.MAC }, fdbEntry.String)...)
+	out = append(out, differ("neighbour", want.Neighs, have.Neighs, func(e neighEntry) netip.Addr { return e.IP }, neighEntry.String)...)
+	// Routes of other protocols on the device are someone else's, as in
+	// Set: not stale.
+	routes := slices.DeleteFunc(slices.Clone(have.Routes), func(r routeEntry) bool {
+		return r.Proto != RouteProtocol && !slices.ContainsFunc(want.Routes, func(w routeEntry) bool { return w.key() == r.key() })
+	})
+	out = append(out, differ("route", want.Routes, routes, routeEntry.key, routeEntry.String)...)
+	return out
+}
+
+func differ[E comparable, K comparable](kind string, want, have []E, key func(E) K, str func(E) string) []overlay.Difference {
+	add, del := diff(want, have, key)
+	haveByKey := make(map[K]E, len(have))
+	for _, e := range have {
+		haveByKey[key(e)] = e
+	}
+	var out []overlay.Difference
+	for _, e := range add {
+		d := overlay.Difference{Kind: kind, Want: str(e)}
+		if h, ok := haveByKey[key(e)]; ok {
+			d.Have = str(h)
+		}
+		out = append(out, d)
+	}
+	for _, e := range del {
+		out = append(out, overlay.Difference{Kind: kind, Have: str(e)})
+	}
+	return out
+}

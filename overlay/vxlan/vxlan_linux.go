@@ -122,6 +122,75 @@ func (l *Linux) Text(n overlay.Network) (string, error) {
 	return s.text(), errors.Join(errs...)
 }
 
+// Check reads the network's dataplane back from the kernel and returns
+// how it differs from cfg: a device missing, down, of another kind, VNI,
+// port or MTU, and every gateway address, FDB, neighbour and route entry
+// missing, different or stale (what Set would change). It changes
+// nothing.
+func (l *Linux) Check(ctx context.Context, cfg overlay.DataplaneConfig) ([]overlay.Difference, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("vxlan: check network %s: %w", cfg.Network.Name, err)
+	}
+	want, err := desired(cfg)
+	errs := []error{err}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var have state
+	var out []overlay.Difference
+	device := func(name, have, want string) {
+		out = append(out, overlay.Difference{Kind: "device", Want: name + " " + want, Have: name + " " + have})
+	}
+	br, err := l.h.LinkByName(cfg.Network.BridgeName())
+	switch {
+	case isLinkNotFound(err):
+		out = append(out, overlay.Difference{Kind: "device", Want: cfg.Network.BridgeName() + " (bridge)"})
+	case err != nil:
+		errs = append(errs, fmt.Errorf("vxlan: get device %s: %w", cfg.Network.BridgeName(), err))
+	default:
+		if br.Type() != "bridge" {
+			device(br.Attrs().Name, "type "+br.Type(), "type bridge")
+		}
+		if br.Attrs().Flags&net.FlagUp == 0 {
+			device(br.Attrs().Name, "down", "up")
+		}
+		have.Gateways, err = l.listGatewaysLocked(br, cfg.Network.CIDR)
+		errs = append(errs, err)
+	}
+	vx, err := l.h.LinkByName(cfg.Network.VXLANName())
+	switch {
+	case isLinkNotFound(err):
+		out = append(out, overlay.Difference{Kind: "device", Want: cfg.Network.VXLANName() + " (vxlan)"})
+	case err != nil:
+		errs = append(errs, fmt.Errorf("vxlan: get device %s: %w", cfg.Network.VXLANName(), err))
+	default:
+		wantVX := &netlink.Vxlan{VxlanId: int(cfg.Network.VNI), SrcAddr: net.IP(cfg.Underlay.AsSlice()), Port: int(cfg.Network.Port)}
+		if have, ok := vx.(*netlink.Vxlan); ok {
+			wantVX.VtepDevIndex = have.VtepDevIndex // the underlay link is looked up by Set
+		}
+		if why := vxlanMismatch(vx, wantVX); why != "" {
+			device(vx.Attrs().Name, why, "as configured (overlayd recreates it)")
+		}
+		if cfg.MTU > 0 && vx.Attrs().MTU != cfg.MTU {
+			device(vx.Attrs().Name, fmt.Sprintf("MTU %d", vx.Attrs().MTU), fmt.Sprintf("MTU %d", cfg.MTU))
+		}
+		if vx.Attrs().Flags&net.FlagUp == 0 {
+			device(vx.Attrs().Name, "down", "up")
+		}
+		have.FDB, err = l.listFDBLocked(vx)
+		errs = append(errs, err)
+		have.Neighs, err = l.listNeighsLocked(vx)
+		errs = append(errs, err)
+		have.Routes, err = l.listRoutesLocked(vx)
+		errs = append(errs, err)
+	}
+	if vx == nil || br == nil {
+		// Entries on a device that is missing are all missing; say so
+		// once, by the device.
+		return out, errors.Join(errs...)
+	}
+	return append(out, differences(want, have)...), errors.Join(errs...)
+}
+
 // linkLocked returns the device name, wrapping overlay.ErrNotFound when
 // it does not exist.
 func (l *Linux) linkLocked(name string) (netlink.Link, error) {

@@ -823,3 +823,60 @@ func BenchmarkSetBesideContainers(b *testing.B) {
 		})
 	}
 }
+
+// TestCheck: Check finds every entry that differs from the desired state
+// (missing, different, stale, a device down or of the wrong MTU), names
+// each once, and changes nothing; after Set it finds nothing.
+func TestCheck(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	a := oneHost(t)
+	a.cfg.Peers = []overlay.Peer{
+		{Host: "b", Underlay: netip.MustParseAddr("198.18.0.2"), VTEPMAC: macB, Blocks: prefixes("198.19.0.64/26")},
+		{Host: "c", Underlay: netip.MustParseAddr("198.18.0.3"), VTEPMAC: macC, Blocks: prefixes("198.19.0.128/26")},
+	}
+	diffs, err := a.dp.Check(ctx, a.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(diffs) != 2 || diffs[0].Kind != "device" || diffs[0].Have != "" || diffs[1].Kind != "device" {
+		t.Fatalf("Check before Set = %v, want the two devices missing", diffs)
+	}
+	a.set(t)
+	if diffs, err := a.dp.Check(ctx, a.cfg); err != nil || len(diffs) != 0 {
+		t.Fatalf("Check after Set = %v, %v; want nothing", diffs, err)
+	}
+
+	vx := a.link(t, a.cfg.Network.VXLANName())
+	idx := vx.Attrs().Index
+	// c's FDB entry goes, b's neighbour entry points elsewhere, a stale
+	// route and a foreign one appear, and the device's MTU changes.
+	a.must(t, a.h.NeighDel(fdbNeigh(idx, fdbEntry{MAC: mac(macC), Dst: netip.MustParseAddr("198.18.0.3")})), "delete FDB entry")
+	a.must(t, a.h.NeighSet(neigh(idx, neighEntry{IP: netip.MustParseAddr("198.18.0.2"), MAC: mac{2, 0, 0, 0, 0, 9}})), "change neighbour")
+	a.must(t, a.h.RouteAdd(route(idx, routeEntry{Dst: netip.MustParsePrefix("198.19.3.0/26"), Gw: netip.MustParseAddr("198.18.0.9"), OnLink: true, Proto: RouteProtocol})), "add stale route")
+	a.must(t, a.h.RouteAdd(route(idx, routeEntry{Dst: netip.MustParsePrefix("198.19.4.0/26"), Gw: netip.MustParseAddr("198.18.0.9"), OnLink: true, Proto: unix.RTPROT_STATIC})), "add foreign route")
+	a.must(t, a.h.LinkSetMTU(vx, 1300), "set MTU")
+	before := a.snapshot(t)
+
+	diffs, err = a.dp.Check(ctx, a.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, d := range diffs {
+		got = append(got, d.String())
+	}
+	slices.Sort(got)
+	want := []string{
+		"device differs: have " + a.cfg.Network.VXLANName() + " MTU 1300, want " + a.cfg.Network.VXLANName() + " MTU 1450",
+		"fdb missing: 02:00:00:00:00:0c dst 198.18.0.3",
+		"neighbour differs: have 198.18.0.2 lladdr 02:00:00:00:00:09, want 198.18.0.2 lladdr 02:00:00:00:00:0b",
+		"route stale: 198.19.3.0/26 via 198.18.0.9 onlink proto 111",
+	}
+	if !slices.Equal(got, want) {
+		t.Errorf("Check found\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if after := a.snapshot(t); after != before {
+		t.Errorf("Check changed the kernel:\n%s\nwas\n%s", after, before)
+	}
+}

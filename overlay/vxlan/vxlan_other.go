@@ -26,6 +26,11 @@ func (l *Linux) Delete(context.Context, overlay.Network) error { return errNotLi
 // Text fails: the dataplane needs Linux.
 func (l *Linux) Text(overlay.Network) (string, error) { return "", errNotLinux }
 
+// Check fails: the dataplane needs Linux.
+func (l *Linux) Check(context.Context, overlay.DataplaneConfig) ([]overlay.Difference, error) {
+	return nil, errNotLinux
+}
+
 // NeighSocket lists FDB and neighbour entries; it exists only on Linux.
 type NeighSocket struct{}
 
