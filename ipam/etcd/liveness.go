@@ -284,7 +284,8 @@ type Removed struct {
 
 // RemoveHost removes host h from etcd at once, in one transaction: its
 // blocks in every network with etcd's copy of their addresses, its
-// attachment indexes, its host record and its gone key. It refuses, with
+// attachment indexes, its host record, its gone key and its doctor
+// report. It refuses, with
 // an error wrapping ErrHostAlive, while h's liveness key exists (its
 // overlayd runs, or stopped less than the liveness TTL ago), and the
 // transaction commits only if that is still so and the blocks are
@@ -316,7 +317,7 @@ func (s *Store) RemoveHost(ctx context.Context, h overlay.HostID) (Removed, erro
 		}
 	}
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.liveKey(h)), "=", 0)}
-	ops := []clientv3.Op{clientv3.OpDelete(s.hostKey(h)), clientv3.OpDelete(s.goneKey(h))}
+	ops := []clientv3.Op{clientv3.OpDelete(s.hostKey(h)), clientv3.OpDelete(s.goneKey(h)), clientv3.OpDelete(s.reportKey(h))}
 	for _, name := range networks {
 		bresp, err := s.cli.Get(ctx, s.blocksPrefix(name), clientv3.WithPrefix())
 		if err != nil {
