@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -379,4 +381,49 @@ func storeError(op string, err error) error {
 		return errorf(Internal, err, "%s failed", op)
 	}
 	return errorf(Unavailable, err, "%s: the allocation store failed; try again later", op)
+}
+
+// Release releases the address a of the network on this host, which a
+// container holds that its runtime never sent DEL for (a leaked address):
+// an operator's act, through overlayctl. It refuses, with Kind Invalid,
+// while the container's host veth is attached to the bridge (the
+// container may still run: its runtime should DEL it) unless force is
+// set; a veth left over is deleted first. It returns the container
+// interface that held the address and whether a veth was deleted, or
+// an error of Kind NotFound when no container of this host holds a.
+func (d *Network) Release(ctx context.Context, a netip.Addr, force bool) (overlay.AttachmentKey, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, StoreTimeout)
+	defer cancel()
+	list, err := d.pool.List(ctx)
+	if err != nil {
+		return overlay.AttachmentKey{}, false, storeError("release", err)
+	}
+	i := slices.IndexFunc(list, func(al overlay.Allocation) bool { return al.Addr.Addr() == a })
+	if i < 0 {
+		return overlay.AttachmentKey{}, false, errorf(NotFound, nil, "release: no container on this host holds %s on network %s (`overlayctl address holder %s %s` says which host's block it is in)", a, d.network.Name, d.network.Name, a)
+	}
+	key := list[i].Key
+	name := overlay.HostVethName(d.network.Name, key)
+	state, err := d.links.State(name)
+	if err != nil {
+		return key, false, errorf(Internal, err, "release: read the host veth %s", name)
+	}
+	if state == hostlink.Attached && !force {
+		return key, false, errorf(Invalid, nil, "release: container %s interface %s holds %s and its host veth %s is still attached: the container may still run; delete it through its runtime (CNI DEL), or release with --force to cut it off", key.ContainerID, key.IfName, a, name)
+	}
+	deleted := false
+	if state != hostlink.Gone {
+		if err := d.links.Delete(name); err != nil {
+			return key, false, errorf(Internal, err, "release: delete the host veth %s", name)
+		}
+		deleted = true
+	}
+	if err := d.pool.Release(ctx, key); err != nil {
+		return key, deleted, storeError("release", err)
+	}
+	if err := d.pool.Flush(ctx); err != nil {
+		return key, deleted, storeError("release", err)
+	}
+	d.log.Info("released a leaked address at an operator's request", "container", key.ContainerID, "ifname", key.IfName, "addr", a, "veth-deleted", deleted, "force", force)
+	return key, deleted, nil
 }

@@ -393,3 +393,42 @@ func TestNetworkEndpoint(t *testing.T) {
 		t.Fatalf("a refused request allocated: %v", err)
 	}
 }
+
+// TestRelease: an operator's release frees a leaked address (deleting a
+// veth left over), refuses while the veth is attached unless forced, and
+// names what is wrong for an address nobody here holds.
+func TestRelease(t *testing.T) {
+	ctx := context.Background()
+	h, _, _, links := newHandlerLinks(t)
+	_, leakVeth, leak := attached(t, h, links, "leaked")
+	_, runVeth, run := attached(t, h, links, "running")
+	links.set(leakVeth, hostlink.Detached) // its container is gone; a DEL never came
+
+	key, deleted, err := h.Release(ctx, leak.Addr.Addr(), false)
+	if err != nil || key.ContainerID != "leaked" || !deleted {
+		t.Fatalf("Release(leaked) = %v, %v, %v", key, deleted, err)
+	}
+	released(t, h, "leaked")
+	if st, _ := links.State(leakVeth); st != hostlink.Gone {
+		t.Error("the leaked container's veth was not deleted")
+	}
+
+	_, _, err = h.Release(ctx, run.Addr.Addr(), false)
+	if KindOf(err) != Invalid || !strings.Contains(err.Error(), "still attached") || !strings.Contains(err.Error(), "--force") {
+		t.Fatalf("Release(running) = %v; want a refusal that names --force", err)
+	}
+	if _, err := h.Check(ctx, Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: "running", IfName: "eth0"}}); err != nil {
+		t.Fatalf("a refused release changed something: %v", err)
+	}
+	if _, deleted, err := h.Release(ctx, run.Addr.Addr(), true); err != nil || !deleted {
+		t.Fatalf("Release(running, force) = %v, %v", deleted, err)
+	}
+	released(t, h, "running")
+	if st, _ := links.State(runVeth); st != hostlink.Gone {
+		t.Error("a forced release left the veth")
+	}
+
+	if _, _, err := h.Release(ctx, leak.Addr.Addr(), false); KindOf(err) != NotFound || !strings.Contains(err.Error(), "overlayctl address holder") {
+		t.Fatalf("Release of a free address = %v; want NotFound with a hint", err)
+	}
+}

@@ -68,6 +68,9 @@ type Config struct {
 	// releases the addresses of containers whose veth is gone: longer than
 	// any plugin request from before the start can last.
 	OrphanGrace time.Duration
+	// DoctorInterval is how often overlayd runs the doctor's checks on
+	// its host and stores the report in etcd.
+	DoctorInterval time.Duration
 	// Logger receives every log line.
 	Logger *slog.Logger
 }
@@ -86,6 +89,7 @@ func (c Config) withDefaults() Config {
 		{&c.ReclaimAfter, &def.ReclaimAfter},
 		{&c.RejoinInterval, &def.RejoinInterval},
 		{&c.OrphanGrace, &def.OrphanGrace},
+		{&c.DoctorInterval, &def.DoctorInterval},
 		{&c.Etcd.DialTimeout, &def.Etcd.DialTimeout},
 	} {
 		if *f.v <= 0 {
@@ -134,5 +138,6 @@ func DefaultConfig() Config {
 		ReclaimAfter:   etcd.DefaultReclaimAfter,      // 24h: a host may be down for a day
 		RejoinInterval: 30 * time.Second,              // heals partitions and simultaneous starts
 		OrphanGrace:    30 * time.Second,              // the plugin's request timeout
+		DoctorInterval: 5 * time.Minute,               // a few reads of etcd and the kernel per network
 	}
 }

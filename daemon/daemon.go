@@ -22,6 +22,7 @@ import (
 
 	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/internal/version"
 	"github.com/overlaynet/overlay/ipam/etcd"
@@ -156,9 +157,23 @@ func Run(ctx context.Context, cfg Config) error {
 	cniLog := log.With("component", "cni")
 	// Every request is counted, those a starting overlayd answers too.
 	svc := attach.NewService(links)
-	srv := rpcserver.NewServer(rpcserver.Observed(rpcserver.NewHandler(cniHandler{svc}, cniLog), func(o rpcserver.Outcome) {
+	// overlayctl's requests share the socket, below /v1/host/; they are
+	// not CNI requests, and are not counted as such. They are answered
+	// once the host runtime exists.
+	var ctl atomic.Pointer[http.Handler]
+	mux := http.NewServeMux()
+	mux.Handle("/", rpcserver.Observed(rpcserver.NewHandler(cniHandler{svc}, cniLog), func(o rpcserver.Outcome) {
 		m.ObserveCNI(o.Op, o.Result, o.Answer, o.Confirmation)
-	}), rpcserver.DefaultServerConfig(), cniLog)
+	}))
+	mux.Handle("/v1/host/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c := ctl.Load()
+		if c == nil {
+			writeControl(w, http.StatusServiceUnavailable, ctlapi.ErrorBody{Error: "overlayd is starting; try again in a moment"})
+			return
+		}
+		(*c).ServeHTTP(w, r)
+	}))
+	srv := rpcserver.NewServer(mux, rpcserver.DefaultServerConfig(), cniLog)
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	defer srv.Close()
@@ -252,7 +267,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := first.Wait(); err != nil {
 		return err
 	}
-	h := &host{cfg: cfg, log: log, id: id, mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
+	h := &host{cfg: cfg, log: log, id: id, started: start, embedded: emb != nil, gossipAddr: gossipAddr,
+		mac: mac, ul: ul, store: store, allocs: allocs, gossip: g, live: live,
 		metrics: m, links: links, svc: svc, dp: vxlan.New(nl, nlNeigh, log.With("component", "dataplane")), nl: nl, nlNeigh: nlNeigh, fw: fw,
 		dir: newHostDirectory(store, log.With("component", "reconcile"))}
 	set := newNetworkSet(store.Networks, h.startNetwork, h.converge, networkResync, networkRetry, log)
@@ -266,6 +282,8 @@ func Run(ctx context.Context, cfg Config) error {
 		return err == nil, err
 	})
 	h.registerMetrics()
+	ctlHandler := controlHandler(control{h: h, set: set}, log.With("component", "control"))
+	ctl.Store(&ctlHandler)
 	log.Info("ready", "networks", set.Names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
@@ -290,6 +308,7 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return store.WatchNetworks(ctx, set.Kick) })
 	eg.Go(func() error { return g.Run(ctx) })
 	eg.Go(func() error { return live.Run(ctx, lease) })
+	eg.Go(func() error { return h.runDoctor(ctx, set.Started, cfg.DoctorInterval) })
 	eg.Go(func() error {
 		h.rejoin(ctx)
 		return every(ctx, cfg.RejoinInterval, h.rejoin)
@@ -389,25 +408,32 @@ type host struct {
 	cfg     Config
 	log     *slog.Logger
 	id      overlay.HostID
-	mac     net.HardwareAddr
-	ul      vxlan.Underlay
-	nl      *netlink.Handle
-	nlNeigh *vxlan.NeighSocket // the dataplanes' FDB and neighbour dumps, or nil (vxlan.New)
-	store   *etcd.Store
-	allocs  *local.DB
-	gossip  *gossip.Gossip
-	live    *etcd.Liveness
-	metrics *metrics.Metrics
-	links   attach.HostLinks
-	svc     *attach.Service
-	dp      overlay.Dataplane
-	dir     *hostDirectory
-	fw      Firewall
+	started time.Time
+	// embedded is whether overlayd runs the etcd it uses; gossipAddr is
+	// the host:port gossip listens on, as the host record says.
+	embedded   bool
+	gossipAddr string
+	mac        net.HardwareAddr
+	ul         vxlan.Underlay
+	nl         *netlink.Handle
+	nlNeigh    *vxlan.NeighSocket // the dataplanes' FDB and neighbour dumps, or nil (vxlan.New)
+	store      *etcd.Store
+	allocs     *local.DB
+	gossip     *gossip.Gossip
+	live       *etcd.Liveness
+	metrics    *metrics.Metrics
+	links      attach.HostLinks
+	svc        *attach.Service
+	dp         overlay.Dataplane
+	dir        *hostDirectory
+	fw         Firewall
 	// fwWrites and fwFailures count the firewall's rewrites and failed
 	// writes; fwLastErr is the last failure logged (converge writes it,
 	// and the network set runs one converge at a time).
 	fwWrites, fwFailures atomic.Uint64
 	fwLastErr            string
+	// doctorStats are the counts of the doctor's last periodic run.
+	doctorStats doctorStats
 }
 
 // Firewall is the host's nftables table (firewall.Table): isolation
@@ -572,6 +598,7 @@ func (h *host) join(ctx context.Context, hosts []etcd.HostRecord) {
 func (h *host) registerMetrics() {
 	h.metrics.Host(func() metrics.HostStats {
 		gs := h.gossip.Stats()
+		findings, lastRun := h.doctorStats.get()
 		return metrics.HostStats{
 			Liveness:               h.live.Alive(),
 			LivenessLost:           h.live.Lost(),
@@ -581,6 +608,8 @@ func (h *host) registerMetrics() {
 			GossipRejectedMetadata: gs.RejectedMetas,
 			Gossip:                 metrics.GossipTraffic(gs.Traffic), // the same fields
 			Peers:                  peerStates(h.id, h.dir.Known(), h.gossip.State),
+			DoctorFindings:         findings,
+			DoctorLastRun:          lastRun,
 		}
 	})
 }

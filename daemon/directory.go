@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -30,8 +31,8 @@ type hostDirectory struct {
 	lastBad string     // the last decoding error logged
 	next    *hostRead  // the read the calls arriving now share, not started yet
 	running bool       // a goroutine runs the reads
-	// known are the hosts of the last read that succeeded.
-	known []overlay.HostID
+	// last are the hosts of the last read that succeeded.
+	last []overlay.HostInfo
 }
 
 // hostRead is one read of the host records and those waiting for it.
@@ -81,7 +82,24 @@ func (d *hostDirectory) Hosts(ctx context.Context) ([]overlay.HostInfo, error) {
 func (d *hostDirectory) Known() []overlay.HostID {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.known
+	if d.last == nil {
+		return nil
+	}
+	known := make([]overlay.HostID, len(d.last))
+	for i, h := range d.last {
+		known[i] = h.Host
+	}
+	return known
+}
+
+// Records returns the host records of the last read that succeeded,
+// sorted by host ID, without reading etcd; nil before the first.
+func (d *hostDirectory) Records() []overlay.HostInfo {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := slices.Clone(d.last)
+	slices.SortFunc(out, func(a, b overlay.HostInfo) int { return strings.Compare(string(a.Host), string(b.Host)) })
+	return out
 }
 
 // run makes the reads that calls wait for, one after another, until none
@@ -101,12 +119,8 @@ func (d *hostDirectory) run(ctx context.Context) {
 		r.hosts, r.err = d.hosts(rctx)
 		cancel()
 		if r.err == nil {
-			known := make([]overlay.HostID, len(r.hosts))
-			for i, h := range r.hosts {
-				known[i] = h.Host
-			}
 			d.mu.Lock()
-			d.known = known
+			d.last = r.hosts
 			d.mu.Unlock()
 		}
 		close(r.done)

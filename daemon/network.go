@@ -6,11 +6,13 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 
 	"github.com/overlaynet/overlay/attach"
+	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/ipam/local"
@@ -33,6 +35,8 @@ type netRuntime struct {
 	pool    *etcd.Pool
 	addrs   *ipam.Pool
 	rec     *overlay.Reconciler
+	dp      *vxlan.Linux
+	local   overlay.Local
 	handler *attach.Network
 	metrics *metrics.Network
 	// before are the allocations that existed when the runtime started:
@@ -132,6 +136,7 @@ func (h *host) startNetwork(ctx context.Context, n overlay.Network) (_ network, 
 	// A dataplane of its own: the networks' devices are apart, and one
 	// network's pass never waits for another's.
 	dp := vxlan.New(h.nl, h.nlNeigh, log.With("component", "dataplane"))
+	r.dp, r.local = dp, localHost
 	r.rec = overlay.NewReconciler(n, localHost, r.pool, h.dir, h.gossip, dp, h.cfg.ResyncInterval, rlog)
 	r.metrics = h.metrics.Network(n.Name, func() metrics.NetworkStats { return r.stats(dp) })
 	r.rec.OnPass = func(took time.Duration, _ error) { r.metrics.ObservePass(took) }
@@ -288,4 +293,90 @@ func (p timedFlush) Flush(ctx context.Context) error {
 	err := p.Pool.Flush(ctx)
 	p.observe(time.Since(start))
 	return err
+}
+
+// Inspect returns the network's status on this host, for overlayctl.
+func (r *netRuntime) Inspect(ctx context.Context) ctlapi.NetworkStatus {
+	st := r.rec.Status()
+	out := ctlapi.NetworkStatus{
+		Name: r.network.Name, VNI: r.network.VNI, CIDR: r.network.CIDR,
+		Blocks: r.addrs.Held(), Free: r.addrs.Free(), PeersProgrammed: len(st.Config.Peers),
+		Entries: r.dp.Stats().Entries, LastPass: st.LastPass, LastSuccess: st.LastSuccess, PassFailures: st.Failures,
+	}
+	if list, err := r.alloc.List(ctx); err == nil {
+		out.Addresses = len(list)
+	}
+	if hs, err := r.handler.Status(ctx); err != nil {
+		out.Reason = err.Error()
+	} else {
+		out.Ready, out.Degraded, out.Reason = hs.Ready, hs.Degraded, hs.Reason
+	}
+	return out
+}
+
+// Doctor checks the network on this host: its kernel state against what
+// etcd says now, the reconcile loop's last pass, gossip's disagreements
+// with etcd, and addresses stranded in blocks lost.
+func (r *netRuntime) Doctor(ctx context.Context) []ctlapi.Finding {
+	name := r.network.Name
+	var out []ctlapi.Finding
+	var disagree []overlay.Disagreement
+	desired := func(ctx context.Context) (overlay.DataplaneConfig, error) {
+		owners, err := r.pool.Owners(ctx)
+		if err != nil {
+			return overlay.DataplaneConfig{}, err
+		}
+		hosts, err := r.h.dir.Hosts(ctx)
+		if err != nil {
+			return overlay.DataplaneConfig{}, err
+		}
+		var cfg overlay.DataplaneConfig
+		cfg, disagree = overlay.Desired(r.network, r.local, owners, hosts, r.h.gossip.Members())
+		return cfg, nil
+	}
+	settle := func(ctx context.Context) {
+		// Wait for a pass that starts after now to end.
+		since := time.Now()
+		r.rec.Kick()
+		ctx, cancel := context.WithTimeout(ctx, settleTimeout)
+		defer cancel()
+		for r.rec.Status().LastPass.Before(since) && ctx.Err() == nil {
+			select {
+			case <-ctx.Done():
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	diffs, err := persisting(ctx, desired, r.dp.Check, settle)
+	st := r.rec.Status()
+	if err != nil {
+		out = append(out, ctlapi.Finding{Severity: ctlapi.Warning, Network: name, Check: "dataplane", Problem: "could not compare the kernel with etcd: " + err.Error(), Fix: "run the doctor again once etcd answers"})
+	}
+	for _, d := range diffs {
+		out = append(out, differenceFinding(name, d, st.LastErr))
+	}
+	if st.LastErr != nil {
+		out = append(out, ctlapi.Finding{Severity: ctlapi.Error, Network: name, Check: "reconcile", Problem: "the reconcile loop's last pass failed: " + st.LastErr.Error(),
+			Fix: "the loop retries on every pass; the error says which entry or which read failed (overlay_reconcile_failures_total counts them)"})
+	}
+	for _, d := range disagree {
+		out = append(out, ctlapi.Finding{Severity: ctlapi.Warning, Network: name, Check: "gossip", Problem: fmt.Sprintf("host %s: %s", d.Host, d),
+			Fix: "the dataplane follows etcd and ignores gossip's value; a host that kept its ID but changed its address or MAC re-registers when its overlayd restarts, and a duplicate host ID (a cloned machine) needs a new identity file"})
+	}
+	if stranded := r.alloc.Stranded(); len(stranded) > 0 {
+		var ids []string
+		for _, al := range stranded {
+			ids = append(ids, fmt.Sprintf("%s (%s)", al.Key, al.Addr.Addr()))
+		}
+		out = append(out, ctlapi.Finding{Severity: ctlapi.Error, Network: name, Check: "addresses",
+			Problem: fmt.Sprintf("%d containers hold addresses of blocks reclaimed while this host was away: %s", len(stranded), strings.Join(ids, ", ")),
+			Fix:     "recreate these containers: another host may hand out their addresses (docs/ipam.md)"})
+	}
+	return out
+}
+
+// Release releases a leaked address of the network (attach.Network.Release).
+func (r *netRuntime) Release(ctx context.Context, a netip.Addr, force bool) (ctlapi.ReleaseResponse, error) {
+	key, deleted, err := r.handler.Release(ctx, a, force)
+	return ctlapi.ReleaseResponse{Key: key, VethDeleted: deleted}, err
 }

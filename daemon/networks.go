@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/overlaynet/overlay/attach"
+	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/overlay"
 )
@@ -35,6 +37,12 @@ type network interface {
 	// Close releases what the runtime holds (its lock, its metrics); the
 	// dataplane stays in place.
 	Close()
+	// Inspect returns the network's status on this host.
+	Inspect(ctx context.Context) ctlapi.NetworkStatus
+	// Doctor checks the network on this host and returns what it found.
+	Doctor(ctx context.Context) []ctlapi.Finding
+	// Release releases a leaked address of the network.
+	Release(ctx context.Context, a netip.Addr, force bool) (ctlapi.ReleaseResponse, error)
 }
 
 // networkSet runs one network runtime for every network in etcd: it
@@ -284,6 +292,36 @@ func (s *networkSet) Stalled(now time.Time, after time.Duration) error {
 	}
 	slices.Sort(stuck)
 	return fmt.Errorf("the reconcile loop of network %s has ended no pass for more than %s", strings.Join(stuck, ", "), after)
+}
+
+// Started returns the runtimes of the networks the set serves that have
+// started, sorted by name.
+func (s *networkSet) Started() []network {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	names := make([]string, 0, len(s.nets))
+	for name, e := range s.nets {
+		if e.net != nil {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	out := make([]network, len(names))
+	for i, name := range names {
+		out[i] = s.nets[name].net
+	}
+	return out
+}
+
+// Runtime returns the runtime of network name, if it has started.
+func (s *networkSet) Runtime(name string) (network, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	e, ok := s.nets[name]
+	if !ok || e.net == nil {
+		return nil, false
+	}
+	return e.net, true
 }
 
 // Names returns the names of the networks the set serves, sorted.

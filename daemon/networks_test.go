@@ -15,6 +15,7 @@ import (
 
 	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/overlay"
 )
 
@@ -36,6 +37,13 @@ func (f *fakeNetwork) Remove(ctx context.Context) {
 	f.events.add("remove " + f.def.Name + " " + f.def.ID)
 }
 func (f *fakeNetwork) Close() { f.events.add("close " + f.def.Name + " " + f.def.ID) }
+func (f *fakeNetwork) Inspect(context.Context) ctlapi.NetworkStatus {
+	return ctlapi.NetworkStatus{Name: f.def.Name}
+}
+func (f *fakeNetwork) Doctor(context.Context) []ctlapi.Finding { return nil }
+func (f *fakeNetwork) Release(context.Context, netip.Addr, bool) (ctlapi.ReleaseResponse, error) {
+	return ctlapi.ReleaseResponse{}, errors.New("fake")
+}
 
 type eventLog struct {
 	mu     sync.Mutex

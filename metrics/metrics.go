@@ -159,7 +159,16 @@ type HostStats struct {
 	// Peers counts the other hosts registered in etcd by their state in
 	// gossip, a key of PeerStates each.
 	Peers map[string]int
+	// DoctorFindings counts the findings of the doctor's last periodic
+	// run by severity ("error", "warning"); DoctorLastRun is when it
+	// ended, zero before the first.
+	DoctorFindings map[string]int
+	DoctorLastRun  time.Time
 }
+
+// DoctorSeverities are the values of overlay_doctor_findings' severity
+// label.
+var DoctorSeverities = []string{"error", "warning"}
 
 // Host registers the collector of this host's state, which calls stats
 // once per scrape; stats must be safe for concurrent use and must not
@@ -185,6 +194,10 @@ var (
 		"Gossip messages by direction (sent, received) and transport: udp counts packets (probes, acks, gossip), tcp connections (joins, state exchanges).", []string{"direction", "transport"}, nil)
 	descGossipBytes = prometheus.NewDesc("overlay_gossip_bytes_total",
 		"Bytes of gossip by direction (sent, received) and transport (udp, tcp), encryption included.", []string{"direction", "transport"}, nil)
+	descDoctorFindings = prometheus.NewDesc("overlay_doctor_findings",
+		"Findings of the doctor's last periodic run on this host, by severity: differences between the kernel and what etcd and gossip say it should hold (overlayctl doctor names them).", []string{"severity"}, nil)
+	descDoctorLastRun = prometheus.NewDesc("overlay_doctor_last_run_timestamp_seconds",
+		"When the doctor's last periodic run on this host ended, in seconds since the Unix epoch; 0 before the first.", nil, nil)
 	descPeers = prometheus.NewDesc("overlay_peers",
 		"Other hosts registered in etcd by their state in gossip: alive, dead (left or failed since this overlayd started), remembered (not heard of since it started). All are programmed from etcd.", []string{"state"}, nil)
 )
@@ -194,7 +207,7 @@ type hostCollector struct{ stats func() HostStats }
 
 func (c *hostCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descLiveness, descLivenessLost, descFirewallWrites, descFirewallFailures,
-		descGossipMembers, descGossipRejected, descGossipMessages, descGossipBytes, descPeers} {
+		descGossipMembers, descGossipRejected, descGossipMessages, descGossipBytes, descPeers, descDoctorFindings, descDoctorLastRun} {
 		ch <- d
 	}
 }
@@ -219,6 +232,10 @@ func (c *hostCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, state := range PeerStates {
 		ch <- gauge(descPeers, float64(s.Peers[state]), state)
 	}
+	for _, sev := range DoctorSeverities {
+		ch <- gauge(descDoctorFindings, float64(s.DoctorFindings[sev]), sev)
+	}
+	ch <- gauge(descDoctorLastRun, unixSeconds(s.DoctorLastRun))
 }
 
 // DataplaneKinds are the values of the dataplane metrics' kind label.

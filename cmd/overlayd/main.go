@@ -134,6 +134,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	fs.DurationVar(&cfg.IdleBlock, "block-idle", cfg.IdleBlock, "how long a block other than the host's last stays empty before it is given back")
 	fs.DurationVar(&cfg.ReclaimAfter, "reclaim-after", cfg.ReclaimAfter, "how long a host's liveness key must be gone before other hosts free its blocks")
 	fs.DurationVar(&cfg.OrphanGrace, "orphan-grace", cfg.OrphanGrace, "how long after start to wait before releasing the addresses of containers whose veth is gone")
+	fs.DurationVar(&cfg.DoctorInterval, "doctor-interval", cfg.DoctorInterval, "how often the doctor checks this host and stores its report in etcd for overlayctl doctor")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "text or json")
 	fs.String("config", "", "file of flags, one per line as `name value` (# starts a comment); the command line and OVERLAYD_* environment variables override it")
