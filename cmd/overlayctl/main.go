@@ -9,11 +9,22 @@
 //	overlayctl [connection flags] network inspect NAME [--json]
 //	overlayctl [connection flags] network delete NAME [--force]
 //	overlayctl [connection flags] endpoint list NETWORK [--host ID] [--label KEY=VALUE] [--json]
+//	overlayctl [connection flags] host list [--json]
+//	overlayctl [connection flags] host remove ID
+//	overlayctl [connection flags] block list [--network NAME] [--host ID] [--json]
+//	overlayctl [connection flags] address holder NETWORK ADDR [--json]
+//	overlayctl [--socket PATH] address release NETWORK ADDR [--force]
+//	overlayctl [--socket PATH] status [--json]
+//	overlayctl [connection flags] doctor [--local] [--json]
 //	overlayctl --version
 //
-// Exit codes: 0 success, 1 the command failed (etcd unreachable, a
-// network refused), 2 a usage error. docs/networks.md describes the
-// commands.
+// status, doctor --local and address release talk to the overlayd of
+// this host over its socket (root only); the other commands talk to etcd
+// and work from any machine that reaches it.
+//
+// Exit codes: 0 success, 1 the command failed (etcd or overlayd
+// unreachable, a network refused), 2 a usage error, 3 doctor found an
+// error. docs/operations.md describes the commands.
 package main
 
 import (
@@ -28,6 +39,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/internal/version"
 	"github.com/overlaynet/overlay/ipam/etcd"
 )
@@ -45,10 +57,11 @@ func (e usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
 
-// conn is how overlayctl reaches etcd.
+// conn is how overlayctl reaches etcd, and this host's overlayd.
 type conn struct {
 	cfg    etcd.ClientConfig
 	prefix string
+	socket string
 }
 
 // store connects to etcd and returns the overlay's store there, and the
@@ -72,6 +85,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	case errors.As(err, &u):
 		fmt.Fprintf(stderr, "overlayctl: %v\n", err)
 		return 2
+	case errors.Is(err, errFindings):
+		return 3
 	}
 	fmt.Fprintf(stderr, "overlayctl: %v\n", err)
 	return 1
@@ -87,9 +102,16 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.StringVar(&c.cfg.CAFile, "etcd-ca", "", "CA bundle that verifies etcd's server certificates")
 	fs.DurationVar(&c.cfg.DialTimeout, "etcd-dial-timeout", 5*time.Second, "how long to wait for etcd")
 	fs.StringVar(&c.prefix, "etcd-prefix", etcd.DefaultPrefix, "key prefix of the overlay's state in etcd")
+	fs.StringVar(&c.socket, "socket", cnirpc.DefaultSocket, "overlayd's socket on this host (status, doctor --local, address release)")
 	showVersion := fs.Bool("version", false, "print overlayctl's version and exit")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: overlayctl [flags] network create|list|inspect|delete ...\n       overlayctl [flags] endpoint list NETWORK ...")
+		fmt.Fprintln(stderr, `usage: overlayctl [flags] network create|list|inspect|delete ...
+       overlayctl [flags] endpoint list NETWORK ...
+       overlayctl [flags] host list|remove ...
+       overlayctl [flags] block list ...
+       overlayctl [flags] address holder|release NETWORK ADDR
+       overlayctl [flags] status
+       overlayctl [flags] doctor [--local]`)
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -113,13 +135,23 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rest := fs.Args()
 	if len(rest) == 0 {
 		fs.Usage()
-		return usagef("want a command: network or endpoint")
+		return usagef("want a command: network, endpoint, host, block, address, status or doctor")
 	}
 	switch rest[0] {
 	case "network", "networks", "net":
 		return networkCmd(ctx, c, rest[1:], stdout, stderr)
 	case "endpoint", "endpoints", "ep":
 		return endpointCmd(ctx, c, rest[1:], stdout, stderr)
+	case "host", "hosts":
+		return hostCmd(ctx, c, rest[1:], stdout, stderr)
+	case "block", "blocks":
+		return blockCmd(ctx, c, rest[1:], stdout, stderr)
+	case "address", "addr":
+		return addressCmd(ctx, c, rest[1:], stdout, stderr)
+	case "status":
+		return statusCmd(ctx, c, rest[1:], stdout, stderr)
+	case "doctor":
+		return doctorCmd(ctx, c, rest[1:], stdout, stderr)
 	}
-	return usagef("unknown command %q (want network or endpoint)", rest[0])
+	return usagef("unknown command %q (want network, endpoint, host, block, address, status or doctor)", rest[0])
 }

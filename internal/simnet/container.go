@@ -93,6 +93,14 @@ func (n *Net) Ctl(ctx context.Context, args ...string) ([]byte, error) {
 	return n.Hosts[0].Exec(ctx, append([]string{ctl}, args...)...)
 }
 
+// Ctl runs overlayctl in the host's namespace, against the run's etcd
+// and the host's overlayd socket, and returns its combined output.
+func (h *Host) Ctl(ctx context.Context, args ...string) ([]byte, error) {
+	ctl := filepath.Join(filepath.Dir(h.n.opts.Overlayd), "overlayctl")
+	args = append([]string{"--etcd-endpoints", h.n.EtcdEndpoint(), "--socket", h.Socket}, args...)
+	return h.Exec(ctx, append([]string{ctl}, args...)...)
+}
+
 // ChainConfList returns a configuration list that chains the reference
 // portmap and bandwidth plugins after overlay-cni, as the CNI checklist
 // asks (see BuildTools).
