@@ -93,6 +93,10 @@ type NetworkStatus struct {
 	LastPass     time.Time `json:"lastPass"`
 	LastSuccess  time.Time `json:"lastSuccess"`
 	PassFailures uint64    `json:"passFailures"`
+	// Mesh counts the network's peers by the health mesh's state
+	// (reachable, mtu, unreachable; those not probed yet are left
+	// out); nil when the mesh is off.
+	Mesh map[string]int `json:"mesh,omitempty"`
 }
 
 // PeerStatus is another host as this one sees it.

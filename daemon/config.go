@@ -13,6 +13,7 @@ import (
 	"github.com/overlaynet/overlay/ipam"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/mesh"
 )
 
 // Config is everything overlayd needs to run on one host.
@@ -71,6 +72,11 @@ type Config struct {
 	// DoctorInterval is how often overlayd runs the doctor's checks on
 	// its host and stores the report in etcd.
 	DoctorInterval time.Duration
+	// NoMesh turns the health mesh off; MeshInterval is how often it
+	// probes each peer, and MeshRate how many peers a second at most.
+	NoMesh       bool
+	MeshInterval time.Duration
+	MeshRate     float64
 	// Logger receives every log line.
 	Logger *slog.Logger
 }
@@ -90,11 +96,15 @@ func (c Config) withDefaults() Config {
 		{&c.RejoinInterval, &def.RejoinInterval},
 		{&c.OrphanGrace, &def.OrphanGrace},
 		{&c.DoctorInterval, &def.DoctorInterval},
+		{&c.MeshInterval, &def.MeshInterval},
 		{&c.Etcd.DialTimeout, &def.Etcd.DialTimeout},
 	} {
 		if *f.v <= 0 {
 			*f.v = *f.d
 		}
+	}
+	if c.MeshRate <= 0 {
+		c.MeshRate = def.MeshRate
 	}
 	for _, f := range []struct{ v, d *string }{
 		{&c.DataDir, &def.DataDir},
@@ -139,5 +149,7 @@ func DefaultConfig() Config {
 		RejoinInterval: 30 * time.Second,              // heals partitions and simultaneous starts
 		OrphanGrace:    30 * time.Second,              // the plugin's request timeout
 		DoctorInterval: 5 * time.Minute,               // a few reads of etcd and the kernel per network
+		MeshInterval:   mesh.DefaultInterval,          // 10s per peer, while the budget allows
+		MeshRate:       mesh.DefaultRate,              // 20 peers/s: 1000 peers every 50 s
 	}
 }

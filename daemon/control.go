@@ -113,8 +113,25 @@ func (c control) status(ctx context.Context) ctlapi.Status {
 	if err := h.store.Ping(ctx); err != nil {
 		st.Etcd.Error = err.Error()
 	}
+	var mesh map[string]map[string]int
+	if h.mesh != nil {
+		mesh = make(map[string]map[string]int)
+		for _, ms := range h.mesh.States() {
+			if mesh[ms.Network] == nil {
+				mesh[ms.Network] = make(map[string]int)
+			}
+			mesh[ms.Network][ms.Word()]++
+		}
+	}
 	for _, n := range c.set.Started() {
-		st.Networks = append(st.Networks, n.Inspect(ctx))
+		ns := n.Inspect(ctx)
+		if mesh != nil {
+			ns.Mesh = mesh[ns.Name]
+			if ns.Mesh == nil {
+				ns.Mesh = map[string]int{}
+			}
+		}
+		st.Networks = append(st.Networks, ns)
 	}
 	// The peers as the reconcile loops last read them: no read of etcd
 	// that could hang the answer while etcd is down.

@@ -32,6 +32,7 @@ import (
 	"github.com/overlaynet/overlay/overlay"
 	"github.com/overlaynet/overlay/overlay/firewall"
 	"github.com/overlaynet/overlay/overlay/hostlink"
+	"github.com/overlaynet/overlay/overlay/mesh"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
 
@@ -281,6 +282,20 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		return err == nil, err
 	})
+	if !cfg.NoMesh {
+		if pinger, err := mesh.ListenICMP(); err != nil {
+			log.Warn("the health mesh is off: overlayd cannot probe its peers across the overlay (it needs CAP_NET_RAW; --no-health-mesh silences this)", "err", err)
+		} else {
+			defer pinger.Close()
+			h.mesh = mesh.New(mesh.Config{Interval: cfg.MeshInterval, Rate: cfg.MeshRate, Log: log.With("component", "mesh")}, func() []mesh.Target {
+				var all []mesh.Target
+				for _, n := range set.Started() {
+					all = append(all, n.MeshTargets()...)
+				}
+				return all
+			}, pinger)
+		}
+	}
 	h.registerMetrics()
 	ctlHandler := controlHandler(control{h: h, set: set}, log.With("component", "control"))
 	ctl.Store(&ctlHandler)
@@ -309,6 +324,9 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return g.Run(ctx) })
 	eg.Go(func() error { return live.Run(ctx, lease) })
 	eg.Go(func() error { return h.runDoctor(ctx, set.Started, cfg.DoctorInterval) })
+	if h.mesh != nil {
+		eg.Go(func() error { return h.mesh.Run(ctx) })
+	}
 	eg.Go(func() error {
 		h.rejoin(ctx)
 		return every(ctx, cfg.RejoinInterval, h.rejoin)
@@ -434,6 +452,8 @@ type host struct {
 	fwLastErr            string
 	// doctorStats are the counts of the doctor's last periodic run.
 	doctorStats doctorStats
+	// mesh probes the peers across the overlay; nil when it is off.
+	mesh *mesh.Prober
 }
 
 // Firewall is the host's nftables table (firewall.Table): isolation
@@ -610,6 +630,7 @@ func (h *host) registerMetrics() {
 			Peers:                  peerStates(h.id, h.dir.Known(), h.gossip.State),
 			DoctorFindings:         findings,
 			DoctorLastRun:          lastRun,
+			Mesh:                   h.meshStats(),
 		}
 	})
 }
@@ -630,6 +651,20 @@ func peerStates(self overlay.HostID, registered []overlay.HostID, state func(ove
 		default:
 			out["remembered"]++
 		}
+	}
+	return out
+}
+
+// meshStats returns the health mesh's figures for the metrics; nil when
+// it is off.
+func (h *host) meshStats() *metrics.MeshStats {
+	if h.mesh == nil {
+		return nil
+	}
+	out := &metrics.MeshStats{Probes: h.mesh.Counts()}
+	for _, st := range h.mesh.States() {
+		out.Peers = append(out.Peers, metrics.MeshPeer{Network: st.Network, Peer: string(st.Peer), State: st.Word(),
+			Reachable: st.Reachable, MTUOK: st.MTUOK, RTT: st.RTT})
 	}
 	return out
 }

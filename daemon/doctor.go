@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -18,6 +19,8 @@ import (
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
 	"github.com/overlaynet/overlay/overlay/firewall"
+	"github.com/overlaynet/overlay/overlay/mesh"
+	"github.com/overlaynet/overlay/overlay/vxlan"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -107,6 +110,13 @@ func (h *host) doctor(ctx context.Context, nets []network) ctlapi.Report {
 	if !h.gossip.Encrypted() {
 		add(ctlapi.Finding{Severity: ctlapi.Warning, Check: "gossip", Problem: "gossip is not encrypted: any host that reaches the gossip port can join",
 			Fix: "give every overlayd the same --gossip-key-file (docs/security.md)"})
+	}
+	if h.mesh != nil {
+		underlay := make(map[overlay.HostID]netip.Addr)
+		for _, rec := range h.dir.Records() {
+			underlay[rec.Host] = rec.Underlay
+		}
+		add(meshFindings(h.ul.Addr, h.mesh.States(), underlay, time.Now())...)
 	}
 	// The networks at once, a few at a time: each may wait for a pass.
 	per := make([][]ctlapi.Finding, len(nets))
@@ -290,4 +300,26 @@ func (h *host) runDoctor(ctx context.Context, nets func() []network, interval ti
 		}
 		last, written = r.Findings, time.Now()
 	}
+}
+
+// meshFindings names the pairs the health mesh finds cut or too narrow
+// for the overlay's MTU; self is this host's underlay address, underlay
+// the peers'.
+func meshFindings(self netip.Addr, states []mesh.State, underlay map[overlay.HostID]netip.Addr, now time.Time) []ctlapi.Finding {
+	var out []ctlapi.Finding
+	for _, st := range states {
+		peer := underlay[st.Peer]
+		since := now.Sub(st.Since).Round(time.Second)
+		switch st.Word() {
+		case "unreachable":
+			out = append(out, ctlapi.Finding{Severity: ctlapi.Error, Network: st.Network, Check: "mesh",
+				Problem: fmt.Sprintf("host %s does not answer across the overlay (its gateway %s) for %s: %s", st.Peer, st.Addr, since, st.Err),
+				Fix:     fmt.Sprintf("the VXLAN path between this host (%s) and %s is cut: check that the network's VXLAN UDP port is open both ways between the two underlay addresses, and watch it with `tcpdump -ni <underlay-if> udp port <vxlan-port>` on both; `overlayctl doctor` shows whether %s's own devices are in order", self, peer, st.Peer)})
+		case "mtu":
+			out = append(out, ctlapi.Finding{Severity: ctlapi.Error, Network: st.Network, Check: "mesh",
+				Problem: fmt.Sprintf("host %s answers small probes but not full-size ones (%d bytes, not fragmented) for %s: the path to it is narrower than the overlay's MTU", st.Peer, st.MTU, since),
+				Fix:     fmt.Sprintf("the underlay between %s and %s must carry %d bytes (the overlay's MTU plus %d of VXLAN): give every host and link the same underlay MTU, or give the network a lower MTU; if the MTU is right, try turning off the NICs' UDP tunnel offloads (`ethtool -K <if> tx-udp_tnl-segmentation off`)", self, peer, st.MTU+vxlan.Overhead, vxlan.Overhead)})
+		}
+	}
+	return out
 }

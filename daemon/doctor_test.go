@@ -10,12 +10,14 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/ipam/etcd"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/mesh"
 )
 
 // TestPersisting: a difference that a reconcile pass repairs is not
@@ -159,5 +161,31 @@ func TestControlHandler(t *testing.T) {
 		if got, body := do("POST", ctlapi.ReleasePath, `{"network":"red","addr":"10.1.0.5"}`); got != code || !strings.Contains(body, "refused for a reason") {
 			t.Errorf("release refused with kind %d: %d %s; want %d", kind, got, body, code)
 		}
+	}
+}
+
+// TestMeshFindings: a pair cut and a pair too narrow for the MTU are each
+// an error that names the peer, its underlay address and the fix; a
+// reachable pair and one not probed yet are not findings.
+func TestMeshFindings(t *testing.T) {
+	now := time.Unix(2000, 0)
+	probed := now.Add(-time.Second)
+	states := []mesh.State{
+		{Target: mesh.Target{Network: "red", Peer: "b", Addr: netip.MustParseAddr("10.1.0.65"), MTU: 1450}, Probed: probed, Reachable: false, Since: now.Add(-time.Minute), Err: "no answer"},
+		{Target: mesh.Target{Network: "red", Peer: "c", Addr: netip.MustParseAddr("10.1.0.129"), MTU: 1450}, Probed: probed, Reachable: true, MTUOK: false, Since: now.Add(-time.Minute)},
+		{Target: mesh.Target{Network: "red", Peer: "d", MTU: 1450}, Probed: probed, Reachable: true, MTUOK: true},
+		{Target: mesh.Target{Network: "red", Peer: "e", MTU: 1450}},
+	}
+	underlay := map[overlay.HostID]netip.Addr{"b": netip.MustParseAddr("198.18.0.2"), "c": netip.MustParseAddr("198.18.0.3")}
+	got := meshFindings(netip.MustParseAddr("198.18.0.1"), states, underlay, now)
+	if len(got) != 2 {
+		t.Fatalf("findings %+v; want b's and c's", got)
+	}
+	if f := got[0]; f.Severity != ctlapi.Error || f.Network != "red" || !strings.Contains(f.Problem, "host b does not answer") || !strings.Contains(f.Problem, "1m0s") ||
+		!strings.Contains(f.Fix, "198.18.0.1") || !strings.Contains(f.Fix, "198.18.0.2") {
+		t.Errorf("cut pair: %+v", f)
+	}
+	if f := got[1]; !strings.Contains(f.Problem, "host c answers small probes but not full-size ones (1450 bytes") || !strings.Contains(f.Fix, "must carry 1500 bytes") {
+		t.Errorf("narrow pair: %+v", f)
 	}
 }

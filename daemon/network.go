@@ -18,6 +18,7 @@ import (
 	"github.com/overlaynet/overlay/ipam/local"
 	"github.com/overlaynet/overlay/metrics"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/mesh"
 	"github.com/overlaynet/overlay/overlay/vxlan"
 )
 
@@ -379,4 +380,18 @@ func (r *netRuntime) Doctor(ctx context.Context) []ctlapi.Finding {
 func (r *netRuntime) Release(ctx context.Context, a netip.Addr, force bool) (ctlapi.ReleaseResponse, error) {
 	key, deleted, err := r.handler.Release(ctx, a, force)
 	return ctlapi.ReleaseResponse{Key: key, VethDeleted: deleted}, err
+}
+
+// MeshTargets returns the peers the health mesh probes on the network:
+// every peer the dataplane was last programmed with, at the gateway of
+// its first block, which only the VXLAN path reaches.
+func (r *netRuntime) MeshTargets() []mesh.Target {
+	cfg := r.rec.Status().Config
+	out := make([]mesh.Target, 0, len(cfg.Peers))
+	for _, p := range cfg.Peers {
+		if len(p.Blocks) > 0 {
+			out = append(out, mesh.Target{Network: r.network.Name, Peer: p.Host, Addr: overlay.Gateway(p.Blocks[0]), MTU: cfg.MTU})
+		}
+	}
+	return out
 }

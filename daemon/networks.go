@@ -15,6 +15,7 @@ import (
 	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/internal/backoff"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/mesh"
 )
 
 // network is one network's runtime on this host, as the network set
@@ -43,6 +44,9 @@ type network interface {
 	Doctor(ctx context.Context) []ctlapi.Finding
 	// Release releases a leaked address of the network.
 	Release(ctx context.Context, a netip.Addr, force bool) (ctlapi.ReleaseResponse, error)
+	// MeshTargets returns the peers the health mesh probes on the
+	// network.
+	MeshTargets() []mesh.Target
 }
 
 // networkSet runs one network runtime for every network in etcd: it

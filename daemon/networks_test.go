@@ -17,6 +17,7 @@ import (
 	"github.com/overlaynet/overlay/cnirpc"
 	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/overlay"
+	"github.com/overlaynet/overlay/overlay/mesh"
 )
 
 // fakeNetwork is a network runtime that records what the set does to it.
@@ -41,6 +42,7 @@ func (f *fakeNetwork) Inspect(context.Context) ctlapi.NetworkStatus {
 	return ctlapi.NetworkStatus{Name: f.def.Name}
 }
 func (f *fakeNetwork) Doctor(context.Context) []ctlapi.Finding { return nil }
+func (f *fakeNetwork) MeshTargets() []mesh.Target              { return nil }
 func (f *fakeNetwork) Release(context.Context, netip.Addr, bool) (ctlapi.ReleaseResponse, error) {
 	return ctlapi.ReleaseResponse{}, errors.New("fake")
 }

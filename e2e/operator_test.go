@@ -167,3 +167,101 @@ func TestOperatorCLI(t *testing.T) {
 		return nil
 	})
 }
+
+// meshOf returns host h's health mesh counts of the default network, from
+// overlayctl status.
+func meshOf(t *testing.T, h *simnet.Host) map[string]int {
+	t.Helper()
+	out, code := hostCtl(t, h, "status", "--json")
+	var st ctlapi.Status
+	if code != 0 || json.Unmarshal([]byte(out), &st) != nil || len(st.Networks) != 1 {
+		t.Fatalf("%s: status: exit %d: %s", h.Name, code, out)
+	}
+	return st.Networks[0].Mesh
+}
+
+// TestHealthMesh: every host probes every peer across the overlay; a path
+// too narrow for the overlay's MTU between hosts 1 and 3, and the VXLAN
+// port blocked between hosts 1 and 2, each show on that pair alone, and
+// the doctor names them with the fix; once mended, all are reachable.
+func TestHealthMesh(t *testing.T) {
+	n := newStoppedNet(t, 3)
+	for _, h := range n.Hosts {
+		h.Extra = []string{"--mesh-interval", "300ms", "--doctor-interval", "1s"}
+		if err := h.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h1, h2, h3 := n.Hosts[0], n.Hosts[1], n.Hosts[2]
+	for _, h := range n.Hosts {
+		eventually(t, 20*time.Second, h.Name+" reaches both peers", func() error {
+			if m := meshOf(t, h); m["reachable"] != 2 {
+				return fmt.Errorf("mesh %v", m)
+			}
+			return nil
+		})
+	}
+
+	// The faults, in the underlay's bridge: full-size VXLAN packets
+	// between hosts 1 and 3 dropped, and all VXLAN between 1 and 2.
+	u1, u2, u3 := h1.Underlay.String(), h2.Underlay.String(), h3.Underlay.String()
+	port := fmt.Sprint(n.Network.Port)
+	rules := fmt.Sprintf(`table bridge fault {
+	chain faults {
+		type filter hook forward priority 0;
+		ip saddr { %[1]s, %[3]s } ip daddr { %[1]s, %[3]s } udp dport %[4]s meta length > 1400 drop
+		ip saddr { %[1]s, %[2]s } ip daddr { %[1]s, %[2]s } udp dport %[4]s drop
+	}
+}
+`, u1, u2, u3, port)
+	nft := exec.Command("ip", "netns", "exec", n.Underlay, "nft", "-f", "-")
+	nft.Stdin = strings.NewReader(rules)
+	if out, err := nft.CombinedOutput(); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	mended := false
+	mend := func() {
+		if !mended {
+			mended = true
+			if out, err := exec.Command("ip", "netns", "exec", n.Underlay, "nft", "delete", "table", "bridge", "fault").CombinedOutput(); err != nil {
+				t.Errorf("nft delete: %v: %s", err, out)
+			}
+		}
+	}
+	defer mend()
+
+	for _, c := range []struct {
+		h    *simnet.Host
+		want map[string]int
+	}{
+		{h1, map[string]int{"unreachable": 1, "mtu": 1}},
+		{h2, map[string]int{"unreachable": 1, "reachable": 1}},
+		{h3, map[string]int{"mtu": 1, "reachable": 1}},
+	} {
+		eventually(t, 20*time.Second, c.h.Name+"'s mesh shows its faulty pairs alone", func() error {
+			if m := meshOf(t, c.h); fmt.Sprint(m) != fmt.Sprint(c.want) {
+				return fmt.Errorf("mesh %v, want %v", m, c.want)
+			}
+			return nil
+		})
+	}
+	id2, id3 := hostID(t, h2), hostID(t, h3)
+	out, code := hostCtl(t, h1, "doctor", "--local")
+	if code != 3 || !strings.Contains(out, "host "+string(id2)+" does not answer across the overlay") ||
+		!strings.Contains(out, "host "+string(id3)+" answers small probes but not full-size ones") || !strings.Contains(out, "must carry 1500 bytes") {
+		t.Fatalf("doctor --local on host 1: exit %d\n%s", code, out)
+	}
+	if out, code := hostCtl(t, h1, "status"); code != 0 || !strings.Contains(out, "1 UNREACHABLE, 1 MTU TOO SMALL") {
+		t.Fatalf("status on host 1: %d\n%s", code, out)
+	}
+
+	mend()
+	for _, h := range n.Hosts {
+		eventually(t, 20*time.Second, h.Name+" reaches both peers again", func() error {
+			if m := meshOf(t, h); m["reachable"] != 2 {
+				return fmt.Errorf("mesh %v", m)
+			}
+			return nil
+		})
+	}
+}

@@ -164,7 +164,38 @@ type HostStats struct {
 	// ended, zero before the first.
 	DoctorFindings map[string]int
 	DoctorLastRun  time.Time
+	// Mesh is the health mesh's state; nil when it is off.
+	Mesh *MeshStats
 }
+
+// MeshStats is the health mesh's state on this host.
+type MeshStats struct {
+	// Peers are the pairs of this host and a peer, one per network,
+	// probed at least once.
+	Peers []MeshPeer
+	// Probes counts the probes sent by size (MeshSizes) and result
+	// (MeshResults).
+	Probes map[[2]string]uint64
+}
+
+// MeshPeer is one pair of the health mesh.
+type MeshPeer struct {
+	Network, Peer string
+	// State is a key of MeshStates.
+	State string
+	// Reachable and MTUOK say whether small and full-MTU probes are
+	// answered; RTT is the last small probe's round trip.
+	Reachable, MTUOK bool
+	RTT              time.Duration
+}
+
+// MeshStates, MeshSizes and MeshResults are the values of the mesh
+// metrics' state, size and result labels.
+var (
+	MeshStates  = []string{"reachable", "mtu", "unreachable", "unknown"}
+	MeshSizes   = []string{"small", "large"}
+	MeshResults = []string{"ok", "lost", "error"}
+)
 
 // DoctorSeverities are the values of overlay_doctor_findings' severity
 // label.
@@ -198,6 +229,16 @@ var (
 		"Findings of the doctor's last periodic run on this host, by severity: differences between the kernel and what etcd and gossip say it should hold (overlayctl doctor names them).", []string{"severity"}, nil)
 	descDoctorLastRun = prometheus.NewDesc("overlay_doctor_last_run_timestamp_seconds",
 		"When the doctor's last periodic run on this host ended, in seconds since the Unix epoch; 0 before the first.", nil, nil)
+	descMeshReachable = prometheus.NewDesc("overlay_mesh_peer_reachable",
+		"1 while the peer answers small probes sent across the overlay from this host (the health mesh), 0 once two in a row were lost.", []string{"network", "peer"}, nil)
+	descMeshMTU = prometheus.NewDesc("overlay_mesh_peer_mtu_ok",
+		"1 while the peer answers probes of the network's full MTU that may not be fragmented, 0 once two in a row were lost: a path MTU below the overlay's.", []string{"network", "peer"}, nil)
+	descMeshRTT = prometheus.NewDesc("overlay_mesh_peer_rtt_seconds",
+		"Round trip of the last small probe the peer answered across the overlay.", []string{"network", "peer"}, nil)
+	descMeshPeers = prometheus.NewDesc("overlay_mesh_peers",
+		"Peers of each network by the health mesh's state: reachable, mtu (small probes answered, full-MTU ones lost), unreachable, unknown (not probed yet).", []string{"network", "state"}, nil)
+	descMeshProbes = prometheus.NewDesc("overlay_mesh_probes_total",
+		"Probes the health mesh sent, by size (small, large: the network's MTU) and result (ok, lost, error: not sent).", []string{"size", "result"}, nil)
 	descPeers = prometheus.NewDesc("overlay_peers",
 		"Other hosts registered in etcd by their state in gossip: alive, dead (left or failed since this overlayd started), remembered (not heard of since it started). All are programmed from etcd.", []string{"state"}, nil)
 )
@@ -207,7 +248,8 @@ type hostCollector struct{ stats func() HostStats }
 
 func (c *hostCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descLiveness, descLivenessLost, descFirewallWrites, descFirewallFailures,
-		descGossipMembers, descGossipRejected, descGossipMessages, descGossipBytes, descPeers, descDoctorFindings, descDoctorLastRun} {
+		descGossipMembers, descGossipRejected, descGossipMessages, descGossipBytes, descPeers, descDoctorFindings, descDoctorLastRun,
+		descMeshReachable, descMeshMTU, descMeshRTT, descMeshPeers, descMeshProbes} {
 		ch <- d
 	}
 }
@@ -236,6 +278,28 @@ func (c *hostCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- gauge(descDoctorFindings, float64(s.DoctorFindings[sev]), sev)
 	}
 	ch <- gauge(descDoctorLastRun, unixSeconds(s.DoctorLastRun))
+	if m := s.Mesh; m != nil {
+		counts := make(map[string]map[string]int)
+		for _, p := range m.Peers {
+			ch <- gauge(descMeshReachable, b2f(p.Reachable), p.Network, p.Peer)
+			ch <- gauge(descMeshMTU, b2f(p.MTUOK), p.Network, p.Peer)
+			ch <- gauge(descMeshRTT, p.RTT.Seconds(), p.Network, p.Peer)
+			if counts[p.Network] == nil {
+				counts[p.Network] = make(map[string]int)
+			}
+			counts[p.Network][p.State]++
+		}
+		for network, byState := range counts {
+			for _, state := range MeshStates {
+				ch <- gauge(descMeshPeers, float64(byState[state]), network, state)
+			}
+		}
+		for _, size := range MeshSizes {
+			for _, res := range MeshResults {
+				ch <- counter(descMeshProbes, float64(m.Probes[[2]string{size, res}]), size, res)
+			}
+		}
+	}
 }
 
 // DataplaneKinds are the values of the dataplane metrics' kind label.

@@ -107,6 +107,55 @@ overlay_ipam_liveness 0
 	}
 }
 
+// TestMesh: the health mesh's series, one per pair, counts per network
+// by state, and the probes by size and result; none when it is off.
+func TestMesh(t *testing.T) {
+	m := New(build)
+	var mesh *MeshStats
+	m.Host(func() HostStats { return HostStats{Mesh: mesh} })
+	if n := len(names(t, m)); slices.Contains(names(t, m), "overlay_mesh_probes_total") {
+		t.Fatalf("mesh metrics with the mesh off (%d families)", n)
+	}
+	mesh = &MeshStats{
+		Peers: []MeshPeer{
+			{Network: "red", Peer: "b", State: "reachable", Reachable: true, MTUOK: true, RTT: 2 * time.Millisecond},
+			{Network: "red", Peer: "c", State: "mtu", Reachable: true},
+		},
+		Probes: map[[2]string]uint64{{"small", "ok"}: 7, {"large", "lost"}: 3},
+	}
+	want := `
+# HELP overlay_mesh_peer_mtu_ok 1 while the peer answers probes of the network's full MTU that may not be fragmented, 0 once two in a row were lost: a path MTU below the overlay's.
+# TYPE overlay_mesh_peer_mtu_ok gauge
+overlay_mesh_peer_mtu_ok{network="red",peer="b"} 1
+overlay_mesh_peer_mtu_ok{network="red",peer="c"} 0
+# HELP overlay_mesh_peer_rtt_seconds Round trip of the last small probe the peer answered across the overlay.
+# TYPE overlay_mesh_peer_rtt_seconds gauge
+overlay_mesh_peer_rtt_seconds{network="red",peer="b"} 0.002
+overlay_mesh_peer_rtt_seconds{network="red",peer="c"} 0
+# HELP overlay_mesh_peers Peers of each network by the health mesh's state: reachable, mtu (small probes answered, full-MTU ones lost), unreachable, unknown (not probed yet).
+# TYPE overlay_mesh_peers gauge
+overlay_mesh_peers{network="red",state="mtu"} 1
+overlay_mesh_peers{network="red",state="reachable"} 1
+overlay_mesh_peers{network="red",state="unknown"} 0
+overlay_mesh_peers{network="red",state="unreachable"} 0
+`
+	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(want), "overlay_mesh_peer_mtu_ok", "overlay_mesh_peer_rtt_seconds", "overlay_mesh_peers"); err != nil {
+		t.Fatal(err)
+	}
+	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(`
+# HELP overlay_mesh_probes_total Probes the health mesh sent, by size (small, large: the network's MTU) and result (ok, lost, error: not sent).
+# TYPE overlay_mesh_probes_total counter
+overlay_mesh_probes_total{result="error",size="large"} 0
+overlay_mesh_probes_total{result="error",size="small"} 0
+overlay_mesh_probes_total{result="lost",size="large"} 3
+overlay_mesh_probes_total{result="lost",size="small"} 0
+overlay_mesh_probes_total{result="ok",size="large"} 0
+overlay_mesh_probes_total{result="ok",size="small"} 7
+`), "overlay_mesh_probes_total"); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestNetworks(t *testing.T) {
 	m := New(build)
 	stats := func(blocks int) func() NetworkStats {
@@ -212,7 +261,9 @@ func TestLint(t *testing.T) {
 func everything(t *testing.T) *Metrics {
 	t.Helper()
 	m := New(build)
-	m.Host(func() HostStats { return HostStats{} })
+	m.Host(func() HostStats {
+		return HostStats{Mesh: &MeshStats{Peers: []MeshPeer{{Network: "default", Peer: "b", State: "reachable", Reachable: true, MTUOK: true}}}}
+	})
 	m.EtcdClientOptions()
 	invoker := func(context.Context, string, any, any, *grpc.ClientConn, ...grpc.CallOption) error { return nil }
 	if err := m.etcd.UnaryClientInterceptor()(t.Context(), "/etcdserverpb.KV/Range", nil, nil, nil, invoker); err != nil {

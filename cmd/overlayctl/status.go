@@ -64,7 +64,7 @@ func statusCmd(ctx context.Context, c conn, args []string, stdout, stderr io.Wri
 	}
 	fmt.Fprintln(stdout)
 	tw = tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NETWORK\tVNI\tCIDR\tSTATE\tBLOCKS\tADDRESSES\tFREE\tPEERS\tFDB\tNEIGH\tROUTES\tLAST PASS")
+	fmt.Fprintln(tw, "NETWORK\tVNI\tCIDR\tSTATE\tBLOCKS\tADDRESSES\tFREE\tPEERS\tFDB\tNEIGH\tROUTES\tLAST PASS\tMESH")
 	for _, n := range st.Networks {
 		state := "ready"
 		switch {
@@ -80,8 +80,8 @@ func statusCmd(ctx context.Context, c conn, args []string, stdout, stderr io.Wri
 				pass += " (failed)"
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\n", n.Name, n.VNI, n.CIDR, state, prefixList(n.Blocks),
-			n.Addresses, n.Free, n.PeersProgrammed, n.Entries["fdb"], n.Entries["neighbour"], n.Entries["route"], pass)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\n", n.Name, n.VNI, n.CIDR, state, prefixList(n.Blocks),
+			n.Addresses, n.Free, n.PeersProgrammed, n.Entries["fdb"], n.Entries["neighbour"], n.Entries["route"], pass, meshText(n.Mesh))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -93,6 +93,24 @@ func statusCmd(ctx context.Context, c conn, args []string, stdout, stderr io.Wri
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", p.Host, p.Underlay, p.Gossip)
 	}
 	return tw.Flush()
+}
+
+// meshText renders a network's peers by the health mesh's state:
+// "off" when it is off, else the count of each state, the faults first.
+func meshText(m map[string]int) string {
+	if m == nil {
+		return "off"
+	}
+	var parts []string
+	for _, s := range []struct{ state, word string }{{"unreachable", "UNREACHABLE"}, {"mtu", "MTU TOO SMALL"}, {"reachable", "reachable"}} {
+		if m[s.state] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", m[s.state], s.word))
+		}
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ", ")
 }
 
 // prefixList renders prefixes separated by commas, "-" for none.

@@ -135,6 +135,9 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	fs.DurationVar(&cfg.ReclaimAfter, "reclaim-after", cfg.ReclaimAfter, "how long a host's liveness key must be gone before other hosts free its blocks")
 	fs.DurationVar(&cfg.OrphanGrace, "orphan-grace", cfg.OrphanGrace, "how long after start to wait before releasing the addresses of containers whose veth is gone")
 	fs.DurationVar(&cfg.DoctorInterval, "doctor-interval", cfg.DoctorInterval, "how often the doctor checks this host and stores its report in etcd for overlayctl doctor")
+	noMesh := fs.Bool("no-health-mesh", false, "do not probe the peers across the overlay")
+	fs.DurationVar(&cfg.MeshInterval, "mesh-interval", cfg.MeshInterval, "how often the health mesh probes each peer of each network, while --mesh-rate allows")
+	fs.Float64Var(&cfg.MeshRate, "mesh-rate", cfg.MeshRate, "the health mesh's budget: peers probed per second at most (a small and a full-MTU ping each)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	logFormat := fs.String("log-format", "text", "text or json")
 	fs.String("config", "", "file of flags, one per line as `name value` (# starts a comment); the command line and OVERLAYD_* environment variables override it")
@@ -149,6 +152,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	if *showVersion {
 		return cfg, nil, nil, errVersion
 	}
+	cfg.NoMesh = *noMesh
 
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {

@@ -41,7 +41,7 @@ func TestSystemdUnit(t *testing.T) {
 	for _, kv := range settings {
 		has[kv[0]] = kv[1]
 	}
-	for k, v := range map[string]string{"Type": "notify", "NotifyAccess": "main", "Restart": "on-failure", "WatchdogSec": "60s", "CapabilityBoundingSet": "CAP_NET_ADMIN"} {
+	for k, v := range map[string]string{"Type": "notify", "NotifyAccess": "main", "Restart": "on-failure", "WatchdogSec": "60s", "CapabilityBoundingSet": "CAP_NET_ADMIN CAP_NET_RAW"} {
 		if has[k] != v {
 			t.Errorf("%s=%q; want %q", k, has[k], v)
 		}
