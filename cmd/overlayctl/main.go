@@ -18,6 +18,10 @@
 //	overlayctl [connection flags] doctor [--local] [--json]
 //	overlayctl --version
 //
+// The connection flags can also be set in the environment:
+// OVERLAYCTL_ETCD_ENDPOINTS, OVERLAYCTL_ETCD_CA, OVERLAYCTL_SOCKET and so
+// on; the command line wins.
+//
 // status, doctor --local and address release talk to the overlayd of
 // this host over its socket (root only); the other commands talk to etcd
 // and work from any machine that reaches it.
@@ -40,6 +44,8 @@ import (
 	"time"
 
 	"github.com/overlaynet/overlay/cnirpc"
+	"github.com/peterbourgon/ff/v3"
+
 	"github.com/overlaynet/overlay/internal/version"
 	"github.com/overlaynet/overlay/ipam/etcd"
 )
@@ -56,6 +62,10 @@ type usageError struct{ msg string }
 func (e usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
+
+// envPrefix starts the environment variables that set overlayctl's
+// connection flags: OVERLAYCTL_ETCD_ENDPOINTS sets --etcd-endpoints.
+const envPrefix = "OVERLAYCTL"
 
 // conn is how overlayctl reaches etcd, and this host's overlayd.
 type conn struct {
@@ -114,11 +124,14 @@ func dispatch(ctx context.Context, args []string, stdout, stderr io.Writer) erro
        overlayctl [flags] doctor [--local]`)
 		fs.PrintDefaults()
 	}
-	if err := fs.Parse(args); err != nil {
+	// Each connection flag can come from the environment too:
+	// OVERLAYCTL_ and the flag's name in capitals with _ for -, so that
+	// a shell (or a profile on a host) sets the cluster's TLS files once.
+	if err := ff.Parse(fs, args, ff.WithEnvVarPrefix(envPrefix)); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
 		}
-		return usageError{err.Error()}
+		return usageError{strings.TrimPrefix(err.Error(), "error parsing commandline arguments: ")}
 	}
 	if *showVersion {
 		fmt.Fprintln(stdout, version.String("overlayctl"))

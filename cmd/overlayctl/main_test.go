@@ -150,3 +150,24 @@ func TestVersion(t *testing.T) {
 		t.Fatalf("--version: exit %d, %q, %q", code, out.String(), errb.String())
 	}
 }
+
+// TestEnvironment: the connection flags come from OVERLAYCTL_ variables
+// too, the command line winning; a bad value names the variable.
+func TestEnvironment(t *testing.T) {
+	cli := etcdtest.Start(t)
+	t.Setenv("OVERLAYCTL_ETCD_ENDPOINTS", strings.Join(cli.Endpoints(), ","))
+	var out, errb bytes.Buffer
+	if code := run(context.Background(), []string{"network", "list"}, &out, &errb); code != 0 || !strings.Contains(out.String(), "NAME") {
+		t.Fatalf("network list with the endpoint from the environment: %d %q %q", code, out.String(), errb.String())
+	}
+	out.Reset()
+	errb.Reset()
+	if code := run(context.Background(), []string{"--etcd-endpoints", "unix:///nonexistent/etcd.sock", "--etcd-dial-timeout", "300ms", "network", "list"}, &out, &errb); code != 1 {
+		t.Fatalf("the command line did not win over the environment: %d %q", code, errb.String())
+	}
+	t.Setenv("OVERLAYCTL_ETCD_DIAL_TIMEOUT", "soon")
+	errb.Reset()
+	if code := run(context.Background(), []string{"network", "list"}, &out, &errb); code != 2 || !strings.Contains(errb.String(), "OVERLAYCTL_ETCD_DIAL_TIMEOUT") {
+		t.Fatalf("a bad value in the environment: %d %q", code, errb.String())
+	}
+}
