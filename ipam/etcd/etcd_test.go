@@ -417,11 +417,11 @@ func TestHostsLeavesOutBadRecords(t *testing.T) {
 }
 
 // TestClaimWhoseAnswerIsLost: a claim that commits but whose answer is
-// lost (a timeout under load) is found out and held, not leaked: etcd
-// and the pool agree on the host's blocks.
+// lost (a timeout under load) is sent again, finds its first attempt and
+// holds the block, not leaked: etcd and the pool agree on the host's
+// blocks.
 func TestClaimWhoseAnswerIsLost(t *testing.T) {
-	// The etcd client retries a Txn whose answer came back as a gRPC
-	// status, and returns a context error at once: both are covered.
+	// A lost answer surfaces as a gRPC status or as the context's error.
 	for _, lost := range []error{status.Error(codes.DeadlineExceeded, "the answer was lost"), context.DeadlineExceeded} {
 		t.Run(fmt.Sprint(lost), func(t *testing.T) { claimWithAnswerLost(t, lost) })
 	}

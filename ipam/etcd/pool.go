@@ -269,46 +269,46 @@ func (p *Pool) Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Pr
 	try := func(b netip.Prefix) (bool, error) {
 		key := p.s.blockKey(p.net.Name, b)
 		// Fenced on the network: a claim racing with its deletion must
-		// not leave a block behind.
-		resp, err := p.s.cli.Txn(ctx).
-			If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
-				clientv3.Compare(clientv3.CreateRevision(p.s.networkKey(p.net.Name)), ">", 0)).
-			Then(clientv3.OpPut(key, string(val))).
-			Else(clientv3.OpGet(p.s.networkKey(p.net.Name), clientv3.WithCountOnly()), clientv3.OpGet(key)).
-			Commit()
+		// not leave a block behind. The Else branch reads the block, so
+		// that a claim sent again finds its own first attempt.
+		txn := func(ctx context.Context) (*clientv3.TxnResponse, error) {
+			return p.s.cli.Txn(ctx).
+				If(clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+					clientv3.Compare(clientv3.CreateRevision(p.s.networkKey(p.net.Name)), ">", 0)).
+				Then(clientv3.OpPut(key, string(val))).
+				Else(clientv3.OpGet(p.s.networkKey(p.net.Name), clientv3.WithCountOnly()), clientv3.OpGet(key)).
+				Commit()
+		}
+		resp, err := txn(ctx)
 		if err != nil {
-			// The claim may have committed before its answer was lost
-			// (a timeout under load): a block this host owns in etcd
-			// but does not know it holds would be lost to the network
-			// until the host restarts. Find out.
-			if createRev, modRev, ok := p.claimed(ctx, key, now); ok {
-				p.mu.Lock()
-				p.held[b] = held{createRev: createRev, modRev: modRev}
-				p.mu.Unlock()
-				return true, nil
+			// The claim may be committed, or still waiting in etcd's
+			// log, while its answer is lost (a timeout under load): a
+			// block this host owns in etcd but does not know it holds
+			// would be lost to the network until the host restarts.
+			// The same claim sent again has a definite answer: it
+			// commits if the first never will, or fails its compare
+			// and reads the first's record.
+			if resp, err = p.resend(ctx, txn); err != nil {
+				return false, fmt.Errorf("claim block %s for %s: %w", b, p.host, err)
 			}
-			return false, fmt.Errorf("claim block %s for %s: %w", b, p.host, err)
 		}
 		if !resp.Succeeded && resp.Responses[0].GetResponseRange().Count == 0 {
 			return false, fmt.Errorf("claim block %s for %s: network %q was deleted: %w", b, p.host, p.net.Name, overlay.ErrNotFound)
 		}
 		if !resp.Succeeded {
-			// The etcd client retries a request whose answer was lost:
-			// the block may be taken by this very claim's first attempt.
 			if kvs := resp.Responses[1].GetResponseRange().Kvs; len(kvs) > 0 && ownClaim(kvs[0].Value, p.host, now) {
 				p.mu.Lock()
 				p.held[b] = held{createRev: kvs[0].CreateRevision, modRev: kvs[0].ModRevision}
 				p.mu.Unlock()
 				return true, nil
 			}
+			return false, nil
 		}
-		if resp.Succeeded {
-			rev := resp.Header.Revision
-			p.mu.Lock()
-			p.held[b] = held{createRev: rev, modRev: rev}
-			p.mu.Unlock()
-		}
-		return resp.Succeeded, nil
+		rev := resp.Header.Revision
+		p.mu.Lock()
+		p.held[b] = held{createRev: rev, modRev: rev}
+		p.mu.Unlock()
+		return true, nil
 	}
 	if want.IsValid() {
 		if ok, err := try(want); ok || err != nil {
@@ -384,25 +384,29 @@ func (p *Pool) Claim(ctx context.Context, want netip.Prefix, avoid func(netip.Pr
 		p.host, p.net.Name, p.net.CIDR, p.net.NumBlocks(), p.net.BlockBits, overlay.ErrPoolExhausted)
 }
 
-// resolveTimeout bounds the read that finds out whether a claim whose
-// answer was lost committed.
-const resolveTimeout = 5 * time.Second
+// resendTimeout bounds the claims sent again to learn what became of
+// one whose answer was lost, all together.
+const resendTimeout = 5 * time.Second
 
-// claimed reports whether block key holds the claim this pool made at
-// claimedAt (its record names this host and that instant, which no other
-// claim shares), with the key's revisions. It reads with a bound of its
-// own: the claim's context may be what ran out.
-func (p *Pool) claimed(ctx context.Context, key string, claimedAt time.Time) (createRev, modRev int64, ok bool) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), resolveTimeout)
+// resend sends a claim whose answer was lost again, until one attempt
+// gets an answer or resendTimeout has passed. It uses a bound of its own:
+// the claim's context may be what ran out.
+func (p *Pool) resend(ctx context.Context, txn func(context.Context) (*clientv3.TxnResponse, error)) (*clientv3.TxnResponse, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), resendTimeout)
 	defer cancel()
-	resp, err := p.s.cli.Get(ctx, key)
-	if err != nil || len(resp.Kvs) == 0 {
-		return 0, 0, false
+	for {
+		actx, acancel := context.WithTimeout(ctx, resendTimeout/5)
+		resp, err := txn(actx)
+		acancel()
+		if err == nil || ctx.Err() != nil {
+			return resp, err
+		}
+		select { // an etcd that refuses at once is not asked in a loop
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(resendTimeout / 50):
+		}
 	}
-	if !ownClaim(resp.Kvs[0].Value, p.host, claimedAt) {
-		return 0, 0, false
-	}
-	return resp.Kvs[0].CreateRevision, resp.Kvs[0].ModRevision, true
 }
 
 // ownClaim reports whether a block record is host's claim made at
