@@ -403,6 +403,12 @@ func (d *Network) Release(ctx context.Context, a netip.Addr, force bool) (overla
 		return overlay.AttachmentKey{}, false, errorf(NotFound, nil, "release: no container on this host holds %s on network %s (`overlayctl address holder %s %s` says which host's block it is in)", a, d.network.Name, d.network.Name, a)
 	}
 	key := list[i].Key
+	d.mu.Lock()
+	_, pending := d.pending[key]
+	d.mu.Unlock()
+	if pending {
+		return key, false, errorf(Unavailable, nil, "release: container %s interface %s is being deleted (a DEL in progress): its address is free in a moment", key.ContainerID, key.IfName)
+	}
 	name := overlay.HostVethName(d.network.Name, key)
 	state, err := d.links.State(name)
 	if err != nil {

@@ -94,8 +94,8 @@ type NetworkStatus struct {
 	LastSuccess  time.Time `json:"lastSuccess"`
 	PassFailures uint64    `json:"passFailures"`
 	// Mesh counts the network's peers by the health mesh's state
-	// (reachable, mtu, unreachable; those not probed yet are left
-	// out); nil when the mesh is off.
+	// (reachable, mtu, unreachable, unknown; those not probed yet are
+	// left out); nil when the mesh is off.
 	Mesh map[string]int `json:"mesh,omitempty"`
 }
 
@@ -149,7 +149,8 @@ type Finding struct {
 	// Network is the network concerned; "" for the host as a whole.
 	Network string `json:"network,omitempty"`
 	// Check names the check that found it: etcd, liveness, forwarding,
-	// firewall, gossip, dataplane, reconcile, addresses.
+	// firewall, gossip, dataplane, reconcile, addresses, mesh (and, in
+	// overlayctl's own findings, registration and doctor).
 	Check string `json:"check"`
 	// Problem says what differs.
 	Problem string `json:"problem"`

@@ -5,6 +5,7 @@ package daemon
 
 import (
 	"log/slog"
+	"math"
 	"net/netip"
 	"time"
 
@@ -72,11 +73,14 @@ type Config struct {
 	// DoctorInterval is how often overlayd runs the doctor's checks on
 	// its host and stores the report in etcd.
 	DoctorInterval time.Duration
-	// NoMesh turns the health mesh off; MeshInterval is how often it
-	// probes each peer, and MeshRate how many peers a second at most.
-	NoMesh       bool
+	// NoMesh turns the health mesh off.
+	NoMesh bool
+	// MeshInterval is how often the health mesh probes each peer, while
+	// MeshRate allows.
 	MeshInterval time.Duration
-	MeshRate     float64
+	// MeshRate is the health mesh's budget: peers probed per second at
+	// most.
+	MeshRate float64
 	// Logger receives every log line.
 	Logger *slog.Logger
 }
@@ -103,7 +107,7 @@ func (c Config) withDefaults() Config {
 			*f.v = *f.d
 		}
 	}
-	if c.MeshRate <= 0 {
+	if !(c.MeshRate > 0) || math.IsInf(c.MeshRate, 0) { // NaN too
 		c.MeshRate = def.MeshRate
 	}
 	for _, f := range []struct{ v, d *string }{

@@ -110,7 +110,7 @@ func (c control) status(ctx context.Context) ctlapi.Status {
 		Networks: []ctlapi.NetworkStatus{},
 		Peers:    []ctlapi.PeerStatus{},
 	}
-	if err := h.store.Ping(ctx); err != nil {
+	if err := h.ping(ctx); err != nil {
 		st.Etcd.Error = err.Error()
 	}
 	var mesh map[string]map[string]int
@@ -155,7 +155,21 @@ func gossipWord(s gossip.State) string {
 	return "unknown"
 }
 
-func (c control) doctor(ctx context.Context) ctlapi.Report { return c.h.doctor(ctx, c.set.Started()) }
+func (c control) doctor(ctx context.Context) ctlapi.Report {
+	return c.h.doctor(ctx, c.set.Started(), c.set.Kick)
+}
+
+// pingTimeout bounds the doctor's and the status's check that etcd
+// answers: the etcd client waits for a connection until its context
+// ends, and an outage must not use up the whole request.
+const pingTimeout = 3 * time.Second
+
+// ping checks that etcd answers a quorum read within pingTimeout.
+func (h *host) ping(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, pingTimeout)
+	defer cancel()
+	return h.store.Ping(ctx)
+}
 
 func (c control) release(ctx context.Context, req ctlapi.ReleaseRequest) (ctlapi.ReleaseResponse, error) {
 	n, ok := c.set.Runtime(req.Network)

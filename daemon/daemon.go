@@ -288,9 +288,16 @@ func Run(ctx context.Context, cfg Config) error {
 		} else {
 			defer pinger.Close()
 			h.mesh = mesh.New(mesh.Config{Interval: cfg.MeshInterval, Rate: cfg.MeshRate, Log: log.With("component", "mesh")}, func() []mesh.Target {
+				// Peers gossip saw fail or leave are not probed: a host
+				// that is down would be a red pair on every other host,
+				// which OverlaydDown and the doctor already say better.
 				var all []mesh.Target
 				for _, n := range set.Started() {
-					all = append(all, n.MeshTargets()...)
+					for _, tg := range n.MeshTargets() {
+						if g.State(tg.Peer) != gossip.Departed {
+							all = append(all, tg)
+						}
+					}
 				}
 				return all
 			}, pinger)
@@ -323,7 +330,7 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return store.WatchNetworks(ctx, set.Kick) })
 	eg.Go(func() error { return g.Run(ctx) })
 	eg.Go(func() error { return live.Run(ctx, lease) })
-	eg.Go(func() error { return h.runDoctor(ctx, set.Started, cfg.DoctorInterval) })
+	eg.Go(func() error { return h.runDoctor(ctx, set.Started, set.Kick, cfg.DoctorInterval) })
 	if h.mesh != nil {
 		eg.Go(func() error { return h.mesh.Run(ctx) })
 	}

@@ -33,6 +33,10 @@ import (
 // before it checks a network a second time.
 const settleTimeout = 3 * time.Second
 
+// firewallSettle is how long the doctor gives the host's convergence
+// before it checks the firewall's table a second time.
+const firewallSettle = 2 * time.Second
+
 // doctorParallel is how many networks the doctor checks at once.
 const doctorParallel = 8
 
@@ -40,7 +44,8 @@ const doctorParallel = 8
 // state that are still there after a reconcile pass: check runs against
 // desired, then, when it found any, settle lets a pass run and both run
 // again. A difference that a pass repairs, or that comes from a change in
-// etcd the loop had not applied yet, is not a fault.
+// etcd the loop had not applied yet, is not a fault. The error is that of
+// the last run: what could not be read, beside what could.
 func persisting(ctx context.Context, desired func(context.Context) (overlay.DataplaneConfig, error),
 	check func(context.Context, overlay.DataplaneConfig) ([]overlay.Difference, error), settle func(context.Context)) ([]overlay.Difference, error) {
 	run := func() ([]overlay.Difference, error) {
@@ -51,19 +56,17 @@ func persisting(ctx context.Context, desired func(context.Context) (overlay.Data
 		return check(ctx, cfg)
 	}
 	first, err := run()
-	if err != nil || len(first) == 0 {
-		return first, err
-	}
-	settle(ctx)
-	second, err := run()
-	if err != nil {
+	if len(first) == 0 {
 		return nil, err
 	}
+	// Differences found beside a failed read are checked again too.
+	settle(ctx)
+	second, err := run()
 	seen := make(map[overlay.Difference]bool, len(first))
 	for _, d := range first {
 		seen[d] = true
 	}
-	return slices.DeleteFunc(second, func(d overlay.Difference) bool { return !seen[d] }), nil
+	return slices.DeleteFunc(second, func(d overlay.Difference) bool { return !seen[d] }), err
 }
 
 // differenceFinding is the finding of a difference that outlasted a
@@ -89,15 +92,27 @@ func differenceFinding(name string, d overlay.Difference, lastErr error) ctlapi.
 
 // doctor runs the doctor's checks on this host: the host-wide ones, then
 // every network's.
-func (h *host) doctor(ctx context.Context, nets []network) ctlapi.Report {
+// kick asks the host for a convergence of its networks (the firewall's
+// rules among them).
+func (h *host) doctor(ctx context.Context, nets []network, kick func()) ctlapi.Report {
+	down := make(map[overlay.HostID]bool) // hosts without a liveness key
 	r := ctlapi.Report{Host: h.id, Checked: time.Now().UTC()}
 	add := func(fs ...ctlapi.Finding) { r.Findings = append(r.Findings, fs...) }
-	if err := h.store.Ping(ctx); err != nil {
+	if err := h.ping(ctx); err != nil {
 		add(ctlapi.Finding{Severity: ctlapi.Error, Check: "etcd", Problem: err.Error(),
 			Fix: "containers keep their connectivity and ADD is served from the blocks this host holds; new blocks, new hosts and network changes wait. Check --etcd-endpoints, etcd's health (etcdctl endpoint health) and the path from this host to it"})
 	} else {
-		add(h.peerFindings(ctx)...)
-		add(h.firewallFindings(ctx)...)
+		states, err := h.store.HostStates(ctx)
+		if err != nil && states == nil {
+			add(ctlapi.Finding{Severity: ctlapi.Warning, Check: "gossip", Problem: "cannot list the hosts in etcd: " + err.Error(), Fix: "run the doctor again"})
+		}
+		add(peerFindings(h.id, states, h.gossip.State)...)
+		for _, st := range states {
+			if st.Live == nil {
+				down[st.Host] = true
+			}
+		}
+		add(h.firewallFindings(ctx, kick)...)
 	}
 	if !h.live.Alive() {
 		add(ctlapi.Finding{Severity: ctlapi.Error, Check: "liveness", Problem: "this host's liveness key is gone from etcd",
@@ -116,7 +131,7 @@ func (h *host) doctor(ctx context.Context, nets []network) ctlapi.Report {
 		for _, rec := range h.dir.Records() {
 			underlay[rec.Host] = rec.Underlay
 		}
-		add(meshFindings(h.ul.Addr, h.mesh.States(), underlay, time.Now())...)
+		add(meshFindings(h.ul.Addr, h.mesh.States(), underlay, down)...)
 	}
 	// The networks at once, a few at a time: each may wait for a pass.
 	per := make([][]ctlapi.Finding, len(nets))
@@ -155,15 +170,6 @@ func sortFindings(fs []ctlapi.Finding) {
 
 // peerFindings compares, for every other host, what etcd says (its
 // liveness key) with what gossip says.
-func (h *host) peerFindings(ctx context.Context) []ctlapi.Finding {
-	states, err := h.store.HostStates(ctx)
-	if err != nil && states == nil {
-		return []ctlapi.Finding{{Severity: ctlapi.Warning, Check: "gossip", Problem: "cannot list the hosts in etcd: " + err.Error(), Fix: "run the doctor again"}}
-	}
-	return peerFindings(h.id, states, h.gossip.State)
-}
-
-// peerFindings is the pure part of host.peerFindings.
 func peerFindings(self overlay.HostID, states []etcd.HostState, gossipState func(overlay.HostID) gossip.State) []ctlapi.Finding {
 	var out []ctlapi.Finding
 	for _, st := range states {
@@ -191,18 +197,32 @@ func peerFindings(self overlay.HostID, states []etcd.HostState, gossipState func
 
 // firewallFindings compares this host's nftables table with the rules of
 // the networks in etcd.
-func (h *host) firewallFindings(ctx context.Context) []ctlapi.Finding {
-	defs, err := h.store.Networks(ctx)
-	if err != nil && defs == nil {
-		return nil // etcd's failure is its own finding
-	}
+// A network created or deleted a moment ago is in etcd before the table:
+// a difference is checked again after a convergence (kick).
+func (h *host) firewallFindings(ctx context.Context, kick func()) []ctlapi.Finding {
 	// A connection of its own: the host's table is not safe for
 	// concurrent use, and converge uses it.
 	t, err := firewall.New()
 	if err != nil {
 		return []ctlapi.Finding{{Severity: ctlapi.Warning, Check: "firewall", Problem: "cannot read nftables: " + err.Error(), Fix: "run the doctor as root"}}
 	}
-	missing, stale, err := t.Check(defs)
+	check := func() ([]string, []string, error) {
+		defs, err := h.store.Networks(ctx)
+		if err != nil && defs == nil {
+			return nil, nil, err
+		}
+		return t.Check(defs)
+	}
+	missing, stale, err := check()
+	if err == nil && len(missing)+len(stale) > 0 {
+		kick()
+		select {
+		case <-ctx.Done():
+		case <-time.After(firewallSettle):
+		}
+		missing2, stale2, err2 := check()
+		missing, stale, err = intersect(missing, missing2), intersect(stale, stale2), err2
+	}
 	if err != nil {
 		return []ctlapi.Finding{{Severity: ctlapi.Warning, Check: "firewall", Problem: err.Error(), Fix: "run the doctor again"}}
 	}
@@ -250,7 +270,7 @@ func (d *doctorStats) get() (map[string]int, time.Time) {
 // done. It logs the findings when they change, and stores the report in
 // etcd (for overlayctl doctor) when they change or reportRefresh
 // intervals after the last write.
-func (h *host) runDoctor(ctx context.Context, nets func() []network, interval time.Duration) error {
+func (h *host) runDoctor(ctx context.Context, nets func() []network, kick func(), interval time.Duration) error {
 	t := time.NewTimer(min(firstDoctorDelay, interval))
 	defer t.Stop()
 	var last []ctlapi.Finding
@@ -264,7 +284,7 @@ func (h *host) runDoctor(ctx context.Context, nets func() []network, interval ti
 		}
 		t.Reset(interval)
 		dctx, cancel := context.WithTimeout(ctx, controlTimeout)
-		r := h.doctor(dctx, nets())
+		r := h.doctor(dctx, nets(), kick)
 		cancel()
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -304,22 +324,36 @@ func (h *host) runDoctor(ctx context.Context, nets func() []network, interval ti
 
 // meshFindings names the pairs the health mesh finds cut or too narrow
 // for the overlay's MTU; self is this host's underlay address, underlay
-// the peers'.
-func meshFindings(self netip.Addr, states []mesh.State, underlay map[overlay.HostID]netip.Addr, now time.Time) []ctlapi.Finding {
+// the peers', and down the hosts without a liveness key, whose pairs are
+// a consequence of the host being down (a finding of its own), not of the
+// path to it. The text holds no duration, so that a fault that lasts
+// gives the same finding run after run.
+func meshFindings(self netip.Addr, states []mesh.State, underlay map[overlay.HostID]netip.Addr, down map[overlay.HostID]bool) []ctlapi.Finding {
 	var out []ctlapi.Finding
 	for _, st := range states {
 		peer := underlay[st.Peer]
-		since := now.Sub(st.Since).Round(time.Second)
-		switch st.Word() {
-		case "unreachable":
+		since := st.Since.UTC().Format(time.RFC3339)
+		word := st.Word()
+		switch {
+		case word != "unreachable" && word != "mtu":
+		case down[st.Peer]:
+			out = append(out, ctlapi.Finding{Severity: ctlapi.Warning, Network: st.Network, Check: "mesh",
+				Problem: fmt.Sprintf("host %s does not answer across the overlay since %s, and its liveness key is gone: the host or its overlayd is down", st.Peer, since),
+				Fix:     fmt.Sprintf("start overlayd on %s; if the host is gone for good, `overlayctl host remove %s`", st.Peer, st.Peer)})
+		case word == "unreachable":
 			out = append(out, ctlapi.Finding{Severity: ctlapi.Error, Network: st.Network, Check: "mesh",
-				Problem: fmt.Sprintf("host %s does not answer across the overlay (its gateway %s) for %s: %s", st.Peer, st.Addr, since, st.Err),
+				Problem: fmt.Sprintf("host %s does not answer across the overlay (its gateway %s) since %s: %s", st.Peer, st.Addr, since, st.Err),
 				Fix:     fmt.Sprintf("the VXLAN path between this host (%s) and %s is cut: check that the network's VXLAN UDP port is open both ways between the two underlay addresses, and watch it with `tcpdump -ni <underlay-if> udp port <vxlan-port>` on both; `overlayctl doctor` shows whether %s's own devices are in order", self, peer, st.Peer)})
-		case "mtu":
+		default:
 			out = append(out, ctlapi.Finding{Severity: ctlapi.Error, Network: st.Network, Check: "mesh",
-				Problem: fmt.Sprintf("host %s answers small probes but not full-size ones (%d bytes, not fragmented) for %s: the path to it is narrower than the overlay's MTU", st.Peer, st.MTU, since),
+				Problem: fmt.Sprintf("host %s answers small probes but not full-size ones (%d bytes, not fragmented) since %s: the path to it is narrower than the overlay's MTU", st.Peer, st.MTU, since),
 				Fix:     fmt.Sprintf("the underlay between %s and %s must carry %d bytes (the overlay's MTU plus %d of VXLAN): give every host and link the same underlay MTU, or give the network a lower MTU; if the MTU is right, try turning off the NICs' UDP tunnel offloads (`ethtool -K <if> tx-udp_tnl-segmentation off`)", self, peer, st.MTU+vxlan.Overhead, vxlan.Overhead)})
 		}
 	}
 	return out
+}
+
+// intersect returns the elements of a that b holds too, in a's order.
+func intersect(a, b []string) []string {
+	return slices.DeleteFunc(slices.Clone(a), func(s string) bool { return !slices.Contains(b, s) })
 }

@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -165,27 +167,41 @@ func TestControlHandler(t *testing.T) {
 }
 
 // TestMeshFindings: a pair cut and a pair too narrow for the MTU are each
-// an error that names the peer, its underlay address and the fix; a
-// reachable pair and one not probed yet are not findings.
+// an error that names the peer, its underlay address, since when and the
+// fix; a pair to a host that is down is a warning that says so; a
+// reachable pair and one not decided yet are not findings. The text is
+// the same run after run while the fault lasts.
 func TestMeshFindings(t *testing.T) {
-	now := time.Unix(2000, 0)
-	probed := now.Add(-time.Second)
-	states := []mesh.State{
-		{Target: mesh.Target{Network: "red", Peer: "b", Addr: netip.MustParseAddr("10.1.0.65"), MTU: 1450}, Probed: probed, Reachable: false, Since: now.Add(-time.Minute), Err: "no answer"},
-		{Target: mesh.Target{Network: "red", Peer: "c", Addr: netip.MustParseAddr("10.1.0.129"), MTU: 1450}, Probed: probed, Reachable: true, MTUOK: false, Since: now.Add(-time.Minute)},
-		{Target: mesh.Target{Network: "red", Peer: "d", MTU: 1450}, Probed: probed, Reachable: true, MTUOK: true},
-		{Target: mesh.Target{Network: "red", Peer: "e", MTU: 1450}},
+	since := time.Date(2026, 12, 3, 7, 0, 0, 0, time.UTC)
+	lost := fmt.Errorf("no answer: %w", context.DeadlineExceeded)
+	p := mesh.New(mesh.Config{}, nil, nil)
+	tg := func(peer string, last byte) mesh.Target {
+		return mesh.Target{Network: "red", Peer: overlay.HostID(peer), Addr: netip.AddrFrom4([4]byte{10, 1, 0, last}), MTU: 1450}
 	}
+	for range 2 {
+		p.Record(tg("b", 65), 0, lost, lost, since)
+		p.Record(tg("c", 129), time.Millisecond, nil, lost, since)
+		p.Record(tg("d", 193), time.Millisecond, nil, nil, since)
+		p.Record(tg("gone", 9), 0, lost, lost, since)
+	}
+	p.Record(tg("e", 33), 0, lost, lost, since)
 	underlay := map[overlay.HostID]netip.Addr{"b": netip.MustParseAddr("198.18.0.2"), "c": netip.MustParseAddr("198.18.0.3")}
-	got := meshFindings(netip.MustParseAddr("198.18.0.1"), states, underlay, now)
-	if len(got) != 2 {
-		t.Fatalf("findings %+v; want b's and c's", got)
+	down := map[overlay.HostID]bool{"gone": true}
+	got := meshFindings(netip.MustParseAddr("198.18.0.1"), p.States(), underlay, down)
+	if len(got) != 3 {
+		t.Fatalf("findings %+v; want b's, c's and gone's", got)
 	}
-	if f := got[0]; f.Severity != ctlapi.Error || f.Network != "red" || !strings.Contains(f.Problem, "host b does not answer") || !strings.Contains(f.Problem, "1m0s") ||
+	if f := got[0]; f.Severity != ctlapi.Error || f.Network != "red" || !strings.Contains(f.Problem, "host b does not answer") || !strings.Contains(f.Problem, "since 2026-12-03T07:00:00Z") ||
 		!strings.Contains(f.Fix, "198.18.0.1") || !strings.Contains(f.Fix, "198.18.0.2") {
 		t.Errorf("cut pair: %+v", f)
 	}
 	if f := got[1]; !strings.Contains(f.Problem, "host c answers small probes but not full-size ones (1450 bytes") || !strings.Contains(f.Fix, "must carry 1500 bytes") {
 		t.Errorf("narrow pair: %+v", f)
+	}
+	if f := got[2]; f.Severity != ctlapi.Warning || !strings.Contains(f.Problem, "liveness key is gone") || !strings.Contains(f.Fix, "overlayctl host remove gone") {
+		t.Errorf("a pair to a host that is down: %+v", f)
+	}
+	if again := meshFindings(netip.MustParseAddr("198.18.0.1"), p.States(), underlay, down); !slices.Equal(again, got) {
+		t.Errorf("the findings changed between two runs:\n%+v\n%+v", got, again)
 	}
 }

@@ -180,6 +180,7 @@ type MeshStats struct {
 
 // MeshPeer is one pair of the health mesh.
 type MeshPeer struct {
+	// Network is the network's name, Peer the peer's host ID.
 	Network, Peer string
 	// State is a key of MeshStates.
 	State string
@@ -236,7 +237,7 @@ var (
 	descMeshRTT = prometheus.NewDesc("overlay_mesh_peer_rtt_seconds",
 		"Round trip of the last small probe the peer answered across the overlay.", []string{"network", "peer"}, nil)
 	descMeshPeers = prometheus.NewDesc("overlay_mesh_peers",
-		"Peers of each network by the health mesh's state: reachable, mtu (small probes answered, full-MTU ones lost), unreachable, unknown (not probed yet).", []string{"network", "state"}, nil)
+		"Peers of each network by the health mesh's state: reachable, mtu (small probes answered, full-MTU ones lost), unreachable, unknown (no answer yet, and not two probes lost in a row).", []string{"network", "state"}, nil)
 	descMeshProbes = prometheus.NewDesc("overlay_mesh_probes_total",
 		"Probes the health mesh sent, by size (small, large: the network's MTU) and result (ok, lost, error: not sent).", []string{"size", "result"}, nil)
 	descPeers = prometheus.NewDesc("overlay_peers",
@@ -281,9 +282,15 @@ func (c *hostCollector) Collect(ch chan<- prometheus.Metric) {
 	if m := s.Mesh; m != nil {
 		counts := make(map[string]map[string]int)
 		for _, p := range m.Peers {
-			ch <- gauge(descMeshReachable, b2f(p.Reachable), p.Network, p.Peer)
-			ch <- gauge(descMeshMTU, b2f(p.MTUOK), p.Network, p.Peer)
-			ch <- gauge(descMeshRTT, p.RTT.Seconds(), p.Network, p.Peer)
+			// A pair without a state yet has no series of its own, and
+			// one never answered no round trip.
+			if p.State != "unknown" {
+				ch <- gauge(descMeshReachable, b2f(p.Reachable), p.Network, p.Peer)
+				ch <- gauge(descMeshMTU, b2f(p.MTUOK), p.Network, p.Peer)
+			}
+			if p.RTT > 0 {
+				ch <- gauge(descMeshRTT, p.RTT.Seconds(), p.Network, p.Peer)
+			}
 			if counts[p.Network] == nil {
 				counts[p.Network] = make(map[string]int)
 			}

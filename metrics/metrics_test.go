@@ -120,6 +120,7 @@ func TestMesh(t *testing.T) {
 		Peers: []MeshPeer{
 			{Network: "red", Peer: "b", State: "reachable", Reachable: true, MTUOK: true, RTT: 2 * time.Millisecond},
 			{Network: "red", Peer: "c", State: "mtu", Reachable: true},
+			{Network: "red", Peer: "e", State: "unknown"},
 		},
 		Probes: map[[2]string]uint64{{"small", "ok"}: 7, {"large", "lost"}: 3},
 	}
@@ -131,12 +132,11 @@ overlay_mesh_peer_mtu_ok{network="red",peer="c"} 0
 # HELP overlay_mesh_peer_rtt_seconds Round trip of the last small probe the peer answered across the overlay.
 # TYPE overlay_mesh_peer_rtt_seconds gauge
 overlay_mesh_peer_rtt_seconds{network="red",peer="b"} 0.002
-overlay_mesh_peer_rtt_seconds{network="red",peer="c"} 0
-# HELP overlay_mesh_peers Peers of each network by the health mesh's state: reachable, mtu (small probes answered, full-MTU ones lost), unreachable, unknown (not probed yet).
+# HELP overlay_mesh_peers Peers of each network by the health mesh's state: reachable, mtu (small probes answered, full-MTU ones lost), unreachable, unknown (no answer yet, and not two probes lost in a row).
 # TYPE overlay_mesh_peers gauge
 overlay_mesh_peers{network="red",state="mtu"} 1
 overlay_mesh_peers{network="red",state="reachable"} 1
-overlay_mesh_peers{network="red",state="unknown"} 0
+overlay_mesh_peers{network="red",state="unknown"} 1
 overlay_mesh_peers{network="red",state="unreachable"} 0
 `
 	if err := testutil.GatherAndCompare(m.Registry, strings.NewReader(want), "overlay_mesh_peer_mtu_ok", "overlay_mesh_peer_rtt_seconds", "overlay_mesh_peers"); err != nil {
@@ -262,7 +262,7 @@ func everything(t *testing.T) *Metrics {
 	t.Helper()
 	m := New(build)
 	m.Host(func() HostStats {
-		return HostStats{Mesh: &MeshStats{Peers: []MeshPeer{{Network: "default", Peer: "b", State: "reachable", Reachable: true, MTUOK: true}}}}
+		return HostStats{Mesh: &MeshStats{Peers: []MeshPeer{{Network: "default", Peer: "b", State: "reachable", Reachable: true, MTUOK: true, RTT: time.Millisecond}}}}
 	})
 	m.EtcdClientOptions()
 	invoker := func(context.Context, string, any, any, *grpc.ClientConn, ...grpc.CallOption) error { return nil }

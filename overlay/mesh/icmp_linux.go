@@ -34,8 +34,14 @@ type ICMP struct {
 
 	mu      sync.Mutex
 	seq     uint16
-	waiting map[uint16]chan time.Time
+	waiting map[uint16]waiter
 	done    chan struct{}
+}
+
+// waiter is a ping waiting for its reply, from dst.
+type waiter struct {
+	dst netip.Addr
+	ch  chan time.Time
 }
 
 var _ Pinger = (*ICMP)(nil)
@@ -54,7 +60,7 @@ func ListenICMP() (*ICMP, error) {
 	if err != nil {
 		return nil, fmt.Errorf("health mesh: raw ICMP socket (needs CAP_NET_RAW): %w", err)
 	}
-	c := &ICMP{conn: pc.(*net.IPConn), id: uint16(rand.Uint32()), waiting: make(map[uint16]chan time.Time), done: make(chan struct{})}
+	c := &ICMP{conn: pc.(*net.IPConn), id: uint16(rand.Uint32()), waiting: make(map[uint16]waiter), done: make(chan struct{})}
 	go c.read()
 	return c, nil
 }
@@ -71,11 +77,12 @@ func (c *ICMP) read() {
 	defer close(c.done)
 	buf := make([]byte, 1<<16)
 	for {
-		n, _, err := c.conn.ReadFrom(buf)
+		n, from, err := c.conn.ReadFrom(buf)
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
+			time.Sleep(10 * time.Millisecond) // a socket that keeps failing is not read in a loop
 			continue
 		}
 		now := time.Now()
@@ -87,12 +94,17 @@ func (c *ICMP) read() {
 		if !ok || uint16(echo.ID) != c.id {
 			continue
 		}
+		src, _ := netip.AddrFromSlice(from.(*net.IPAddr).IP)
 		c.mu.Lock()
-		ch := c.waiting[uint16(echo.Seq)]
-		delete(c.waiting, uint16(echo.Seq))
+		w, ok := c.waiting[uint16(echo.Seq)]
+		if ok && w.dst == src.Unmap() {
+			delete(c.waiting, uint16(echo.Seq))
+		} else {
+			ok = false // another pinger's reply, or a stray one
+		}
 		c.mu.Unlock()
-		if ch != nil {
-			ch <- now
+		if ok {
+			w.ch <- now
 		}
 	}
 }
@@ -107,15 +119,18 @@ func (c *ICMP) Ping(ctx context.Context, dst netip.Addr, size int) (time.Duratio
 	ch := make(chan time.Time, 1)
 	c.mu.Lock()
 	seq := c.seq
-	for c.waiting[seq] != nil {
+	for {
+		if _, busy := c.waiting[seq]; !busy {
+			break
+		}
 		seq++
 	}
 	c.seq = seq + 1
-	c.waiting[seq] = ch
+	c.waiting[seq] = waiter{dst: dst, ch: ch}
 	c.mu.Unlock()
 	forget := func() {
 		c.mu.Lock()
-		if c.waiting[seq] == ch {
+		if c.waiting[seq].ch == ch {
 			delete(c.waiting, seq)
 		}
 		c.mu.Unlock()
@@ -124,7 +139,7 @@ func (c *ICMP) Ping(ctx context.Context, dst netip.Addr, size int) (time.Duratio
 	b, err := msg.Marshal(nil)
 	if err != nil {
 		forget()
-		return 0, err
+		return 0, fmt.Errorf("ping %s: %w", dst, err)
 	}
 	sent := time.Now()
 	if _, err := c.conn.WriteTo(b, &net.IPAddr{IP: dst.AsSlice()}); err != nil {

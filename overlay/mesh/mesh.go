@@ -70,14 +70,18 @@ type State struct {
 	Err string
 
 	losses, mtuLosses int
+	// decided is whether the pair has a state: its first answer came,
+	// or two probes in a row were lost.
+	decided bool
 }
 
-// Word names the pair's state: "unknown" (not probed yet), "unreachable"
+// Word names the pair's state: "unknown" (no answer yet, and not two
+// probes lost in a row), "unreachable"
 // (small probes lost), "mtu" (small probes answered, full-MTU ones lost)
 // or "reachable".
 func (s State) Word() string {
 	switch {
-	case s.Probed.IsZero():
+	case !s.decided:
 		return "unknown"
 	case !s.Reachable:
 		return "unreachable"
@@ -244,7 +248,7 @@ func (p *Prober) probe(parent context.Context, tg Target) {
 	if parent.Err() != nil {
 		return // stopping: nothing was learnt
 	}
-	p.record(tg, rtt, err, l.err, time.Now())
+	p.Record(tg, rtt, err, l.err, time.Now())
 }
 
 // result names a probe's outcome for Counts.
@@ -258,9 +262,10 @@ func result(err error) string {
 	return "error"
 }
 
-// record updates the pair's state with a probe's answers (smallErr and
-// largeErr nil when answered).
-func (p *Prober) record(tg Target, rtt time.Duration, smallErr, largeErr error, now time.Time) {
+// Record updates the pair's state with the answers to one probe of it at
+// now (smallErr and largeErr nil when answered, rtt the small probe's
+// round trip): what Run does with each probe it sends.
+func (p *Prober) Record(tg Target, rtt time.Duration, smallErr, largeErr error, now time.Time) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.counts[[2]string{"small", result(smallErr)}]++
@@ -268,7 +273,7 @@ func (p *Prober) record(tg Target, rtt time.Duration, smallErr, largeErr error, 
 	k := key{tg.Network, tg.Peer}
 	st, ok := p.states[k]
 	if !ok {
-		st = &State{Reachable: true, MTUOK: true}
+		st = &State{}
 		p.states[k] = st
 	}
 	before := *st
@@ -295,21 +300,29 @@ func (p *Prober) record(tg Target, rtt time.Duration, smallErr, largeErr error, 
 		}
 	}
 	st.Probed = now
-	if !ok || before.Reachable != st.Reachable || before.MTUOK != st.MTUOK {
+	if !st.decided && (smallErr == nil || st.losses >= lossesDown) {
+		// The first answer, or the second loss, decides; a full-MTU
+		// probe not yet answered twice does not hold it up.
+		st.decided = true
+		if smallErr == nil && largeErr != nil && st.mtuLosses < lossesDown {
+			st.MTUOK = true
+		}
+	}
+	if !ok || before.Reachable != st.Reachable || before.MTUOK != st.MTUOK || before.decided != st.decided {
 		st.Since = now
 	}
-	if ok && before.Word() != st.Word() {
+	if was, is := before.Word(), st.Word(); ok && was != is && (was != "unknown" || is != "reachable") {
 		lvl := slog.LevelWarn
-		if st.Word() == "reachable" {
+		if is == "reachable" {
 			lvl = slog.LevelInfo
 		}
 		p.cfg.Log.Log(context.Background(), lvl, "health mesh: a peer's state changed", "network", tg.Network, "peer", tg.Peer,
-			"addr", tg.Addr, "state", st.Word(), "was", before.Word(), "err", st.Err)
+			"addr", tg.Addr, "state", is, "was", was, "err", st.Err)
 	}
 }
 
-// States returns the state of every pair probed at least once, sorted
-// by network and peer.
+// States returns the state of every pair probed at least once (those
+// not decided yet say "unknown"), sorted by network and peer.
 func (p *Prober) States() []State {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -83,7 +83,7 @@ func TestStates(t *testing.T) {
 	now := time.Unix(1000, 0)
 	step := func(small, large error) State {
 		now = now.Add(time.Second)
-		p.record(tg, 3*time.Millisecond, small, large, now)
+		p.Record(tg, 3*time.Millisecond, small, large, now)
 		return p.States()[0]
 	}
 	if st := step(nil, nil); st.Word() != "reachable" || st.RTT != 3*time.Millisecond || !st.Since.Equal(now) {
@@ -107,10 +107,37 @@ func TestStates(t *testing.T) {
 	if c[[2]string{"small", "ok"}] != 3 || c[[2]string{"small", "lost"}] != 2 || c[[2]string{"large", "lost"}] != 3 || c[[2]string{"large", "ok"}] != 2 {
 		t.Errorf("counts %v", c)
 	}
-	p.record(tg, 0, errors.New("send: network is unreachable"), nil, now)
+	p.Record(tg, 0, errors.New("send: network is unreachable"), nil, now)
 	if c := p.Counts(); c[[2]string{"small", "error"}] != 1 {
 		t.Errorf("an error sending is not counted as one: %v", c)
 	}
+
+	// A new pair whose first probe is lost is not decided yet; whose
+	// first small probe is answered is reachable, its MTU given the
+	// benefit of the doubt until two full-size probes are lost.
+	fresh := target("c", 3)
+	p.Record(fresh, 0, lost, lost, now)
+	if st := stateOf(p, fresh); st.Word() != "unknown" {
+		t.Errorf("first probe lost: %s, want unknown", st.Word())
+	}
+	p.Record(fresh, 0, lost, lost, now)
+	if st := stateOf(p, fresh); st.Word() != "unreachable" {
+		t.Errorf("two lost: %s, want unreachable", st.Word())
+	}
+	other := target("d", 4)
+	p.Record(other, time.Millisecond, nil, lost, now)
+	if st := stateOf(p, other); st.Word() != "reachable" {
+		t.Errorf("small answered, one large lost: %s, want reachable", st.Word())
+	}
+}
+
+func stateOf(p *Prober, tg Target) State {
+	for _, st := range p.States() {
+		if st.Peer == tg.Peer {
+			return st
+		}
+	}
+	return State{}
 }
 
 // TestRun: every target is probed with a small and a full-MTU probe, the

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
@@ -133,7 +134,15 @@ func (l *Linux) Check(ctx context.Context, cfg overlay.DataplaneConfig) ([]overl
 	}
 	want, err := desired(cfg)
 	errs := []error{err}
-	l.mu.Lock()
+	// Set holds the lock for a whole pass, which nothing bounds: a
+	// check waits for it only as long as ctx allows.
+	for !l.mu.TryLock() {
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("vxlan: check network %s: waiting for the pass in progress: %w", cfg.Network.Name, ctx.Err())
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
 	defer l.mu.Unlock()
 	var have state
 	var out []overlay.Difference
