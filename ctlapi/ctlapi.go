@@ -105,9 +105,10 @@ type PeerStatus struct {
 	Host overlay.HostID `json:"host"`
 	// Underlay is the peer's underlay address, from its host record.
 	Underlay netip.Addr `json:"underlay"`
-	// Gossip is what gossip says of the peer: "alive", "dead" (it left
-	// or stopped answering) or "unknown" (never seen since overlayd
-	// started).
+	// Gossip is what gossip says of the peer: "alive", "suspect" (this
+	// host's probes got no ack, and memberlist has not declared it
+	// failed yet), "dead" (it left or stopped answering) or "unknown"
+	// (never seen since overlayd started).
 	Gossip string `json:"gossip"`
 }
 

@@ -149,6 +149,8 @@ func gossipWord(s gossip.State) string {
 	switch s {
 	case gossip.Alive:
 		return "alive"
+	case gossip.Suspect:
+		return "suspect"
 	case gossip.Departed:
 		return "dead"
 	}

@@ -653,6 +653,8 @@ func peerStates(self overlay.HostID, registered []overlay.HostID, state func(ove
 		switch state(host) {
 		case gossip.Alive:
 			out["alive"]++
+		case gossip.Suspect:
+			out["suspect"]++
 		case gossip.Departed:
 			out["dead"]++
 		default:

@@ -180,8 +180,11 @@ func peerFindings(self overlay.HostID, states []etcd.HostState, gossipState func
 		switch {
 		case st.Live != nil && gs != gossip.Alive:
 			heard := "gossip on this host has not heard from it since overlayd started"
-			if gs == gossip.Departed {
+			switch gs {
+			case gossip.Departed:
 				heard = "gossip on this host marked it failed"
+			case gossip.Suspect:
+				heard = "gossip on this host suspects it: its probes got no ack"
 			}
 			out = append(out, ctlapi.Finding{Severity: ctlapi.Warning, Check: "gossip",
 				Problem: fmt.Sprintf("host %s is alive in etcd (its liveness key exists) but %s", st.Host, heard),

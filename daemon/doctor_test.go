@@ -83,18 +83,20 @@ func TestPeerFindings(t *testing.T) {
 		{Host: "fine", Record: rec("fine"), Live: live},
 		{Host: "unheard", Record: rec("unheard"), Live: live},
 		{Host: "failed", Record: rec("failed"), Live: live},
+		{Host: "suspected", Record: rec("suspected"), Live: live},
 		{Host: "cut-off", Record: rec("cut-off")},
 		{Host: "down", Record: rec("down")},
 		{Host: "unregistered", Live: live},
 	}
-	gs := map[overlay.HostID]gossip.State{"fine": gossip.Alive, "failed": gossip.Departed, "cut-off": gossip.Alive, "unregistered": gossip.Alive}
+	gs := map[overlay.HostID]gossip.State{"fine": gossip.Alive, "failed": gossip.Departed, "suspected": gossip.Suspect, "cut-off": gossip.Alive, "unregistered": gossip.Alive}
 	got := peerFindings("self", states, func(h overlay.HostID) gossip.State { return gs[h] })
-	if len(got) != 3 {
-		t.Fatalf("findings %+v; want unheard, failed and cut-off", got)
+	if len(got) != 4 {
+		t.Fatalf("findings %+v; want unheard, failed, suspected and cut-off", got)
 	}
 	for i, want := range []struct{ host, says, fix string }{
 		{"unheard", "has not heard from it", "UDP and TCP 198.18.0.9:7946"},
 		{"failed", "marked it failed", "--gossip-key-file"},
+		{"suspected", "suspects it: its probes got no ack", "UDP and TCP"},
 		{"cut-off", "no liveness key", "check etcd from host cut-off"},
 	} {
 		f := got[i]

@@ -53,9 +53,9 @@ func TestHealthEndpoints(t *testing.T) {
 // TestPeerStates: the registered hosts, self left out, by what gossip
 // knows of them.
 func TestPeerStates(t *testing.T) {
-	known := map[overlay.HostID]gossip.State{"a": gossip.Alive, "b": gossip.Alive, "c": gossip.Departed}
-	got := peerStates("self", []overlay.HostID{"self", "a", "b", "c", "d"}, func(h overlay.HostID) gossip.State { return known[h] })
-	want := map[string]int{"alive": 2, "dead": 1, "remembered": 1}
+	known := map[overlay.HostID]gossip.State{"a": gossip.Alive, "b": gossip.Alive, "c": gossip.Departed, "e": gossip.Suspect}
+	got := peerStates("self", []overlay.HostID{"self", "a", "b", "c", "d", "e"}, func(h overlay.HostID) gossip.State { return known[h] })
+	want := map[string]int{"alive": 2, "suspect": 1, "dead": 1, "remembered": 1}
 	if !maps.Equal(got, want) {
 		t.Errorf("peerStates = %v, want %v", got, want)
 	}

@@ -16,11 +16,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -188,12 +191,18 @@ type Gossip struct {
 	rejectedMetas atomic.Uint64
 	traffic       counters
 
-	mu sync.Mutex // guards nodes and departed
+	mu sync.Mutex // guards nodes, departed and suspects
 	// nodes holds every other live node by name, decoded or rejected.
 	nodes map[string]node
 	// departed holds the other nodes that were live since New and left
 	// or failed since, by name.
 	departed map[string]bool
+	// suspects holds the live nodes this host's own probes got no ack
+	// from, by name, with when memberlist said so (see suspected).
+	suspects map[string]time.Time
+	// suspectFor is how long a suspicion counts without news: the
+	// longest memberlist waits before it declares a suspect failed.
+	suspectFor time.Duration
 }
 
 // node is what is known about another live memberlist node.
@@ -241,6 +250,7 @@ func New(cfg Config) (*Gossip, error) {
 		notifyDone:   make(chan struct{}),
 		nodes:        make(map[string]node),
 		departed:     make(map[string]bool),
+		suspects:     make(map[string]time.Time),
 	}
 	meta, err := g.encodeLocal()
 	if err != nil {
@@ -254,6 +264,7 @@ func New(cfg Config) (*Gossip, error) {
 	}
 
 	mc := g.memberlistConfig(cfg)
+	g.suspectFor = longestSuspicion(mc)
 	next := cfg.Transport
 	if next == nil {
 		nt, port, err := netTransport(mc.BindAddr, mc.BindPort, mc)
@@ -315,8 +326,59 @@ func (g *Gossip) memberlistConfig(cfg Config) *memberlist.Config {
 	mc.TCPTimeout = cmp.Or(cfg.TCPTimeout, mc.TCPTimeout)
 	mc.Delegate = delegate{g}
 	mc.Events = events{g}
-	mc.Logger = slog.NewLogLogger(g.log.With("component", "memberlist").Handler(), slog.LevelDebug)
+	mc.Ping = pings{g}
+	mc.Logger = log.New(memberlistLog{g: g, log: g.log.With("component", "memberlist")}, "", 0)
 	return mc
+}
+
+// longestSuspicion is how long memberlist suspects a node at most before
+// it declares it failed, for a cluster of up to 1000 nodes (its timeout
+// grows with log10 of the cluster's size), plus a probe interval.
+func longestSuspicion(mc *memberlist.Config) time.Duration {
+	return time.Duration(mc.SuspicionMult*mc.SuspicionMaxTimeoutMult*3)*mc.ProbeInterval + mc.ProbeInterval
+}
+
+// suspectLine is how memberlist logs that this host's probes of a node,
+// direct, indirect and over TCP, got no ack, and it starts to suspect it:
+// memberlist exposes suspicion nowhere else. TestSuspect fails if a
+// memberlist upgrade changes the wording.
+var suspectLine = regexp.MustCompile(`memberlist: Suspect (\S+) has failed, no acks received`)
+
+// memberlistLog passes memberlist's log lines to slog at debug level,
+// and notes the suspicions they report.
+type memberlistLog struct {
+	g   *Gossip
+	log *slog.Logger
+}
+
+func (l memberlistLog) Write(p []byte) (int, error) {
+	line := strings.TrimSpace(string(p))
+	if m := suspectLine.FindStringSubmatch(line); m != nil {
+		l.g.suspected(m[1])
+	}
+	l.log.Debug(line)
+	return len(p), nil
+}
+
+// suspected notes that memberlist suspects node name.
+func (g *Gossip) suspected(name string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if _, live := g.nodes[name]; live {
+		g.suspects[name] = time.Now()
+	}
+}
+
+// pings is the memberlist.PingDelegate of a Gossip: a direct ack from a
+// node ends this host's suspicion of it.
+type pings struct{ g *Gossip }
+
+func (pings) AckPayload() []byte { return nil }
+
+func (p pings) NotifyPingComplete(n *memberlist.Node, _ time.Duration, _ []byte) {
+	p.g.mu.Lock()
+	delete(p.g.suspects, n.Name)
+	p.g.mu.Unlock()
 }
 
 // encodeLocal returns this host's metadata, or an error wrapping
@@ -377,6 +439,12 @@ const (
 	Alive
 	// Departed: was a live member since New, and left or failed since.
 	Departed
+	// Suspect: a live member that this host's own probes (direct,
+	// through others, and over TCP) got no ack from, which memberlist
+	// has not declared failed yet, nor heard from since. A suspicion
+	// that other hosts gossip is not seen here: memberlist reports only
+	// its own.
+	Suspect
 )
 
 // State returns what gossip knows of host, without blocking on the
@@ -385,6 +453,9 @@ func (g *Gossip) State(host overlay.HostID) State {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if _, ok := g.nodes[string(host)]; ok {
+		if at, ok := g.suspects[string(host)]; ok && time.Since(at) < g.suspectFor {
+			return Suspect
+		}
 		return Alive
 	}
 	if g.departed[string(host)] {
@@ -634,6 +705,7 @@ func (g *Gossip) update(n *memberlist.Node, joined bool) {
 
 	g.mu.Lock()
 	delete(g.departed, n.Name)
+	delete(g.suspects, n.Name)
 	old, had := g.nodes[n.Name]
 	if err != nil {
 		repeated := had && old.err != nil && string(old.raw) == string(n.Meta)
@@ -663,6 +735,7 @@ func (g *Gossip) remove(n *memberlist.Node) {
 	}
 	g.mu.Lock()
 	delete(g.nodes, n.Name)
+	delete(g.suspects, n.Name)
 	g.departed[n.Name] = true
 	g.mu.Unlock()
 	// n.State cannot tell a leave from a failure: memberlist keeps the

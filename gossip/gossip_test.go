@@ -676,3 +676,61 @@ func membership(s Stats) Stats {
 	s.Traffic = Traffic{}
 	return s
 }
+
+// TestSuspect: a member that stops answering without leaving is suspected
+// by the host whose probes got no ack (memberlist says so only in its
+// log: this test fails if its wording changes), before it is declared
+// failed; a direct ack ends a suspicion.
+func TestSuspect(t *testing.T) {
+	ms := newCluster(t, 3)
+	for _, m := range ms {
+		waitFor(t, "the cluster to form", func() bool { return len(m.Members()) == 2 })
+	}
+	if err := ms[2].Shutdown(); err != nil { // no leave message: a failure
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	deadline := time.Now().Add(waitTimeout)
+	for time.Now().Before(deadline) {
+		gone := 0
+		for i, m := range ms[:2] {
+			switch m.State(hostName(2)) {
+			case Suspect:
+				seen[i] = true
+			case Departed:
+				gone++
+			}
+		}
+		if gone == 2 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if len(seen) == 0 {
+		t.Fatalf("neither host suspected host-2 before it was declared failed\n%s\n%s", ms[0].log, ms[1].log)
+	}
+	for _, m := range ms[:2] {
+		if st := m.State(hostName(2)); st != Departed {
+			t.Errorf("State(host-2) after the suspicion = %v, want Departed", st)
+		}
+	}
+
+	// A suspicion of a live member ends with its next direct ack.
+	g := ms[0].Gossip
+	g.suspected(string(hostName(1)))
+	if st := g.State(hostName(1)); st != Suspect {
+		t.Fatalf("State after a suspicion = %v, want Suspect", st)
+	}
+	pings{g}.NotifyPingComplete(&memberlist.Node{Name: string(hostName(1))}, time.Millisecond, nil)
+	if st := g.State(hostName(1)); st != Alive {
+		t.Fatalf("State after a direct ack = %v, want Alive", st)
+	}
+	// And a suspicion older than memberlist's longest is forgotten.
+	g.suspected(string(hostName(1)))
+	g.mu.Lock()
+	g.suspects[string(hostName(1))] = time.Now().Add(-g.suspectFor)
+	g.mu.Unlock()
+	if st := g.State(hostName(1)); st != Alive {
+		t.Fatalf("State after an old suspicion = %v, want Alive", st)
+	}
+}

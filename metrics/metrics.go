@@ -48,7 +48,7 @@ var (
 // started that left or failed since; memberlist does not tell the two
 // apart, nor say which members it suspects) and remembered (not heard of
 // in gossip since this overlayd started).
-var PeerStates = []string{"alive", "dead", "remembered"}
+var PeerStates = []string{"alive", "suspect", "dead", "remembered"}
 
 // Metrics are overlayd's metrics. Its methods are safe for concurrent use.
 type Metrics struct {
@@ -241,7 +241,7 @@ var (
 	descMeshProbes = prometheus.NewDesc("overlay_mesh_probes_total",
 		"Probes the health mesh sent, by size (small, large: the network's MTU) and result (ok, lost, error: not sent).", []string{"size", "result"}, nil)
 	descPeers = prometheus.NewDesc("overlay_peers",
-		"Other hosts registered in etcd by their state in gossip: alive, dead (left or failed since this overlayd started), remembered (not heard of since it started). All are programmed from etcd.", []string{"state"}, nil)
+		"Other hosts registered in etcd by their state in gossip: alive, suspect (alive, but this host's probes got no ack and memberlist has not declared it failed yet), dead (left or failed since this overlayd started), remembered (not heard of since it started). All are programmed from etcd.", []string{"state"}, nil)
 )
 
 // hostCollector is the collector of the host's own state.

@@ -74,18 +74,19 @@ func TestHost(t *testing.T) {
 	stats := HostStats{
 		Liveness: true, FirewallWrites: 2, GossipMembers: 2,
 		Gossip: GossipTraffic{PacketsSent: 10, BytesSent: 1000, StreamsAccepted: 1, StreamBytesReceived: 300},
-		Peers:  map[string]int{"alive": 2, "remembered": 1},
+		Peers:  map[string]int{"alive": 2, "remembered": 1, "suspect": 1},
 	}
 	m.Host(func() HostStats { return stats })
 	want := `
 # HELP overlay_ipam_liveness 1 while this host's liveness key exists in etcd, as far as it knows; 0 while it is being created again.
 # TYPE overlay_ipam_liveness gauge
 overlay_ipam_liveness 1
-# HELP overlay_peers Other hosts registered in etcd by their state in gossip: alive, dead (left or failed since this overlayd started), remembered (not heard of since it started). All are programmed from etcd.
+# HELP overlay_peers Other hosts registered in etcd by their state in gossip: alive, suspect (alive, but this host's probes got no ack and memberlist has not declared it failed yet), dead (left or failed since this overlayd started), remembered (not heard of since it started). All are programmed from etcd.
 # TYPE overlay_peers gauge
 overlay_peers{state="alive"} 2
 overlay_peers{state="dead"} 0
 overlay_peers{state="remembered"} 1
+overlay_peers{state="suspect"} 1
 # HELP overlay_gossip_bytes_total Bytes of gossip by direction (sent, received) and transport (udp, tcp), encryption included.
 # TYPE overlay_gossip_bytes_total counter
 overlay_gossip_bytes_total{direction="received",transport="tcp"} 300
