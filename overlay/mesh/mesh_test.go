@@ -228,3 +228,21 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// BenchmarkRound1000 is the prober's own cost at 1000 peers: one round's
+// list of targets (read, sorted, pruned) and the state updates of its
+// 1000 probes, without the packets.
+func BenchmarkRound1000(b *testing.B) {
+	targets := make([]Target, 1000)
+	for i := range targets {
+		targets[i] = Target{Network: "red", Peer: overlay.HostID(fmt.Sprintf("host-%04d", i)), Addr: netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 1}), MTU: 1450}
+	}
+	p := New(Config{}, func() []Target { return targets }, nil)
+	now := time.Now()
+	b.ReportAllocs()
+	for b.Loop() {
+		for _, tg := range p.round() {
+			p.Record(tg, time.Millisecond, nil, nil, now)
+		}
+	}
+}
