@@ -54,7 +54,13 @@ func NewHandler(b Backend, log *slog.Logger) http.Handler {
 		mux.HandleFunc("POST "+path, func(w http.ResponseWriter, r *http.Request) { write(w, http.StatusOK, v) })
 	}
 	fixed(ActivatePath, ActivateResponse{Implements: []string{"NetworkDriver", "IpamDriver"}})
-	fixed(NetworkCapabilitiesPath, NetworkCapabilities{Scope: "global", ConnectivityScope: "global"})
+	// Scope "global" is refused by a dockerd outside swarm mode (dockerd
+	// 20.10: "This node is not a swarm manager", after CreateNetwork,
+	// which it then undoes): the networks are local to each dockerd as
+	// Docker sees them, and global as they connect, which is what
+	// ConnectivityScope says. Each host's dockerd then creates the
+	// network, and the backend maps them all onto one overlay network.
+	fixed(NetworkCapabilitiesPath, NetworkCapabilities{Scope: "local", ConnectivityScope: "global"})
 	// The driver keeps its state in etcd: dockerd need not replay its
 	// requests after it restarts, and the endpoint's MAC address comes
 	// with CreateEndpoint.

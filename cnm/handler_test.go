@@ -67,12 +67,13 @@ func post(h http.Handler, path, body string) (int, string, string) {
 }
 
 // TestFixedAnswers: the handshake names both protocols, the network
-// driver is global, and Swarm's and discovery's calls are accepted.
+// driver is local to each dockerd and connects globally, and Swarm's and
+// discovery's calls are accepted.
 func TestFixedAnswers(t *testing.T) {
 	h := NewHandler(&recorder{}, nil)
 	for path, want := range map[string]string{
 		ActivatePath:             `{"Implements":["NetworkDriver","IpamDriver"]}`,
-		NetworkCapabilitiesPath:  `{"Scope":"global","ConnectivityScope":"global"}`,
+		NetworkCapabilitiesPath:  `{"Scope":"local","ConnectivityScope":"global"}`,
 		IPAMCapabilitiesPath:     `{"RequiresMACAddress":false,"RequiresRequestReplay":false}`,
 		DefaultAddressSpacesPath: `{"LocalDefaultAddressSpace":"overlay","GlobalDefaultAddressSpace":"overlay"}`,
 		DiscoverNewPath:          `{}`,
