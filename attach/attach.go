@@ -181,4 +181,10 @@ type Attacher interface {
 	// GC releases every address of the network on this host that none of
 	// valid holds, and returns those it released.
 	GC(ctx context.Context, valid []overlay.AttachmentKey) ([]overlay.AttachmentKey, error)
+	// Holder returns the allocation of this host that holds address a,
+	// or an error of Kind NotFound.
+	Holder(ctx context.Context, a netip.Addr) (overlay.Allocation, error)
+	// Release releases address a of this host whoever holds it (see
+	// Network.Release).
+	Release(ctx context.Context, a netip.Addr, force bool) (overlay.AttachmentKey, bool, error)
 }

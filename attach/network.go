@@ -433,3 +433,20 @@ func (d *Network) Release(ctx context.Context, a netip.Addr, force bool) (overla
 	d.log.Info("released a leaked address at an operator's request", "container", key.ContainerID, "ifname", key.IfName, "addr", a, "veth-deleted", deleted, "force", force)
 	return key, deleted, nil
 }
+
+// Holder returns the allocation of this host that holds address a, or
+// an error of Kind NotFound.
+func (d *Network) Holder(ctx context.Context, a netip.Addr) (overlay.Allocation, error) {
+	ctx, cancel := context.WithTimeout(ctx, StoreTimeout)
+	defer cancel()
+	list, err := d.pool.List(ctx)
+	if err != nil {
+		return overlay.Allocation{}, storeError("holder", err)
+	}
+	for _, al := range list {
+		if al.Addr.Addr() == a {
+			return al, nil
+		}
+	}
+	return overlay.Allocation{}, errorf(NotFound, nil, "no container on this host holds %s on network %s", a, d.network.Name)
+}

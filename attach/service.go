@@ -3,6 +3,7 @@ package attach
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -132,6 +133,25 @@ func (s *Service) Status(ctx context.Context, network string) (Status, error) {
 }
 
 // GC releases the addresses of network on this host that none of valid
+// Holder returns the allocation of this host that holds address a of
+// network.
+func (s *Service) Holder(ctx context.Context, network string, a netip.Addr) (overlay.Allocation, error) {
+	n, err := s.network(ctx, network)
+	if err != nil {
+		return overlay.Allocation{}, err
+	}
+	return n.Holder(ctx, a)
+}
+
+// Release releases address a of network on this host (Network.Release).
+func (s *Service) Release(ctx context.Context, network string, a netip.Addr, force bool) (overlay.AttachmentKey, bool, error) {
+	n, err := s.network(ctx, network)
+	if err != nil {
+		return overlay.AttachmentKey{}, false, err
+	}
+	return n.Release(ctx, a, force)
+}
+
 // holds.
 func (s *Service) GC(ctx context.Context, network string, valid []overlay.AttachmentKey) ([]overlay.AttachmentKey, error) {
 	a, err := s.network(ctx, network)
@@ -174,6 +194,13 @@ func (s starting) Detach(_ context.Context, r Request) error {
 		return errorf(Internal, err, "del: delete the host veth %s", name)
 	}
 	return nil
+}
+
+func (s starting) Holder(context.Context, netip.Addr) (overlay.Allocation, error) {
+	return overlay.Allocation{}, s.err()
+}
+func (s starting) Release(context.Context, netip.Addr, bool) (overlay.AttachmentKey, bool, error) {
+	return overlay.AttachmentKey{}, false, s.err()
 }
 
 func (s starting) Status(context.Context) (Status, error) {

@@ -250,6 +250,12 @@ func (f fakeAttacher) Status(context.Context) (attach.Status, error) { return at
 func (f fakeAttacher) GC(context.Context, []overlay.AttachmentKey) ([]overlay.AttachmentKey, error) {
 	return nil, f.err()
 }
+func (f fakeAttacher) Holder(context.Context, netip.Addr) (overlay.Allocation, error) {
+	return overlay.Allocation{}, f.err()
+}
+func (f fakeAttacher) Release(context.Context, netip.Addr, bool) (overlay.AttachmentKey, bool, error) {
+	return overlay.AttachmentKey{}, false, f.err()
+}
 
 // TestServiceThroughTheSet: the attachment service hands a request to the
 // set's network, and the CNI adapter turns the service's kinds of failure

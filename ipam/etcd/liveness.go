@@ -284,8 +284,8 @@ type Removed struct {
 
 // RemoveHost removes host h from etcd at once, in one transaction: its
 // blocks in every network with etcd's copy of their addresses, its
-// attachment indexes, its host record, its gone key and its doctor
-// report. It refuses, with
+// attachment indexes, its host record, its gone key, its doctor report
+// and its Docker driver's records. It refuses, with
 // an error wrapping ErrHostAlive, while h's liveness key exists (its
 // overlayd runs, or stopped less than the liveness TTL ago), and the
 // transaction commits only if that is still so and the blocks are
@@ -317,7 +317,8 @@ func (s *Store) RemoveHost(ctx context.Context, h overlay.HostID) (Removed, erro
 		}
 	}
 	cmps := []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(s.liveKey(h)), "=", 0)}
-	ops := []clientv3.Op{clientv3.OpDelete(s.hostKey(h)), clientv3.OpDelete(s.goneKey(h)), clientv3.OpDelete(s.reportKey(h))}
+	ops := []clientv3.Op{clientv3.OpDelete(s.hostKey(h)), clientv3.OpDelete(s.goneKey(h)), clientv3.OpDelete(s.reportKey(h)),
+		clientv3.OpDelete(s.dockerPrefix(h), clientv3.WithPrefix())}
 	for _, name := range networks {
 		bresp, err := s.cli.Get(ctx, s.blocksPrefix(name), clientv3.WithPrefix())
 		if err != nil {

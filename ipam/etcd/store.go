@@ -193,12 +193,13 @@ func (s *Store) Hosts(ctx context.Context) ([]HostRecord, error) {
 	return out, errors.Join(errs...)
 }
 
-// DeleteHost removes the host's record, its gone key and its doctor
-// report. A host with none is not an error.
+// DeleteHost removes the host's record, its gone key, its doctor report
+// and its Docker driver's records. A host with none is not an error.
 func (s *Store) DeleteHost(ctx context.Context, h overlay.HostID) error {
 	ctx, cancel := bound(ctx)
 	defer cancel()
-	if _, err := s.cli.Txn(ctx).Then(clientv3.OpDelete(s.hostKey(h)), clientv3.OpDelete(s.goneKey(h)), clientv3.OpDelete(s.reportKey(h))).Commit(); err != nil {
+	if _, err := s.cli.Txn(ctx).Then(clientv3.OpDelete(s.hostKey(h)), clientv3.OpDelete(s.goneKey(h)), clientv3.OpDelete(s.reportKey(h)),
+		clientv3.OpDelete(s.dockerPrefix(h), clientv3.WithPrefix())).Commit(); err != nil {
 		return fmt.Errorf("delete host %s: %w", h, err)
 	}
 	return nil
