@@ -49,6 +49,9 @@ type Config struct {
 	ReloadKeys <-chan struct{}
 	// MetricsAddr is where /metrics is served; "" disables it.
 	MetricsAddr string
+	// DockerSocket is where Docker's network and IPAM plugin protocols
+	// are served; "" disables them.
+	DockerSocket string
 	// ResyncInterval is how often the dataplane is compared with the
 	// desired state when nothing changed.
 	ResyncInterval time.Duration
@@ -145,6 +148,7 @@ func DefaultConfig() Config {
 		GossipPort:     gossip.DefaultPort,            // 7946, as Serf and Docker use
 		GossipKeyFile:  "",                            // unencrypted, with a warning at start
 		MetricsAddr:    "127.0.0.1:9476",              // loopback only; expose deliberately
+		DockerSocket:   DefaultDockerSocket,           // /run/docker/plugins/overlaynet.sock
 		ResyncInterval: overlay.DefaultResyncInterval, // 5s
 		VerifyInterval: ipam.DefaultVerifyInterval,    // 1m, one read
 		MaxBlocks:      ipam.DefaultMaxBlocks,         // 16 blocks of /26: 976 containers

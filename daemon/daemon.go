@@ -22,6 +22,7 @@ import (
 
 	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/cnirpc/rpcserver"
+	"github.com/overlaynet/overlay/cnm"
 	"github.com/overlaynet/overlay/ctlapi"
 	"github.com/overlaynet/overlay/gossip"
 	"github.com/overlaynet/overlay/internal/version"
@@ -179,6 +180,30 @@ func Run(ctx context.Context, cfg Config) error {
 	go func() { serveErr <- srv.Serve(l) }()
 	defer srv.Close()
 
+	// Docker's plugin socket, answering from the first moment: dockerd
+	// waits 15 s for a plugin whose socket is missing.
+	var dockerHandler atomic.Pointer[http.Handler]
+	var dockerSrv *http.Server
+	dockerServeErr := make(chan error, 1)
+	if cfg.DockerSocket != "" {
+		dl, err := rpcserver.Listen(cfg.DockerSocket)
+		if err != nil {
+			return fmt.Errorf("docker plugin socket (--docker-plugin-socket): %w", err)
+		}
+		defer os.Remove(cfg.DockerSocket)
+		dockerLog := log.With("component", "docker")
+		starting := cnm.NewHandler(startingDocker{}, dockerLog)
+		dockerSrv = dockerServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if h := dockerHandler.Load(); h != nil {
+				(*h).ServeHTTP(w, r)
+				return
+			}
+			starting.ServeHTTP(w, r)
+		}), dockerLog)
+		go func() { dockerServeErr <- dockerSrv.Serve(dl) }()
+		defer dockerSrv.Close()
+	}
+
 	var metricsListener net.Listener
 	if cfg.MetricsAddr != "" {
 		if metricsListener, err = net.Listen("tcp", cfg.MetricsAddr); err != nil {
@@ -306,6 +331,12 @@ func Run(ctx context.Context, cfg Config) error {
 	h.registerMetrics()
 	ctlHandler := controlHandler(control{h: h, set: set}, log.With("component", "control"))
 	ctl.Store(&ctlHandler)
+	if dockerSrv != nil {
+		dockerLog := log.With("component", "docker")
+		dh := cnm.NewHandler(&dockerBackend{host: id, store: store, svc: svc, links: netlinkDockerLinks{links}, routes: hostRoutes(nl),
+			log: dockerLog, nets: make(map[string]string)}, dockerLog)
+		dockerHandler.Store(&dh)
+	}
 	log.Info("ready", "networks", set.Names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
 		"socket", cfg.Socket, "gossip", gossipAddr, "encrypted", g.Encrypted(), "startup", time.Since(start).Round(time.Millisecond))
 
@@ -354,6 +385,21 @@ func Run(ctx context.Context, cfg Config) error {
 		defer cancel()
 		return srv.Shutdown(sctx)
 	})
+	if dockerSrv != nil {
+		eg.Go(func() error {
+			select {
+			case err := <-dockerServeErr:
+				if err != nil && !errors.Is(err, http.ErrServerClosed) {
+					return fmt.Errorf("serve the Docker plugin socket: %w", err)
+				}
+				return nil
+			case <-ctx.Done():
+			}
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			return dockerSrv.Shutdown(sctx)
+		})
+	}
 	if metricsListener != nil {
 		eg.Go(func() error {
 			return m.Serve(ctx, metricsListener, map[string]http.Handler{

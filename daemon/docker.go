@@ -8,12 +8,15 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/overlaynet/overlay/attach"
@@ -135,8 +138,14 @@ func (b *dockerBackend) RequestPool(ctx context.Context, r cnm.RequestPoolReques
 		if err != nil {
 			return cnm.RequestPoolResponse{}, err
 		}
-		if want.IsValid() && want != n.CIDR {
-			return cnm.RequestPoolResponse{}, fmt.Errorf("--subnet %s differs from network %s's %s: leave it out or give %s", want, name, n.CIDR, n.CIDR)
+		if !want.IsValid() {
+			// dockerd checks a pool it did not ask for by subnet against
+			// the host's routes, and asks again, without end, while it
+			// overlaps one: a network served here is routed here.
+			return cnm.RequestPoolResponse{}, fmt.Errorf("--ipam-opt network=%s: give --subnet %s too (dockerd refuses a pool it did not name that overlaps this host's routes, and the network's blocks are routed here)", name, n.CIDR)
+		}
+		if want != n.CIDR {
+			return cnm.RequestPoolResponse{}, fmt.Errorf("--subnet %s differs from network %s's %s: give %s", want, name, n.CIDR, n.CIDR)
 		}
 		return pool(n.CIDR), nil
 	}
@@ -281,6 +290,9 @@ func (b *dockerBackend) CreateNetwork(ctx context.Context, r cnm.CreateNetworkRe
 	p, err := parsePool(r.IPv4Data[0].Pool)
 	if err != nil {
 		return err
+	}
+	if len(r.IPv4Data[0].AuxAddresses) > 0 {
+		return errors.New("--aux-address is not supported: each host hands out the addresses of its own blocks")
 	}
 	opts, err := genericOptions(r.Options)
 	if err != nil {
@@ -585,4 +597,104 @@ func randomHex(n int) string {
 	b := make([]byte, n/2)
 	rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// DefaultDockerSocket is where overlayd serves Docker's plugin protocols
+// by default: dockerd finds the plugin "overlaynet" by this name.
+const DefaultDockerSocket = "/run/docker/plugins/overlaynet.sock"
+
+// errDockerStarting answers dockerd while overlayd starts.
+var errDockerStarting = errors.New("overlayd is starting; try again in a moment")
+
+// startingDocker answers every request of dockerd's but the fixed ones
+// with errDockerStarting, until the host runtime exists: the socket is
+// there from overlayd's first moment, so that dockerd, which waits 15 s
+// for a plugin whose socket is missing, finds it at once.
+type startingDocker struct{}
+
+var _ cnm.Backend = startingDocker{}
+
+func (startingDocker) RequestPool(context.Context, cnm.RequestPoolRequest) (cnm.RequestPoolResponse, error) {
+	return cnm.RequestPoolResponse{}, errDockerStarting
+}
+func (startingDocker) ReleasePool(context.Context, cnm.ReleasePoolRequest) error {
+	return errDockerStarting
+}
+func (startingDocker) RequestAddress(context.Context, cnm.RequestAddressRequest) (cnm.RequestAddressResponse, error) {
+	return cnm.RequestAddressResponse{}, errDockerStarting
+}
+func (startingDocker) ReleaseAddress(context.Context, cnm.ReleaseAddressRequest) error {
+	return errDockerStarting
+}
+func (startingDocker) CreateNetwork(context.Context, cnm.CreateNetworkRequest) error {
+	return errDockerStarting
+}
+func (startingDocker) DeleteNetwork(context.Context, cnm.NetworkRequest) error {
+	return errDockerStarting
+}
+func (startingDocker) CreateEndpoint(context.Context, cnm.CreateEndpointRequest) (cnm.CreateEndpointResponse, error) {
+	return cnm.CreateEndpointResponse{}, errDockerStarting
+}
+func (startingDocker) EndpointOperInfo(context.Context, cnm.EndpointRequest) (cnm.EndpointOperInfoResponse, error) {
+	return cnm.EndpointOperInfoResponse{}, errDockerStarting
+}
+func (startingDocker) DeleteEndpoint(context.Context, cnm.EndpointRequest) error {
+	return errDockerStarting
+}
+func (startingDocker) Join(context.Context, cnm.JoinRequest) (cnm.JoinResponse, error) {
+	return cnm.JoinResponse{}, errDockerStarting
+}
+func (startingDocker) Leave(context.Context, cnm.EndpointRequest) error { return errDockerStarting }
+func (startingDocker) ProgramExternalConnectivity(context.Context, cnm.ProgramExternalConnectivityRequest) error {
+	return errDockerStarting
+}
+func (startingDocker) RevokeExternalConnectivity(context.Context, cnm.EndpointRequest) error {
+	return errDockerStarting
+}
+
+// netlinkDockerLinks are the Docker driver's veths on the host's netlink
+// handle.
+type netlinkDockerLinks struct{ hostlink.Links }
+
+func (netlinkDockerLinks) AddVeth(v hostlink.Veth) error    { return hostlink.AddVeth(v) }
+func (netlinkDockerLinks) IfIndex(name string) (int, error) { return hostlink.IfIndex(name) }
+
+// hostRoutes returns the IPv4 routes of the main table of h's namespace.
+func hostRoutes(h *netlink.Handle) func() ([]netip.Prefix, error) {
+	return func() ([]netip.Prefix, error) {
+		rs, err := h.RouteList(nil, netlink.FAMILY_V4)
+		if err != nil {
+			return nil, err
+		}
+		var out []netip.Prefix
+		for _, r := range rs {
+			if r.Dst == nil {
+				continue
+			}
+			if p, ok := netip.AddrFromSlice(r.Dst.IP); ok {
+				bits, _ := r.Dst.Mask.Size()
+				out = append(out, netip.PrefixFrom(p.Unmap(), bits))
+			}
+		}
+		return out, nil
+	}
+}
+
+// dockerServer returns the server of the Docker plugin socket. dockerd
+// keeps its connections to a plugin open between requests, which the CNI
+// socket's server, made for one exchange per connection, does not serve:
+// this is a plain net/http server, bounded against a client that stalls.
+func dockerServer(h http.Handler, log *slog.Logger) *http.Server {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		// A request's work is bounded by cnm's 25 s.
+		WriteTimeout:   30 * time.Second,
+		IdleTimeout:    2 * time.Minute,
+		MaxHeaderBytes: 16 << 10,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	srv.SetKeepAlivesEnabled(false)
+	return srv
 }

@@ -302,8 +302,8 @@ func TestDockerPools(t *testing.T) {
 	store := newFakeDockerStore()
 	store.nets = []overlay.Network{{Name: "red", CIDR: netip.MustParsePrefix("10.30.0.0/16")}, {Name: "blue", CIDR: netip.MustParsePrefix("10.129.0.0/16")}}
 	b, _, _ := newDockerBackend("a", store, netip.MustParsePrefix("10.128.0.0/24"), netip.MustParsePrefix("0.0.0.0/0"))
-	if p, err := b.RequestPool(ctx, cnm.RequestPoolRequest{Options: map[string]string{"network": "red"}}); err != nil || p.Pool != "10.30.0.0/16" {
-		t.Errorf("--ipam-opt network=red: %+v, %v", p, err)
+	if p, err := b.RequestPool(ctx, cnm.RequestPoolRequest{Pool: "10.30.0.0/16", Options: map[string]string{"network": "red"}}); err != nil || p.Pool != "10.30.0.0/16" {
+		t.Errorf("--ipam-opt network=red --subnet 10.30.0.0/16: %+v, %v", p, err)
 	}
 	if p, err := b.RequestPool(ctx, cnm.RequestPoolRequest{}); err != nil || p.Pool != "10.130.0.0/16" {
 		t.Errorf("a chosen pool: %+v, %v; want 10.130.0.0/16, clear of a route and of blue", p, err)
@@ -315,6 +315,7 @@ func TestDockerPools(t *testing.T) {
 		{cnm.RequestPoolRequest{Pool: "10.30.5.0/24"}, "overlaps network red"},
 		{cnm.RequestPoolRequest{Pool: "10.30.0.0"}, "not an IPv4 subnet"},
 		{cnm.RequestPoolRequest{Options: map[string]string{"network": "green"}}, "no such overlay network"},
+		{cnm.RequestPoolRequest{Options: map[string]string{"network": "red"}}, "give --subnet 10.30.0.0/16 too"},
 		{cnm.RequestPoolRequest{Options: map[string]string{"network": "red"}, Pool: "10.31.0.0/16"}, "differs from network red's"},
 		{cnm.RequestPoolRequest{Options: map[string]string{"flavour": "x"}}, `unknown --ipam-opt "flavour"`},
 		{cnm.RequestPoolRequest{V6: true}, "IPv6"},
@@ -327,6 +328,9 @@ func TestDockerPools(t *testing.T) {
 	if err := b.CreateNetwork(ctx, cnm.CreateNetworkRequest{NetworkID: "n", Options: map[string]any{cnm.GenericOption: map[string]any{"colour": "x"}},
 		IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16"}}}); err == nil || !strings.Contains(err.Error(), `unknown --opt "colour"`) {
 		t.Errorf("an unknown --opt: %v", err)
+	}
+	if err := b.CreateNetwork(ctx, cnm.CreateNetworkRequest{NetworkID: "n", IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16", AuxAddresses: map[string]any{"x": "10.50.0.9"}}}}); err == nil || !strings.Contains(err.Error(), "--aux-address") {
+		t.Errorf("an aux address: %v", err)
 	}
 	if _, err := b.CreateEndpoint(ctx, cnm.CreateEndpointRequest{NetworkID: "never-created", EndpointID: "e", Interface: &cnm.EndpointInterface{Address: "10.30.0.9/26"}}); err == nil || !strings.Contains(err.Error(), "not one of this driver's") {
 		t.Errorf("an endpoint of an unknown network: %v", err)

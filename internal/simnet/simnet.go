@@ -232,6 +232,8 @@ func (h *Host) Args() []string {
 		"--resync-interval", "2s",
 		"--orphan-grace", "500ms",
 		"--gossip-key-file", n.GossipKeyFile(),
+		// The hosts share the machine's file system: each its own.
+		"--docker-plugin-socket", h.DockerSocket(),
 	}
 	if h.embedded {
 		args = append(args,
@@ -242,6 +244,11 @@ func (h *Host) Args() []string {
 	}
 	return append(args, h.Extra...)
 }
+
+// DockerSocket is where the host's overlayd serves Docker's plugin
+// protocols: the host's plugins directory, which its dockerd sees as
+// /run/docker/plugins.
+func (h *Host) DockerSocket() string { return filepath.Join(h.DataDir, "plugins", "overlaynet.sock") }
 
 // Start starts overlayd in the host's namespace and waits until it
 // answers on its socket.
