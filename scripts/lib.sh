@@ -12,6 +12,12 @@
 #                    prometheus package is downloaded and unpacked into a
 #                    cache directory, never installed (installing it would
 #                    enable a Prometheus service on the root namespace).
+#   ensure_docker    OVERLAY_DOCKER_ROOT: Debian's docker.io, containerd,
+#                    runc and busybox-static downloaded and unpacked into a
+#                    cache directory, never installed (installing docker.io
+#                    would enable a dockerd on the root namespace); the
+#                    tests run dockerd from there, confined to a simulated
+#                    host's namespaces.
 #   ensure_go        Go >= $GO_MIN on PATH; when the machine has none or an
 #                    older one, Debian's golang-go downloads the official
 #                    toolchain module ($GO_VERSION) from the Go module proxy.
@@ -101,4 +107,28 @@ ensure_promtool() {
 		dpkg-deb -x "$cache"/deb/prometheus_*.deb "$cache" || return 1
 	fi
 	export PATH="$cache/usr/bin:$PATH"
+}
+
+ensure_docker() {
+	local cache=${XDG_CACHE_HOME:-$HOME/.cache}/overlay-docker
+	if [ ! -x "$cache/usr/sbin/dockerd" ] || [ ! -x "$cache/bin/busybox" ]; then
+		if [ "$(id -u)" != 0 ]; then
+			echo "missing dockerd: run as root (sudo) so that Debian's docker.io package can be downloaded" >&2
+			return 1
+		fi
+		mkdir -p "$cache/deb"
+		DEBIAN_FRONTEND=noninteractive apt-get update -q
+		(cd "$cache/deb" && rm -f ./*.deb && apt-get download -q docker.io containerd runc busybox-static) || return 1
+		local deb
+		for deb in "$cache"/deb/*.deb; do
+			dpkg-deb -x "$deb" "$cache" || return 1
+		done
+	fi
+	# The libraries dockerd and runc link, which a minimal Debian may
+	# lack; libraries only, no service.
+	local libs=()
+	[ -e /lib/x86_64-linux-gnu/libdevmapper.so.1.02.1 ] || [ -e /usr/lib/x86_64-linux-gnu/libdevmapper.so.1.02.1 ] || libs+=(libdevmapper1.02.1)
+	[ -e /lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || libs+=(libseccomp2)
+	[ ${#libs[@]} -eq 0 ] || apt_install "${libs[@]}" || return 1
+	export OVERLAY_DOCKER_ROOT=$cache
 }
