@@ -25,14 +25,19 @@ const dockerRootEnv = "OVERLAY_DOCKER_ROOT"
 // namespace, a mount namespace of its own (a private /run, whose
 // /run/docker/plugins is the host's plugins directory, where its overlayd
 // serves the plugin socket), and its data, exec root and socket in the
-// test's directory. It makes no bridge and no iptables rule.
+// test's directory. It makes no bridge and no iptables rule. The mount
+// namespace is held by a process of its own, and containerd runs apart
+// from dockerd, as under systemd: dockerd restarts (--live-restore)
+// while the containers keep running.
 type dockerd struct {
-	t    *testing.T
-	h    *simnet.Host
-	dir  string
-	root string
-	cmd  *exec.Cmd
-	log  bytes.Buffer
+	t      *testing.T
+	h      *simnet.Host
+	dir    string
+	root   string
+	holder *exec.Cmd // holds the mount namespace
+	ctd    *exec.Cmd // containerd
+	cmd    *exec.Cmd // dockerd
+	log    bytes.Buffer
 }
 
 func startDockerd(t *testing.T, h *simnet.Host) *dockerd {
@@ -45,48 +50,146 @@ func startDockerd(t *testing.T, h *simnet.Host) *dockerd {
 	if err := os.MkdirAll(filepath.Dir(h.DockerSocket()), 0o700); err != nil {
 		t.Fatal(err)
 	}
-	d.start()
 	t.Cleanup(d.stop)
+	d.holder = d.spawn("unshare", "--mount", "--propagation", "private", "sh", "-c",
+		`mount -t tmpfs tmpfs /run && mkdir -p /run/docker/plugins && mount --bind "$0" /run/docker/plugins && touch "$1/ready" && exec sleep infinity`,
+		filepath.Dir(h.DockerSocket()), d.dir)
+	eventually(t, 10*time.Second, "the mount namespace", func() error {
+		_, err := os.Stat(filepath.Join(d.dir, "ready"))
+		return err
+	})
+	if err := os.WriteFile(filepath.Join(d.dir, "containerd.toml"), []byte("version = 2\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.ctd = d.inside("containerd", "--config", filepath.Join(d.dir, "containerd.toml"), "--root", filepath.Join(d.dir, "ctd"),
+		"--state", filepath.Join(d.dir, "ctd-state"), "--address", filepath.Join(d.dir, "containerd.sock"))
+	d.start()
 	return d
+}
+
+// cgroupParent is the cgroup of the containers of this dockerd: one of
+// the run's, named like the host, removed at the end.
+func (d *dockerd) cgroupParent() string { return "/" + d.h.Name }
+
+// spawn starts a command in a process group of its own, its output in
+// d.log.
+func (d *dockerd) spawn(name string, args ...string) *exec.Cmd {
+	d.t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Join(d.root, "usr/bin")+":"+filepath.Join(d.root, "usr/sbin")+":"+os.Getenv("PATH"))
+	cmd.Stdout, cmd.Stderr = &d.log, &d.log
+	// SIGTERM should the test die first.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	return cmd
+}
+
+// inside starts a command in the host's network namespace and the mount
+// namespace of d.holder.
+func (d *dockerd) inside(name string, args ...string) *exec.Cmd {
+	return d.spawn("nsenter", append([]string{"-t", fmt.Sprint(d.holder.Process.Pid), "-m", "--net=/run/netns/" + d.h.Name, name}, args...)...)
 }
 
 func (d *dockerd) start() {
 	d.t.Helper()
-	script := `mount -t tmpfs tmpfs /run && mkdir -p /run/docker/plugins && mount --bind "$1" /run/docker/plugins &&
-exec dockerd --data-root "$2/data" --exec-root "$2/exec" --pidfile "$2/docker.pid" -H "unix://$2/docker.sock" \
- --bridge=none --iptables=false --ip6tables=false --ip-forward=false --ip-masq=false --userland-proxy=false --storage-driver=vfs`
-	d.cmd = exec.Command("unshare", "--mount", "--propagation", "private", "nsenter", "--net=/run/netns/"+d.h.Name,
-		"sh", "-c", script, "dockerd", filepath.Dir(d.h.DockerSocket()), d.dir)
-	d.cmd.Env = append(os.Environ(), "PATH="+filepath.Join(d.root, "usr/bin")+":"+filepath.Join(d.root, "usr/sbin")+":"+os.Getenv("PATH"))
-	d.cmd.Stdout, d.cmd.Stderr = &d.log, &d.log
-	// Its own process group, and SIGTERM should the test die first.
-	d.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := d.cmd.Start(); err != nil {
-		d.t.Fatal(err)
-	}
+	d.cmd = d.inside("dockerd", "--data-root", filepath.Join(d.dir, "data"), "--exec-root", filepath.Join(d.dir, "exec"),
+		"--pidfile", filepath.Join(d.dir, "docker.pid"), "-H", "unix://"+filepath.Join(d.dir, "docker.sock"),
+		"--containerd", filepath.Join(d.dir, "containerd.sock"), "--live-restore", "--cgroup-parent", d.cgroupParent(),
+		"--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false", "--userland-proxy=false", "--storage-driver=vfs")
 	eventually(d.t, 30*time.Second, d.h.Name+"'s dockerd to answer", func() error {
 		_, err := d.docker("info")
 		return err
 	})
 }
 
-func (d *dockerd) stop() {
-	if d.cmd == nil || d.cmd.Process == nil {
-		return
+// restart stops dockerd alone, leaving its containers running
+// (--live-restore), and starts it again.
+func (d *dockerd) restart() {
+	d.t.Helper()
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	if err := d.cmd.Wait(); err != nil {
+		d.t.Logf("dockerd of %s exited: %v", d.h.Name, err)
 	}
-	syscall.Kill(-d.cmd.Process.Pid, syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { d.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		syscall.Kill(-d.cmd.Process.Pid, syscall.SIGKILL)
-		<-done
+	d.cmd = nil
+	d.start()
+}
+
+// stop removes the containers, then stops dockerd, containerd and every
+// process left in the mount namespace (the containers' shims), and the
+// holder, so that it is gone.
+func (d *dockerd) stop() {
+	var ids []string
+	if d.cmd != nil {
+		if out, err := d.docker("ps", "-aq", "--no-trunc"); err == nil {
+			ids = strings.Fields(out)
+		}
+		if len(ids) > 0 {
+			d.docker(append([]string{"rm", "-f"}, ids...)...)
+		}
+		d.cmd.Process.Signal(syscall.SIGTERM)
+		waitExit(d.cmd, 20*time.Second)
+	}
+	// A container dockerd lost track of (a test that failed half way)
+	// is still in its cgroup: kill what is there, and remove the cgroups,
+	// the run's parent too.
+	for _, id := range ids {
+		dirs, _ := filepath.Glob("/sys/fs/cgroup/*" + d.cgroupParent() + "/" + id)
+		for _, dir := range dirs {
+			if procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err == nil {
+				for _, f := range strings.Fields(string(procs)) {
+					var pid int
+					fmt.Sscan(f, &pid)
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+		for _, dir := range dirs {
+			os.Remove(dir)
+		}
+	}
+	if d.holder != nil {
+		if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", d.holder.Process.Pid)); err == nil {
+			procs, _ := filepath.Glob("/proc/[0-9]*/ns/mnt")
+			for _, p := range procs {
+				if other, err := os.Readlink(p); err == nil && other == ns {
+					var pid int
+					fmt.Sscanf(p, "/proc/%d/", &pid)
+					if pid != d.holder.Process.Pid {
+						syscall.Kill(pid, syscall.SIGKILL)
+					}
+				}
+			}
+		}
+	}
+	parents, _ := filepath.Glob("/sys/fs/cgroup/*" + d.cgroupParent())
+	for _, dir := range parents {
+		os.Remove(dir)
+	}
+	for _, c := range []*exec.Cmd{d.ctd, d.holder} {
+		if c != nil {
+			c.Process.Kill()
+			waitExit(c, 10*time.Second)
+		}
 	}
 	if d.t.Failed() {
 		d.t.Logf("--- dockerd of %s ---\n%s", d.h.Name, d.log.String())
 	}
-	d.cmd = nil
+	d.cmd, d.ctd, d.holder = nil, nil, nil
+}
+
+// waitExit waits for cmd to exit, killing it after grace.
+func waitExit(cmd *exec.Cmd, grace time.Duration) {
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(grace):
+		cmd.Process.Kill()
+		<-done
+	}
 }
 
 // docker runs the docker client against this dockerd.
@@ -138,7 +241,9 @@ func (d *dockerd) importBusybox() {
 
 // TestDocker: Docker containers on two hosts and a CNI container on a
 // third share one overlay network created through Docker, and reach each
-// other; removing them leaves no address, endpoint or veth.
+// other; they keep doing so while dockerd restarts (with --live-restore)
+// and while overlayd restarts, and new containers attach after each;
+// removing them leaves no address, endpoint or veth.
 func TestDocker(t *testing.T) {
 	n := newNet(t, 3)
 	h1, h2, h3 := n.Hosts[0], n.Hosts[1], n.Hosts[2]
@@ -180,7 +285,32 @@ func TestDocker(t *testing.T) {
 		return c.Ping(context.Background(), mustAddr(t, b), 1)
 	})
 
-	d1.must("rm", "-f", "ca")
+	// dockerd restarts (it replays nothing to its plugins), then
+	// overlayd: the containers keep their connectivity, and new ones
+	// attach.
+	d1.restart()
+	if _, err := d1.docker("exec", "ca", "ping", "-c", "1", "-W", "2", b); err != nil {
+		t.Fatalf("after dockerd restarted: %v", err)
+	}
+	d1.must("run", "-d", "--name", "ca2", "--pull", "never", "--network", "red", "bb:1", "sleep", "1000")
+	if err := h1.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d1.docker("exec", "ca", "ping", "-c", "1", "-W", "2", b); err != nil {
+		t.Fatalf("while overlayd is down: %v", err)
+	}
+	if err := h1.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d1.must("run", "-d", "--name", "ca3", "--pull", "never", "--network", "red", "bb:1", "sleep", "1000")
+	for _, name := range []string{"ca", "ca2", "ca3"} {
+		eventually(t, 20*time.Second, name+" reaches cb after the restarts", func() error {
+			_, err := d1.docker("exec", name, "ping", "-c", "1", "-W", "1", b)
+			return err
+		})
+	}
+
+	d1.must("rm", "-f", "ca", "ca2", "ca3")
 	d2.must("rm", "-f", "cb")
 	d1.must("network", "rm", "red")
 	d2.must("network", "rm", "red")
