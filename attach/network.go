@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -267,6 +268,13 @@ func (d *Network) Status(ctx context.Context) (Status, error) {
 	return st, nil
 }
 
+// DockerKeyPrefix starts the container IDs of the attachments that the
+// Docker front end makes. A CNI container ID cannot hold its ':' (CNI
+// allows letters, digits, '_', '.' and '-'), so the two never meet, and a
+// CNI runtime's GC, which knows only its own containers, leaves the
+// Docker front end's alone.
+const DockerKeyPrefix = "docker:"
+
 // GC releases every address of this host's blocks that none of r.Valid
 // holds. The runtime must not run ADD for the network while it runs GC
 // (CNI spec): an ADD in flight is not in its list.
@@ -283,7 +291,7 @@ func (d *Network) GC(ctx context.Context, keep []overlay.AttachmentKey) ([]overl
 	}
 	out := []overlay.AttachmentKey{}
 	for _, al := range list {
-		if valid[al.Key] {
+		if valid[al.Key] || strings.HasPrefix(al.Key.ContainerID, DockerKeyPrefix) {
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, StoreTimeout)

@@ -204,7 +204,7 @@ func TestNetwork(t *testing.T) {
 func TestNetworkGC(t *testing.T) {
 	ctx := context.Background()
 	h, _, _ := newHandler(t)
-	for _, id := range []string{"keep", "stale1", "stale2"} {
+	for _, id := range []string{"keep", "stale1", "stale2", DockerKeyPrefix + "0a1b"} {
 		if _, err := h.Allocate(ctx, Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: id, IfName: "eth0"}}); err != nil {
 			t.Fatal(err)
 		}
@@ -219,9 +219,13 @@ func TestNetworkGC(t *testing.T) {
 	if _, err := h.Check(ctx, Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: "keep", IfName: "eth0"}}); err != nil {
 		t.Fatalf("GC released a valid attachment: %v", err)
 	}
-	// An empty list means nothing is valid.
+	// An empty list means nothing is valid, of the CNI runtime's: the
+	// Docker front end's attachments are not its to collect.
 	if out, err := h.GC(ctx, nil); err != nil || len(out) != 1 {
 		t.Fatalf("GC with no valid attachments = %+v, %v", out, err)
+	}
+	if _, err := h.Check(ctx, Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: DockerKeyPrefix + "0a1b", IfName: "eth0"}}); KindOf(err) == NotFound {
+		t.Fatal("a CNI GC released a Docker attachment")
 	}
 }
 

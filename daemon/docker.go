@@ -36,7 +36,7 @@ import (
 // dockerKeyPrefix starts the container IDs of the attachments the Docker
 // driver makes: dockerd asks for an address before it names the
 // endpoint.
-const dockerKeyPrefix = "docker-"
+const dockerKeyPrefix = attach.DockerKeyPrefix
 
 // dockerIfName is the interface name of the Docker driver's attachments.
 const dockerIfName = "eth0"

@@ -9,10 +9,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/internal/simnet"
 )
 
@@ -37,7 +39,25 @@ type dockerd struct {
 	holder *exec.Cmd // holds the mount namespace
 	ctd    *exec.Cmd // containerd
 	cmd    *exec.Cmd // dockerd
-	log    bytes.Buffer
+	log    lockedBuffer
+}
+
+// lockedBuffer collects the output of several processes at once.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 func startDockerd(t *testing.T, h *simnet.Host) *dockerd {
@@ -318,7 +338,7 @@ func TestDocker(t *testing.T) {
 	// second or so.
 	eventually(t, 15*time.Second, "no Docker endpoint's address left", func() error {
 		for _, ep := range endpoints(t, n, "red") {
-			if strings.HasPrefix(ep.ContainerID, "docker-") {
+			if strings.HasPrefix(ep.ContainerID, attach.DockerKeyPrefix) {
 				return fmt.Errorf("left: %+v", ep)
 			}
 		}
