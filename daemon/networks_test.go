@@ -205,8 +205,10 @@ func TestNetworkSet(t *testing.T) {
 		t.Fatalf("d failed %d times, want 2", n)
 	}
 
-	s.KickAll()
+	// d's runtime joins the set just after its start is recorded: kick
+	// until every one has been.
 	eventually(t, "every reconciler kicked", func() bool {
+		s.KickAll()
 		return events.has("kick b") && events.has("kick c") && events.has("kick d")
 	})
 
