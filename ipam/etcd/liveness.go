@@ -68,10 +68,13 @@ type Liveness struct {
 }
 
 // Liveness returns the liveness keeper of host; ttl 0 means
-// DefaultLivenessTTL.
+// DefaultLivenessTTL, and a nil log discards its logs.
 func (s *Store) Liveness(host overlay.HostID, ttl time.Duration, log *slog.Logger) *Liveness {
 	if ttl <= 0 {
 		ttl = DefaultLivenessTTL
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
 	return &Liveness{s: s, host: host, ttl: ttl, log: log}
 }
