@@ -183,7 +183,7 @@ func Run(ctx context.Context, cfg Config) error {
 	// Docker's plugin socket, answering from the first moment: dockerd
 	// waits 15 s for a plugin whose socket is missing.
 	var dockerHandler atomic.Pointer[http.Handler]
-	var dockerSrv *http.Server
+	var dockerSrv *rpcserver.Server
 	dockerServeErr := make(chan error, 1)
 	if cfg.DockerSocket != "" {
 		dl, err := rpcserver.Listen(cfg.DockerSocket)
@@ -193,13 +193,13 @@ func Run(ctx context.Context, cfg Config) error {
 		defer os.Remove(cfg.DockerSocket)
 		dockerLog := log.With("component", "docker")
 		starting := cnm.NewHandler(startingDocker{}, dockerLog)
-		dockerSrv = dockerServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		dockerSrv = rpcserver.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if h := dockerHandler.Load(); h != nil {
 				(*h).ServeHTTP(w, r)
 				return
 			}
 			starting.ServeHTTP(w, r)
-		}), dockerLog)
+		}), rpcserver.DefaultServerConfig(), dockerLog)
 		go func() { dockerServeErr <- dockerSrv.Serve(dl) }()
 		defer dockerSrv.Close()
 	}

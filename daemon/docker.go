@@ -8,13 +8,11 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -678,23 +676,4 @@ func hostRoutes(h *netlink.Handle) func() ([]netip.Prefix, error) {
 		}
 		return out, nil
 	}
-}
-
-// dockerServer returns the server of the Docker plugin socket. dockerd
-// keeps its connections to a plugin open between requests, which the CNI
-// socket's server, made for one exchange per connection, does not serve:
-// this is a plain net/http server, bounded against a client that stalls.
-func dockerServer(h http.Handler, log *slog.Logger) *http.Server {
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       10 * time.Second,
-		// A request's work is bounded by cnm's 25 s.
-		WriteTimeout:   30 * time.Second,
-		IdleTimeout:    2 * time.Minute,
-		MaxHeaderBytes: 16 << 10,
-		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
-	srv.SetKeepAlivesEnabled(false)
-	return srv
 }
