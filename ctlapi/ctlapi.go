@@ -143,6 +143,15 @@ const (
 	Warning = "warning"
 )
 
+// Rank orders severities, the most severe first: Error is 0, anything
+// else 1.
+func Rank(severity string) int {
+	if severity == Error {
+		return 0
+	}
+	return 1
+}
+
 // Finding is one difference the doctor found.
 type Finding struct {
 	// Severity is Error or Warning.

@@ -157,14 +157,8 @@ func (h *host) doctor(ctx context.Context, nets []network, kick func()) ctlapi.R
 // sortFindings puts errors first, then host-wide findings, then by
 // network and check.
 func sortFindings(fs []ctlapi.Finding) {
-	rank := func(f ctlapi.Finding) int {
-		if f.Severity == ctlapi.Error {
-			return 0
-		}
-		return 1
-	}
 	slices.SortStableFunc(fs, func(a, b ctlapi.Finding) int {
-		return cmp.Or(cmp.Compare(rank(a), rank(b)), cmp.Compare(a.Network, b.Network), cmp.Compare(a.Check, b.Check))
+		return cmp.Or(cmp.Compare(ctlapi.Rank(a.Severity), ctlapi.Rank(b.Severity)), cmp.Compare(a.Network, b.Network), cmp.Compare(a.Check, b.Check))
 	})
 }
 

@@ -230,7 +230,7 @@ func reportsOf(list []hostView, stored map[overlay.HostID][]byte, now time.Time)
 		}
 		r.Findings = append(extra, r.Findings...)
 		slices.SortStableFunc(r.Findings, func(a, b ctlapi.Finding) int {
-			return cmp.Compare(severityRank(a.Severity), severityRank(b.Severity))
+			return cmp.Compare(ctlapi.Rank(a.Severity), ctlapi.Rank(b.Severity))
 		})
 		if r.Findings == nil {
 			r.Findings = []ctlapi.Finding{}
@@ -238,13 +238,6 @@ func reportsOf(list []hostView, stored map[overlay.HostID][]byte, now time.Time)
 		out = append(out, r)
 	}
 	return out
-}
-
-func severityRank(s string) int {
-	if s == ctlapi.Error {
-		return 0
-	}
-	return 1
 }
 
 // printReports prints the reports for a person: each host, then its
