@@ -54,9 +54,6 @@ const (
 	// the address is for; GatewayAddressType is the network's gateway.
 	RequestAddressTypeOption = "RequestAddressType"
 	GatewayAddressType       = "com.docker.network.gateway"
-	// MACAddressOption, in RequestAddress's options, is the endpoint's
-	// MAC address, sent when the IPAM driver requires it.
-	MACAddressOption = "com.docker.network.endpoint.macaddress"
 )
 
 // ErrorResponse is the body of every failed answer.

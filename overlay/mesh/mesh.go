@@ -91,9 +91,6 @@ func (s State) Word() string {
 	return "reachable"
 }
 
-// StateWords are the values State.Word returns.
-var StateWords = []string{"reachable", "mtu", "unreachable", "unknown"}
-
 // Config says how often to probe.
 type Config struct {
 	// Interval is how often each pair is probed, when the budget allows.
