@@ -187,4 +187,6 @@ type Attacher interface {
 	// Release releases address a of this host whoever holds it (see
 	// Network.Release).
 	Release(ctx context.Context, a netip.Addr, force bool) (overlay.AttachmentKey, bool, error)
+	// Allocations returns this host's allocations of the network.
+	Allocations(ctx context.Context) ([]overlay.Allocation, error)
 }

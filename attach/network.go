@@ -330,13 +330,18 @@ func (d *Network) Allocations(ctx context.Context) ([]overlay.Allocation, error)
 // short, is given back. overlayd gives it the allocations that existed
 // when it started, once every plugin request from before its start has
 // ended (OrphanGrace): an ADD answered just before a restart may not have
-// made its veth yet. It returns the attachments it released.
+// made its veth yet. The Docker front end's attachments are left to it: a
+// Docker endpoint has no veth between dockerd's RequestAddress and its
+// Join. It returns the attachments it released.
 func (d *Network) ReleaseOrphans(ctx context.Context, list []overlay.Allocation) ([]overlay.AttachmentKey, error) {
 	ctx, cancel := context.WithTimeout(ctx, StoreTimeout)
 	defer cancel()
 	var released []overlay.AttachmentKey
 	var errs []error
 	for _, al := range list {
+		if strings.HasPrefix(al.Key.ContainerID, DockerKeyPrefix) {
+			continue // the Docker front end's to collect, by its rules
+		}
 		name := overlay.HostVethName(d.network.Name, al.Key)
 		state, err := d.links.State(name)
 		if err != nil || state == hostlink.Attached {

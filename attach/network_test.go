@@ -235,7 +235,8 @@ func TestReleaseOrphans(t *testing.T) {
 	live := overlay.AttachmentKey{ContainerID: "live", IfName: "eth0"}
 	gone := overlay.AttachmentKey{ContainerID: "gone", IfName: "eth0"}
 	pending := overlay.AttachmentKey{ContainerID: "pending", IfName: "eth0"}
-	for _, k := range []overlay.AttachmentKey{live, gone, pending} {
+	docker := overlay.AttachmentKey{ContainerID: DockerKeyPrefix + "0a1b", IfName: "eth0"} // between RequestAddress and Join
+	for _, k := range []overlay.AttachmentKey{live, gone, pending, docker} {
 		if _, err := h.Allocate(ctx, Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: k.ContainerID, IfName: k.IfName}}); err != nil {
 			t.Fatal(err)
 		}
@@ -252,6 +253,9 @@ func TestReleaseOrphans(t *testing.T) {
 	}
 	if _, err := h.Check(ctx, Request{Network: "default", Key: overlay.AttachmentKey{ContainerID: "live", IfName: "eth0"}}); err != nil {
 		t.Fatalf("live attachment released: %v", err)
+	}
+	if _, err := h.Check(ctx, Request{Network: "default", Key: docker}); err != nil {
+		t.Fatalf("a Docker attachment without a veth released: %v", err)
 	}
 	if st, _ := links.State(overlay.HostVethName("default", pending)); st != hostlink.Gone {
 		t.Fatal("the detached veth of a pending deletion was not deleted")

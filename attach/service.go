@@ -152,13 +152,23 @@ func (s *Service) Release(ctx context.Context, network string, a netip.Addr, for
 	return n.Release(ctx, a, force)
 }
 
-// holds.
+// GC releases every address of network on this host that none of valid
+// holds (Network.GC).
 func (s *Service) GC(ctx context.Context, network string, valid []overlay.AttachmentKey) ([]overlay.AttachmentKey, error) {
 	a, err := s.network(ctx, network)
 	if err != nil {
 		return nil, err
 	}
 	return a.GC(ctx, valid)
+}
+
+// Allocations returns this host's allocations of network.
+func (s *Service) Allocations(ctx context.Context, network string) ([]overlay.Allocation, error) {
+	a, err := s.network(ctx, network)
+	if err != nil {
+		return nil, err
+	}
+	return a.Allocations(ctx)
 }
 
 // starting is the Attacher of a network that is not served yet: every
@@ -201,6 +211,10 @@ func (s starting) Holder(context.Context, netip.Addr) (overlay.Allocation, error
 }
 func (s starting) Release(context.Context, netip.Addr, bool) (overlay.AttachmentKey, bool, error) {
 	return overlay.AttachmentKey{}, false, s.err()
+}
+
+func (s starting) Allocations(context.Context) ([]overlay.Allocation, error) {
+	return nil, s.err()
 }
 
 func (s starting) Status(context.Context) (Status, error) {

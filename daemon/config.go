@@ -73,6 +73,10 @@ type Config struct {
 	// releases the addresses of containers whose veth is gone: longer than
 	// any plugin request from before the start can last.
 	OrphanGrace time.Duration
+	// DockerSweep is how often the Docker driver looks for attachments
+	// dockerd left (dockerBackend.Sweep); one found twice in a row is
+	// released.
+	DockerSweep time.Duration
 	// DoctorInterval is how often overlayd runs the doctor's checks on
 	// its host and stores the report in etcd.
 	DoctorInterval time.Duration
@@ -103,6 +107,7 @@ func (c Config) withDefaults() Config {
 		{&c.RejoinInterval, &def.RejoinInterval},
 		{&c.OrphanGrace, &def.OrphanGrace},
 		{&c.DoctorInterval, &def.DoctorInterval},
+		{&c.DockerSweep, &def.DockerSweep},
 		{&c.MeshInterval, &def.MeshInterval},
 		{&c.Etcd.DialTimeout, &def.Etcd.DialTimeout},
 	} {
@@ -157,6 +162,7 @@ func DefaultConfig() Config {
 		RejoinInterval: 30 * time.Second,              // heals partitions and simultaneous starts
 		OrphanGrace:    30 * time.Second,              // the plugin's request timeout
 		DoctorInterval: 5 * time.Minute,               // a few reads of etcd and the kernel per network
+		DockerSweep:    time.Minute,                   // dockerd wires an address in milliseconds
 		MeshInterval:   mesh.DefaultInterval,          // 10s per peer, while the budget allows
 		MeshRate:       mesh.DefaultRate,              // 20 peers/s: 1000 peers every 50 s
 	}

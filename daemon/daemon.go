@@ -331,10 +331,11 @@ func Run(ctx context.Context, cfg Config) error {
 	h.registerMetrics()
 	ctlHandler := controlHandler(control{h: h, set: set}, log.With("component", "control"))
 	ctl.Store(&ctlHandler)
+	dockerLog := log.With("component", "docker")
+	docker := &dockerBackend{host: id, store: store, svc: svc, links: netlinkDockerLinks{links}, routes: hostRoutes(nl),
+		log: dockerLog, nets: make(map[string]string)}
 	if dockerSrv != nil {
-		dockerLog := log.With("component", "docker")
-		dh := cnm.NewHandler(&dockerBackend{host: id, store: store, svc: svc, links: netlinkDockerLinks{links}, routes: hostRoutes(nl),
-			log: dockerLog, nets: make(map[string]string)}, dockerLog)
+		dh := cnm.NewHandler(docker, dockerLog)
 		dockerHandler.Store(&dh)
 	}
 	log.Info("ready", "networks", set.Names(), "underlay", ul.Addr, "vtep-mac", mac.String(), "underlay-mtu", ul.MTU,
@@ -362,6 +363,8 @@ func Run(ctx context.Context, cfg Config) error {
 	eg.Go(func() error { return g.Run(ctx) })
 	eg.Go(func() error { return live.Run(ctx, lease) })
 	eg.Go(func() error { return h.runDoctor(ctx, set.Started, set.Kick, cfg.DoctorInterval) })
+	// Also without the plugin socket: attachments of an earlier run's.
+	eg.Go(func() error { return docker.Sweep(ctx, cfg.DockerSweep, set.Names) })
 	if h.mesh != nil {
 		eg.Go(func() error { return h.mesh.Run(ctx) })
 	}

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -54,6 +55,7 @@ type dockerStore interface {
 	DeleteDockerNetwork(ctx context.Context, h overlay.HostID, id string) error
 	PutDockerEndpoint(ctx context.Context, h overlay.HostID, id string, ep etcd.DockerEndpoint) error
 	DockerEndpoint(ctx context.Context, h overlay.HostID, id string) (etcd.DockerEndpoint, error)
+	DockerEndpoints(ctx context.Context, h overlay.HostID) (map[string]etcd.DockerEndpoint, error)
 	DeleteDockerEndpoint(ctx context.Context, h overlay.HostID, id string) error
 }
 
@@ -62,6 +64,8 @@ type dockerStore interface {
 type dockerService interface {
 	Allocate(ctx context.Context, r attach.Request) (attach.Attachment, error)
 	Flush(ctx context.Context, network string) error
+	Detach(ctx context.Context, r attach.Request) error
+	Allocations(ctx context.Context, network string) ([]overlay.Allocation, error)
 	Holder(ctx context.Context, network string, a netip.Addr) (overlay.Allocation, error)
 	Release(ctx context.Context, network string, a netip.Addr, force bool) (overlay.AttachmentKey, bool, error)
 }
@@ -76,6 +80,8 @@ type dockerLinks interface {
 	Delete(name string) error
 	// IfIndex returns a link's index.
 	IfIndex(name string) (int, error)
+	// State says whether a host veth exists and is attached.
+	State(name string) (hostlink.State, error)
 }
 
 // dockerBackend is the Docker driver of one host. It is safe for
@@ -90,6 +96,15 @@ type dockerBackend struct {
 
 	mu   sync.Mutex
 	nets map[string]string // Docker network ID → overlay network name, as read
+	// unwired are the Docker attachments the last sweep found without
+	// a veth (see Sweep).
+	unwired map[dockerAttachment]netip.Prefix
+}
+
+// dockerAttachment is one Docker attachment of one network.
+type dockerAttachment struct {
+	network string
+	key     overlay.AttachmentKey
 }
 
 var _ cnm.Backend = (*dockerBackend)(nil)
@@ -254,7 +269,14 @@ func (b *dockerBackend) RequestAddress(ctx context.Context, r cnm.RequestAddress
 }
 
 // ReleaseAddress releases an endpoint's address; the gateway's, and an
-// address nobody holds, are no error.
+// address nobody holds, are no error. dockerd names only the address, so
+// a release that comes late (from a dockerd that cleans up after a crash,
+// once the address has been collected by Sweep and given again) must not
+// take it from its new holder: the address is released only when a
+// Docker attachment holds it that no endpoint record refers to and whose
+// veth is not attached, which is how dockerd leaves it when it means it
+// (after Leave and DeleteEndpoint, or after a CreateEndpoint that
+// failed). Otherwise it is left, and the refusal logged.
 func (b *dockerBackend) ReleaseAddress(ctx context.Context, r cnm.ReleaseAddressRequest) error {
 	a, err := netip.ParseAddr(r.Address)
 	if err != nil {
@@ -264,10 +286,49 @@ func (b *dockerBackend) ReleaseAddress(ctx context.Context, r cnm.ReleaseAddress
 	if err != nil {
 		return err
 	}
-	if _, _, err := b.svc.Release(ctx, n.Name, a, true); err != nil && attach.KindOf(err) != attach.NotFound {
+	al, err := b.svc.Holder(ctx, n.Name, a)
+	if attach.KindOf(err) == attach.NotFound {
+		return nil
+	}
+	if err != nil {
 		return err
 	}
+	if why, err := b.inUse(ctx, n.Name, al.Key); err != nil {
+		return err
+	} else if why != "" {
+		b.log.Warn("docker: a release of an address in use, left alone", "network", n.Name, "addr", a, "holder", al.Key, "because", why)
+		return nil
+	}
+	if err := b.svc.Detach(ctx, attach.Request{Network: n.Name, Key: al.Key}); err != nil {
+		return err
+	}
+	b.log.Debug("docker: released", "network", n.Name, "addr", a, "key", al.Key)
 	return nil
+}
+
+// inUse says why attachment key of network is not dockerd's to release,
+// or "".
+func (b *dockerBackend) inUse(ctx context.Context, network string, key overlay.AttachmentKey) (string, error) {
+	if !strings.HasPrefix(key.ContainerID, dockerKeyPrefix) {
+		return "a CNI container holds it", nil
+	}
+	state, err := b.links.State(overlay.HostVethName(network, key))
+	if err != nil {
+		return "", fmt.Errorf("read the veth of %s: %w", key, err)
+	}
+	if state == hostlink.Attached {
+		return "its endpoint's veth is attached", nil
+	}
+	eps, err := b.store.DockerEndpoints(ctx, b.host)
+	if err != nil && eps == nil {
+		return "", fmt.Errorf("read this host's Docker endpoints: %w", err)
+	}
+	for id, ep := range eps {
+		if ep.Network == network && ep.Key == key {
+			return "endpoint " + id + " has it", nil
+		}
+	}
+	return "", nil
 }
 
 // dockerNetworkOptions are the --opt keys of a network the driver
@@ -569,13 +630,109 @@ func (b *dockerBackend) Join(ctx context.Context, r cnm.JoinRequest) (cnm.JoinRe
 	return cnm.JoinResponse{InterfaceName: cnm.InterfaceName{SrcName: peer, DstPrefix: "eth"}, Gateway: att.Gateway.String()}, nil
 }
 
-// Leave deletes the endpoint's veth pair.
+// Leave deletes the endpoint's veth pair. An endpoint without a record
+// (Sweep collected it: its container went while dockerd was down) has
+// none to delete.
 func (b *dockerBackend) Leave(ctx context.Context, r cnm.EndpointRequest) error {
-	ep, err := b.endpoint(ctx, r.EndpointID)
+	ep, err := b.store.DockerEndpoint(ctx, b.host, r.EndpointID)
+	if errors.Is(err, overlay.ErrNotFound) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
 	return b.links.Delete(overlay.HostVethName(ep.Network, ep.Key))
+}
+
+// Sweep collects, every interval until ctx is done, the Docker
+// attachments of networks() that dockerd will not release: those whose
+// veth is not attached at two sweeps in a row. An attachment has no veth
+// only between dockerd's RequestAddress and Join, and between its Leave
+// and ReleaseAddress, which take milliseconds; one that stays so is
+// dockerd's leftover: an address it was given and never made an endpoint
+// of (it crashed, or its endpoint's creation failed and the release was
+// lost), or the endpoint of a container that went while dockerd or
+// overlayd was down. Its address is released and its endpoint record
+// deleted; a late Leave, DeleteEndpoint or ReleaseAddress for it is
+// answered without effect.
+func (b *dockerBackend) Sweep(ctx context.Context, interval time.Duration, networks func() []string) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+		if err := b.sweep(ctx, networks()); err != nil {
+			b.log.Warn("docker: collecting leftover attachments", "err", err)
+		}
+	}
+}
+
+// sweep is one pass of Sweep.
+func (b *dockerBackend) sweep(ctx context.Context, networks []string) error {
+	var errs []error
+	unwired := map[dockerAttachment]netip.Prefix{}
+	for _, name := range networks {
+		list, err := b.svc.Allocations(ctx, name)
+		if err != nil {
+			if attach.KindOf(err) != attach.Starting {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		for _, al := range list {
+			if !strings.HasPrefix(al.Key.ContainerID, dockerKeyPrefix) {
+				continue
+			}
+			state, err := b.links.State(overlay.HostVethName(name, al.Key))
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if state != hostlink.Attached {
+				unwired[dockerAttachment{name, al.Key}] = al.Addr
+			}
+		}
+	}
+	b.mu.Lock()
+	before := b.unwired
+	b.unwired = unwired
+	b.mu.Unlock()
+	var collect []dockerAttachment
+	for a, addr := range unwired {
+		if before[a] == addr {
+			collect = append(collect, a)
+		}
+	}
+	if len(collect) == 0 {
+		return errors.Join(errs...)
+	}
+	eps, err := b.store.DockerEndpoints(ctx, b.host)
+	if err != nil && eps == nil {
+		return errors.Join(append(errs, fmt.Errorf("read this host's Docker endpoints: %w", err))...)
+	}
+	for _, a := range collect {
+		if err := b.svc.Detach(ctx, attach.Request{Network: a.network, Key: a.key}); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		endpoint := ""
+		for id, ep := range eps {
+			if ep.Network == a.network && ep.Key == a.key {
+				endpoint = id
+				if err := b.store.DeleteDockerEndpoint(ctx, b.host, id); err != nil {
+					errs = append(errs, err)
+				}
+			}
+		}
+		b.log.Info("docker: released the address of an endpoint dockerd left", "network", a.network, "addr", unwired[a], "key", a.key, "endpoint", endpoint)
+		b.mu.Lock()
+		delete(b.unwired, a)
+		b.mu.Unlock()
+	}
+	return errors.Join(errs...)
 }
 
 // ProgramExternalConnectivity refuses published ports: see docs/docker.md.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -89,6 +90,17 @@ func (f *fakeDockerStore) DockerEndpoint(_ context.Context, h overlay.HostID, id
 	}
 	return ep, nil
 }
+func (f *fakeDockerStore) DockerEndpoints(_ context.Context, h overlay.HostID) (map[string]etcd.DockerEndpoint, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := map[string]etcd.DockerEndpoint{}
+	for k, ep := range f.deps {
+		if id, ok := strings.CutPrefix(k, string(h)+"/"); ok {
+			out[id] = ep
+		}
+	}
+	return out, nil
+}
 func (f *fakeDockerStore) DeleteDockerEndpoint(_ context.Context, h overlay.HostID, id string) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -131,6 +143,21 @@ func (f *fakeDockerService) Allocate(_ context.Context, r attach.Request) (attac
 	return attach.Attachment{Network: r.Network, Addr: al.Addr, Gateway: overlay.Gateway(dockerBlock), MTU: 1450, Bridge: "ovbr-" + r.Network, MAC: al.Endpoint.MAC}, nil
 }
 func (f *fakeDockerService) Flush(context.Context, string) error { return nil }
+func (f *fakeDockerService) Detach(_ context.Context, r attach.Request) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.allocs, r.Key)
+	return nil
+}
+func (f *fakeDockerService) Allocations(context.Context, string) ([]overlay.Allocation, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []overlay.Allocation
+	for _, al := range f.allocs {
+		out = append(out, al)
+	}
+	return out, nil
+}
 func (f *fakeDockerService) Holder(_ context.Context, _ string, a netip.Addr) (overlay.Allocation, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -172,6 +199,14 @@ func (f *fakeDockerLinks) Delete(name string) error {
 	defer f.mu.Unlock()
 	delete(f.veths, name)
 	return nil
+}
+func (f *fakeDockerLinks) State(name string) (hostlink.State, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.veths[name]; ok {
+		return hostlink.Attached, nil
+	}
+	return hostlink.Gone, nil
 }
 func (f *fakeDockerLinks) IfIndex(name string) (int, error) {
 	if strings.HasPrefix(name, "ovbr-") {
@@ -337,5 +372,157 @@ func TestDockerPools(t *testing.T) {
 	}
 	if _, err := b.RequestAddress(ctx, cnm.RequestAddressRequest{PoolID: "10.60.0.0/16"}); err == nil || !strings.Contains(err.Error(), "no overlay network has the subnet") {
 		t.Errorf("an address of a pool no network has: %v", err)
+	}
+}
+
+// TestDockerUnknown: requests for a network or endpoint the driver does
+// not know, or refused, say so and leave nothing behind.
+func TestDockerUnknown(t *testing.T) {
+	ctx := context.Background()
+	store := newFakeDockerStore()
+	store.nets = []overlay.Network{{Name: "red", CIDR: netip.MustParsePrefix("10.30.0.0/16")}}
+	b, svc, links := newDockerBackend("a", store)
+	for name, err := range map[string]error{
+		"Join": func() error { _, err := b.Join(ctx, cnm.JoinRequest{NetworkID: "n", EndpointID: "e"}); return err }(),
+		"EndpointOperInfo": func() error {
+			_, err := b.EndpointOperInfo(ctx, cnm.EndpointRequest{NetworkID: "n", EndpointID: "e"})
+			return err
+		}(),
+	} {
+		if err == nil || !strings.Contains(err.Error(), "endpoint e is not one of this driver's") {
+			t.Errorf("%s of an unknown endpoint: %v", name, err)
+		}
+	}
+	// Undoing what is not there is no error: dockerd cleans up after
+	// failures with these.
+	for name, err := range map[string]error{
+		"Leave":          b.Leave(ctx, cnm.EndpointRequest{NetworkID: "n", EndpointID: "e"}),
+		"DeleteEndpoint": b.DeleteEndpoint(ctx, cnm.EndpointRequest{NetworkID: "n", EndpointID: "e"}),
+		"ReleaseAddress": b.ReleaseAddress(ctx, cnm.ReleaseAddressRequest{PoolID: "10.30.0.0/16", Address: "10.30.0.9"}),
+		"DeleteNetwork":  b.DeleteNetwork(ctx, cnm.NetworkRequest{NetworkID: "n"}),
+	} {
+		if err != nil {
+			t.Errorf("%s of an unknown endpoint or network: %v", name, err)
+		}
+	}
+	if err := b.ReleaseAddress(ctx, cnm.ReleaseAddressRequest{PoolID: "10.60.0.0/16", Address: "10.60.0.9"}); err == nil || !strings.Contains(err.Error(), "no overlay network has the subnet 10.60.0.0/16") {
+		t.Errorf("a release in a pool no network has: %v", err)
+	}
+	// A refused creation writes nothing: no overlay network, no mapping.
+	for _, r := range []cnm.CreateNetworkRequest{
+		{NetworkID: "n1", Options: map[string]any{cnm.GenericOption: map[string]any{"vni": "x"}}, IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16"}}},
+		{NetworkID: "n2", Options: map[string]any{cnm.GenericOption: map[string]any{"name": "blue"}}, IPv4Data: []cnm.IPAMData{{Pool: "10.30.0.0/16"}}},
+		{NetworkID: "n3", IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16"}, {Pool: "10.51.0.0/16"}}},
+		{NetworkID: "n4", IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16"}}, IPv6Data: []cnm.IPAMData{{Pool: "fd00::/64"}}},
+	} {
+		if err := b.CreateNetwork(ctx, r); err == nil {
+			t.Errorf("CreateNetwork(%+v) succeeded", r)
+		}
+	}
+	if len(store.nets) != 1 || len(store.dnet) != 0 || len(svc.allocs) != 0 || len(links.veths) != 0 {
+		t.Fatalf("refused requests left networks %v, mappings %v, addresses %v, veths %v", store.nets, store.dnet, svc.allocs, links.veths)
+	}
+}
+
+// TestDockerLeftovers: an address dockerd was given and never wired (it
+// crashed between RequestAddress and Join), or an endpoint whose veth
+// went while dockerd was down, is released by the second sweep that
+// finds it so; a late release from dockerd of an address given again
+// since does not take it from its new holder.
+func TestDockerLeftovers(t *testing.T) {
+	ctx := context.Background()
+	store := newFakeDockerStore()
+	store.nets = []overlay.Network{{Name: "red", CIDR: netip.MustParsePrefix("10.30.0.0/16")}}
+	b, svc, links := newDockerBackend("a", store)
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.CreateNetwork(ctx, cnm.CreateNetworkRequest{NetworkID: "n", IPv4Data: []cnm.IPAMData{{Pool: "10.30.0.0/16"}}}); err != nil {
+		t.Fatal(err)
+	}
+	// run starts a container as dockerd does and returns its address.
+	run := func(ep string) string {
+		t.Helper()
+		a, err := b.RequestAddress(ctx, cnm.RequestAddressRequest{PoolID: "10.30.0.0/16"})
+		must(err)
+		_, err = b.CreateEndpoint(ctx, cnm.CreateEndpointRequest{NetworkID: "n", EndpointID: ep, Interface: &cnm.EndpointInterface{Address: a.Address}})
+		must(err)
+		_, err = b.Join(ctx, cnm.JoinRequest{NetworkID: "n", EndpointID: ep})
+		must(err)
+		return a.Address
+	}
+	running := run("e-running")
+	vanished := run("e-vanished")
+	never, err := b.RequestAddress(ctx, cnm.RequestAddressRequest{PoolID: "10.30.0.0/16"}) // dockerd crashed here
+	must(err)
+	cni := overlay.AttachmentKey{ContainerID: "cni1", IfName: "eth0"}
+	if _, err := svc.Allocate(ctx, attach.Request{Network: "red", Key: cni}); err != nil {
+		t.Fatal(err)
+	}
+	ep, _ := store.DockerEndpoint(ctx, "a", "e-vanished")
+	must(links.Delete(overlay.HostVethName("red", ep.Key))) // the container went while dockerd was down
+
+	holders := func() []string {
+		var out []string
+		for _, al := range svc.allocs {
+			out = append(out, al.Addr.String())
+		}
+		slices.Sort(out)
+		return out
+	}
+	must(b.sweep(ctx, []string{"red"}))
+	if len(svc.allocs) != 4 {
+		t.Fatalf("the first sweep released %v; want nothing released before a second look", holders())
+	}
+	must(b.sweep(ctx, []string{"red"}))
+	want := []string{running, "10.30.0.5/26"} // and the CNI container's
+	if got := holders(); !slices.Equal(got, want) || svc.allocs[cni].Addr.String() != "10.30.0.5/26" {
+		t.Fatalf("after two sweeps the addresses held are %v; want %v (never-wired %s and vanished %s released)", got, want, never.Address, vanished)
+	}
+	if _, err := store.DockerEndpoint(ctx, "a", "e-vanished"); err == nil {
+		t.Fatal("the vanished endpoint's record outlives its collection")
+	}
+	if _, err := store.DockerEndpoint(ctx, "a", "e-running"); err != nil {
+		t.Fatalf("the running endpoint's record: %v", err)
+	}
+
+	// The vanished address is given again; dockerd comes back and cleans
+	// up the endpoint it remembers: its late release is left alone.
+	again := run("e-new")
+	if again != vanished && again != never.Address {
+		t.Fatalf("the new container got %s; the test wants a released address given again", again)
+	}
+	must(b.Leave(ctx, cnm.EndpointRequest{NetworkID: "n", EndpointID: "e-vanished"}))
+	must(b.DeleteEndpoint(ctx, cnm.EndpointRequest{NetworkID: "n", EndpointID: "e-vanished"}))
+	must(b.ReleaseAddress(ctx, cnm.ReleaseAddressRequest{PoolID: "10.30.0.0/16", Address: strings.Split(again, "/")[0]}))
+	must(b.ReleaseAddress(ctx, cnm.ReleaseAddressRequest{PoolID: "10.30.0.0/16", Address: "10.30.0.5"})) // the CNI container's
+	if len(svc.allocs) != 3 {
+		t.Fatalf("late releases took addresses in use: %v left", holders())
+	}
+	// A release of an address whose endpoint is recorded but not joined
+	// (between CreateEndpoint and Join) is left alone too.
+	a, err := b.RequestAddress(ctx, cnm.RequestAddressRequest{PoolID: "10.30.0.0/16"})
+	must(err)
+	_, err = b.CreateEndpoint(ctx, cnm.CreateEndpointRequest{NetworkID: "n", EndpointID: "e-created", Interface: &cnm.EndpointInterface{Address: a.Address}})
+	must(err)
+	must(b.ReleaseAddress(ctx, cnm.ReleaseAddressRequest{PoolID: "10.30.0.0/16", Address: strings.Split(a.Address, "/")[0]}))
+	if len(svc.allocs) != 4 {
+		t.Fatalf("a release took the address of a created endpoint: %v left", holders())
+	}
+	// Once dockerd has deleted it, its release releases.
+	must(b.DeleteEndpoint(ctx, cnm.EndpointRequest{NetworkID: "n", EndpointID: "e-created"}))
+	must(b.ReleaseAddress(ctx, cnm.ReleaseAddressRequest{PoolID: "10.30.0.0/16", Address: strings.Split(a.Address, "/")[0]}))
+	if len(svc.allocs) != 3 {
+		t.Fatalf("a release after DeleteEndpoint left %v", holders())
+	}
+	// A joined endpoint's address stays while its veth is attached, even
+	// without its record.
+	delete(store.deps, store.key("a", "e-running"))
+	must(b.ReleaseAddress(ctx, cnm.ReleaseAddressRequest{PoolID: "10.30.0.0/16", Address: strings.Split(running, "/")[0]}))
+	if len(svc.allocs) != 3 {
+		t.Fatalf("a release took the address of a joined endpoint: %v left", holders())
 	}
 }

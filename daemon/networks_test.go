@@ -258,6 +258,7 @@ func (f fakeAttacher) Holder(context.Context, netip.Addr) (overlay.Allocation, e
 func (f fakeAttacher) Release(context.Context, netip.Addr, bool) (overlay.AttachmentKey, bool, error) {
 	return overlay.AttachmentKey{}, false, f.err()
 }
+func (f fakeAttacher) Allocations(context.Context) ([]overlay.Allocation, error) { return nil, f.err() }
 
 // TestServiceThroughTheSet: the attachment service hands a request to the
 // set's network, and the CNI adapter turns the service's kinds of failure

@@ -3,7 +3,10 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -16,6 +19,7 @@ import (
 
 	"github.com/overlaynet/overlay/attach"
 	"github.com/overlaynet/overlay/internal/simnet"
+	"github.com/overlaynet/overlay/overlay"
 )
 
 // dockerRootEnv names a directory holding Debian's docker.io, containerd,
@@ -122,6 +126,14 @@ func (d *dockerd) start() {
 		_, err := d.docker("info")
 		return err
 	})
+}
+
+// crash kills dockerd (SIGKILL), leaving its containers running.
+func (d *dockerd) crash() {
+	d.t.Helper()
+	d.cmd.Process.Kill()
+	d.cmd.Wait()
+	d.cmd = nil
 }
 
 // restart stops dockerd alone, leaving its containers running
@@ -330,16 +342,77 @@ func TestDocker(t *testing.T) {
 		})
 	}
 
-	d1.must("rm", "-f", "ca", "ca2", "ca3")
+	// A network created with overlayctl is used from Docker, beside a
+	// CNI container.
+	ctl(t, n, "network", "create", "blue", "--cidr", "10.31.0.0/16")
+	waitServed(t, n, "blue", h1, h2, h3)
+	d2.must("network", "create", "-d", "overlaynet", "--ipam-driver", "overlaynet", "--subnet", "10.31.0.0/16", "blue")
+	d2.must("run", "-d", "--name", "cblue", "--pull", "never", "--network", "blue", "bb:1", "sleep", "1000")
+	blue := d2.must("inspect", "-f", "{{(index .NetworkSettings.Networks \"blue\").IPAddress}}", "cblue")
+	cBlue, err := n.AddContainerOn(context.Background(), h3, "cblue", "blue")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 20*time.Second, "a CNI container reaches a Docker container on a network overlayctl created", func() error {
+		return cBlue.Ping(context.Background(), mustAddr(t, blue), 1)
+	})
+	if err := n.DelContainer(context.Background(), cBlue); err != nil {
+		t.Fatal(err)
+	}
+
+	// An address dockerd asked for and never made an endpoint of (it
+	// crashed in between) is released by the sweep.
+	lost := requestAddress(t, h1, "10.30.0.0/16")
+	eventually(t, 20*time.Second, "the sweep releases an address without an endpoint", func() error {
+		if c := dockerHeld(t, n, "red")[lost]; c != "" {
+			return fmt.Errorf("%s still held by %s", lost, c)
+		}
+		return logHas(filepath.Join(h1.DataDir, "overlayd.log"), "docker: released the address of an endpoint dockerd left", lost+"/")
+	})
+
+	// dockerd crashes, and a container dies while it is down: once
+	// dockerd is back, its address and veth are gone, and dockerd
+	// removes it and runs new ones.
+	pid := d2.must("inspect", "-f", "{{.State.Pid}}", "cb")
+	d2.crash()
+	var p int
+	fmt.Sscan(pid, &p)
+	if err := syscall.Kill(p, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill container cb (pid %s): %v", pid, err)
+	}
+	d2.start()
+	eventually(t, 30*time.Second, "the address of the container that died with dockerd down released", func() error {
+		if c := dockerHeld(t, n, "red")[b]; c != "" {
+			return fmt.Errorf("%s still held by %s", b, c)
+		}
+		if out := ipOut(t, h2, "ip", "-o", "link", "show", "master", "ovbr-red"); strings.Contains(out, overlay.HostVethPrefix) {
+			return fmt.Errorf("a veth is still on red's bridge:\n%s", out)
+		}
+		return nil
+	})
+	if logHas(filepath.Join(h2.DataDir, "overlayd.log"), "docker: released the address of an endpoint dockerd left", b+"/") == nil {
+		t.Logf("the sweep released %s (dockerd did not)", b)
+	} else {
+		t.Logf("dockerd released %s itself", b)
+	}
 	d2.must("rm", "-f", "cb")
+	d2.must("run", "-d", "--name", "cb2", "--pull", "never", "--network", "red", "bb:1", "sleep", "1000")
+	b2 := addrOf(d2, "cb2")
+	eventually(t, 20*time.Second, "a new container after dockerd's crash reaches another host", func() error {
+		_, err := d1.docker("exec", "ca", "ping", "-c", "1", "-W", "1", b2)
+		return err
+	})
+
+	d1.must("rm", "-f", "ca", "ca2", "ca3")
+	d2.must("rm", "-f", "cb2", "cblue")
 	d1.must("network", "rm", "red")
-	d2.must("network", "rm", "red")
+	d2.must("network", "rm", "red", "blue")
 	// etcd's copy of the addresses follows each host's record within a
 	// second or so.
 	eventually(t, 15*time.Second, "no Docker endpoint's address left", func() error {
-		for _, ep := range endpoints(t, n, "red") {
-			if strings.HasPrefix(ep.ContainerID, attach.DockerKeyPrefix) {
-				return fmt.Errorf("left: %+v", ep)
+		for _, network := range []string{"red", "blue"} {
+			if held := dockerHeld(t, n, network); len(held) > 0 {
+				return fmt.Errorf("left on %s: %v", network, held)
 			}
 		}
 		return nil
@@ -358,4 +431,40 @@ func mustAddr(t *testing.T, s string) netip.Addr {
 		t.Fatalf("address %q: %v", s, err)
 	}
 	return a
+}
+
+// dockerHeld returns the addresses of network that Docker attachments
+// hold, and their container IDs.
+func dockerHeld(t *testing.T, n *simnet.Net, network string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, ep := range endpoints(t, n, network) {
+		if strings.HasPrefix(ep.ContainerID, attach.DockerKeyPrefix) {
+			out[ep.Addr.Addr().String()] = ep.ContainerID
+		}
+	}
+	return out
+}
+
+// requestAddress asks h's overlayd for an address of pool, as dockerd
+// does first when it starts a container, and returns it.
+func requestAddress(t *testing.T, h *simnet.Host, pool string) string {
+	t.Helper()
+	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", h.DockerSocket())
+	}}, Timeout: 10 * time.Second}
+	resp, err := c.Post("http://plugin/IpamDriver.RequestAddress", "application/vnd.docker.plugins.v1.2+json", strings.NewReader(`{"PoolID":"`+pool+`"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var r struct{ Address, Err string }
+	if err := json.NewDecoder(resp.Body).Decode(&r); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("RequestAddress: %s %+v %v", resp.Status, r, err)
+	}
+	p, err := netip.ParsePrefix(r.Address)
+	if err != nil {
+		t.Fatalf("RequestAddress answered %q: %v", r.Address, err)
+	}
+	return p.Addr().String()
 }

@@ -130,6 +130,7 @@ func parseFlags(cmd string, args []string, stderr io.Writer) (daemon.Config, *sl
 	fs.StringVar(&cfg.GossipKeyFile, "gossip-key-file", cfg.GossipKeyFile, "file of base64 keys that encrypt gossip, the first one used to send (mode 0600; SIGHUP reloads it); empty leaves gossip unencrypted")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", cfg.MetricsAddr, "host:port serving /metrics; empty disables it")
 	fs.StringVar(&cfg.DockerSocket, "docker-plugin-socket", cfg.DockerSocket, "Unix socket serving Docker's network and IPAM plugin protocols (the plugin overlaynet); empty disables it")
+	fs.DurationVar(&cfg.DockerSweep, "docker-sweep-interval", cfg.DockerSweep, "how often to look for addresses dockerd was given and left without a wired endpoint; one found twice in a row is released")
 	fs.DurationVar(&cfg.ResyncInterval, "resync-interval", cfg.ResyncInterval, "how often the dataplane is checked when nothing changed")
 	fs.IntVar(&cfg.MaxBlocks, "max-blocks", cfg.MaxBlocks, "most blocks of the network this host may hold (at least 1)")
 	fs.DurationVar(&cfg.IdleBlock, "block-idle", cfg.IdleBlock, "how long a block other than the host's last stays empty before it is given back")

@@ -234,6 +234,7 @@ func (h *Host) Args() []string {
 		"--gossip-key-file", n.GossipKeyFile(),
 		// The hosts share the machine's file system: each its own.
 		"--docker-plugin-socket", h.DockerSocket(),
+		"--docker-sweep-interval", "1s",
 	}
 	if h.embedded {
 		args = append(args,

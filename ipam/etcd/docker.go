@@ -3,8 +3,12 @@ package etcd
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/overlaynet/overlay/overlay"
 )
@@ -59,6 +63,30 @@ func (s *Store) DockerEndpoint(ctx context.Context, h overlay.HostID, id string)
 	var ep DockerEndpoint
 	err := s.getJSON(ctx, s.dockerPrefix(h)+"endpoints/"+id, &ep)
 	return ep, err
+}
+
+// DockerEndpoints returns host h's Docker endpoints by endpoint ID. A
+// record that cannot be decoded is left out, and named in the error
+// returned with the others.
+func (s *Store) DockerEndpoints(ctx context.Context, h overlay.HostID) (map[string]DockerEndpoint, error) {
+	ctx, cancel := bound(ctx)
+	defer cancel()
+	prefix := s.dockerPrefix(h) + "endpoints/"
+	resp, err := s.cli.Get(ctx, prefix, clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", prefix, err)
+	}
+	out := make(map[string]DockerEndpoint, len(resp.Kvs))
+	var errs []error
+	for _, kv := range resp.Kvs {
+		var ep DockerEndpoint
+		if err := json.Unmarshal(kv.Value, &ep); err != nil {
+			errs = append(errs, fmt.Errorf("%w: %s: %w", ErrBadRecord, kv.Key, err))
+			continue
+		}
+		out[strings.TrimPrefix(string(kv.Key), prefix)] = ep
+	}
+	return out, errors.Join(errs...)
 }
 
 // DeleteDockerEndpoint forgets Docker endpoint id on host h.

@@ -31,6 +31,12 @@ func TestDockerRecords(t *testing.T) {
 	if got, err := s.DockerEndpoint(ctx, "a", "e1"); err != nil || got != ep {
 		t.Fatalf("DockerEndpoint = %+v, %v", got, err)
 	}
+	if err := s.PutDockerEndpoint(ctx, "b", "e2", ep); err != nil {
+		t.Fatal(err)
+	}
+	if eps, err := s.DockerEndpoints(ctx, "a"); err != nil || len(eps) != 1 || eps["e1"] != ep {
+		t.Fatalf("DockerEndpoints(a) = %+v, %v; want e1 alone", eps, err)
+	}
 	if err := s.DeleteDockerEndpoint(ctx, "a", "e1"); err != nil {
 		t.Fatal(err)
 	}
