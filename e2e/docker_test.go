@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -9,10 +8,8 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,217 +19,39 @@ import (
 	"github.com/overlaynet/overlay/overlay"
 )
 
-// dockerRootEnv names a directory holding Debian's docker.io, containerd,
-// runc and busybox-static packages unpacked (scripts/lib.sh
-// ensure_docker): dockerd is run from there, never installed.
-const dockerRootEnv = "OVERLAY_DOCKER_ROOT"
-
-// dockerd is a dockerd confined to a simulated host: its network
-// namespace, a mount namespace of its own (a private /run, whose
-// /run/docker/plugins is the host's plugins directory, where its overlayd
-// serves the plugin socket), and its data, exec root and socket in the
-// test's directory. It makes no bridge and no iptables rule. The mount
-// namespace is held by a process of its own, and containerd runs apart
-// from dockerd, as under systemd: dockerd restarts (--live-restore)
-// while the containers keep running.
+// dockerd is a simnet.Dockerd that fails its test.
 type dockerd struct {
-	t      *testing.T
-	h      *simnet.Host
-	dir    string
-	root   string
-	holder *exec.Cmd // holds the mount namespace
-	ctd    *exec.Cmd // containerd
-	cmd    *exec.Cmd // dockerd
-	log    lockedBuffer
+	*simnet.Dockerd
+	t *testing.T
 }
 
-// lockedBuffer collects the output of several processes at once.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
+// startDockerd starts a dockerd on h, stopped when the test ends; the
+// test is skipped where Debian's docker.io is not unpacked.
 func startDockerd(t *testing.T, h *simnet.Host) *dockerd {
 	t.Helper()
-	root := os.Getenv(dockerRootEnv)
+	root := os.Getenv(simnet.DockerRootEnv)
 	if root == "" {
-		t.Skip("skipping: " + dockerRootEnv + " is not set (scripts/test sets it: Debian's docker.io unpacked, never installed)")
+		t.Skip("skipping: " + simnet.DockerRootEnv + " is not set (scripts/test sets it: Debian's docker.io unpacked, never installed)")
 	}
-	d := &dockerd{t: t, h: h, dir: t.TempDir(), root: root}
-	if err := os.MkdirAll(filepath.Dir(h.DockerSocket()), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(d.stop)
-	d.holder = d.spawn("unshare", "--mount", "--propagation", "private", "sh", "-c",
-		`mount -t tmpfs tmpfs /run && mkdir -p /run/docker/plugins && mount --bind "$0" /run/docker/plugins && touch "$1/ready" && exec sleep infinity`,
-		filepath.Dir(h.DockerSocket()), d.dir)
-	eventually(t, 10*time.Second, "the mount namespace", func() error {
-		_, err := os.Stat(filepath.Join(d.dir, "ready"))
-		return err
+	sd, err := simnet.StartDockerd(context.Background(), h, root, t.TempDir())
+	d := &dockerd{Dockerd: sd, t: t}
+	t.Cleanup(func() {
+		sd.Stop()
+		if t.Failed() {
+			t.Logf("--- dockerd of %s ---\n%s", h.Name, sd.Log())
+		}
 	})
-	if err := os.WriteFile(filepath.Join(d.dir, "containerd.toml"), []byte("version = 2\n"), 0o600); err != nil {
+	if err != nil {
 		t.Fatal(err)
 	}
-	d.ctd = d.inside("containerd", "--config", filepath.Join(d.dir, "containerd.toml"), "--root", filepath.Join(d.dir, "ctd"),
-		"--state", filepath.Join(d.dir, "ctd-state"), "--address", filepath.Join(d.dir, "containerd.sock"))
-	d.start()
+	if err := sd.ImportBusybox(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	return d
 }
 
-// cgroupParent is the cgroup of the containers of this dockerd: one of
-// the run's, named like the host, removed at the end.
-func (d *dockerd) cgroupParent() string { return "/" + d.h.Name }
-
-// spawn starts a command in a process group of its own, its output in
-// d.log.
-func (d *dockerd) spawn(name string, args ...string) *exec.Cmd {
-	d.t.Helper()
-	cmd := exec.Command(name, args...)
-	cmd.Env = append(os.Environ(), "PATH="+filepath.Join(d.root, "usr/bin")+":"+filepath.Join(d.root, "usr/sbin")+":"+os.Getenv("PATH"))
-	cmd.Stdout, cmd.Stderr = &d.log, &d.log
-	// SIGTERM should the test die first.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := cmd.Start(); err != nil {
-		d.t.Fatal(err)
-	}
-	return cmd
-}
-
-// inside starts a command in the host's network namespace and the mount
-// namespace of d.holder.
-func (d *dockerd) inside(name string, args ...string) *exec.Cmd {
-	return d.spawn("nsenter", append([]string{"-t", fmt.Sprint(d.holder.Process.Pid), "-m", "--net=/run/netns/" + d.h.Name, name}, args...)...)
-}
-
-func (d *dockerd) start() {
-	d.t.Helper()
-	d.cmd = d.inside("dockerd", "--data-root", filepath.Join(d.dir, "data"), "--exec-root", filepath.Join(d.dir, "exec"),
-		"--pidfile", filepath.Join(d.dir, "docker.pid"), "-H", "unix://"+filepath.Join(d.dir, "docker.sock"),
-		"--containerd", filepath.Join(d.dir, "containerd.sock"), "--live-restore", "--cgroup-parent", d.cgroupParent(),
-		"--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false", "--userland-proxy=false", "--storage-driver=vfs")
-	eventually(d.t, 30*time.Second, d.h.Name+"'s dockerd to answer", func() error {
-		_, err := d.docker("info")
-		return err
-	})
-}
-
-// crash kills dockerd (SIGKILL), leaving its containers running.
-func (d *dockerd) crash() {
-	d.t.Helper()
-	d.cmd.Process.Kill()
-	d.cmd.Wait()
-	d.cmd = nil
-}
-
-// restart stops dockerd alone, leaving its containers running
-// (--live-restore), and starts it again.
-func (d *dockerd) restart() {
-	d.t.Helper()
-	d.cmd.Process.Signal(syscall.SIGTERM)
-	if err := d.cmd.Wait(); err != nil {
-		d.t.Logf("dockerd of %s exited: %v", d.h.Name, err)
-	}
-	d.cmd = nil
-	d.start()
-}
-
-// stop removes the containers, then stops dockerd, containerd and every
-// process left in the mount namespace (the containers' shims), and the
-// holder, so that it is gone.
-func (d *dockerd) stop() {
-	var ids []string
-	if d.cmd != nil {
-		if out, err := d.docker("ps", "-aq", "--no-trunc"); err == nil {
-			ids = strings.Fields(out)
-		}
-		if len(ids) > 0 {
-			d.docker(append([]string{"rm", "-f"}, ids...)...)
-		}
-		d.cmd.Process.Signal(syscall.SIGTERM)
-		waitExit(d.cmd, 20*time.Second)
-	}
-	// A container dockerd lost track of (a test that failed half way)
-	// is still in its cgroup: kill what is there, and remove the cgroups,
-	// the run's parent too.
-	for _, id := range ids {
-		dirs, _ := filepath.Glob("/sys/fs/cgroup/*" + d.cgroupParent() + "/" + id)
-		for _, dir := range dirs {
-			if procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs")); err == nil {
-				for _, f := range strings.Fields(string(procs)) {
-					var pid int
-					fmt.Sscan(f, &pid)
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
-			}
-		}
-		time.Sleep(100 * time.Millisecond)
-		for _, dir := range dirs {
-			os.Remove(dir)
-		}
-	}
-	if d.holder != nil {
-		if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", d.holder.Process.Pid)); err == nil {
-			procs, _ := filepath.Glob("/proc/[0-9]*/ns/mnt")
-			for _, p := range procs {
-				if other, err := os.Readlink(p); err == nil && other == ns {
-					var pid int
-					fmt.Sscanf(p, "/proc/%d/", &pid)
-					if pid != d.holder.Process.Pid {
-						syscall.Kill(pid, syscall.SIGKILL)
-					}
-				}
-			}
-		}
-	}
-	parents, _ := filepath.Glob("/sys/fs/cgroup/*" + d.cgroupParent())
-	for _, dir := range parents {
-		os.Remove(dir)
-	}
-	for _, c := range []*exec.Cmd{d.ctd, d.holder} {
-		if c != nil {
-			c.Process.Kill()
-			waitExit(c, 10*time.Second)
-		}
-	}
-	if d.t.Failed() {
-		d.t.Logf("--- dockerd of %s ---\n%s", d.h.Name, d.log.String())
-	}
-	d.cmd, d.ctd, d.holder = nil, nil, nil
-}
-
-// waitExit waits for cmd to exit, killing it after grace.
-func waitExit(cmd *exec.Cmd, grace time.Duration) {
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(grace):
-		cmd.Process.Kill()
-		<-done
-	}
-}
-
-// docker runs the docker client against this dockerd.
 func (d *dockerd) docker(args ...string) (string, error) {
-	cli := filepath.Join(d.root, "usr/bin/docker")
-	cmd := exec.Command(cli, append([]string{"-H", "unix://" + filepath.Join(d.dir, "docker.sock")}, args...)...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return string(out), fmt.Errorf("docker %s: %w: %s", strings.Join(args, " "), err, out)
-	}
-	return strings.TrimSpace(string(out)), nil
+	return d.Docker(context.Background(), args...)
 }
 
 func (d *dockerd) must(args ...string) string {
@@ -244,31 +63,23 @@ func (d *dockerd) must(args ...string) string {
 	return out
 }
 
-// importBusybox makes the image bb:1 from the unpacked busybox-static:
-// nothing is pulled from a registry.
-func (d *dockerd) importBusybox() {
+// restart restarts dockerd, its containers running on.
+func (d *dockerd) restart() {
 	d.t.Helper()
-	rootfs := filepath.Join(d.dir, "rootfs")
-	if err := os.MkdirAll(filepath.Join(rootfs, "bin"), 0o755); err != nil {
-		d.t.Fatal(err)
+	stopped, err := d.Restart(context.Background())
+	if stopped != nil {
+		d.t.Logf("dockerd of %s exited: %v", d.Host().Name, stopped)
 	}
-	bb, err := os.ReadFile(filepath.Join(d.root, "bin/busybox"))
 	if err != nil {
 		d.t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(rootfs, "bin/busybox"), bb, 0o755); err != nil {
+}
+
+func (d *dockerd) start() {
+	d.t.Helper()
+	if err := d.Start(context.Background()); err != nil {
 		d.t.Fatal(err)
 	}
-	for _, a := range []string{"sh", "ip", "ping", "sleep", "cat"} {
-		if err := os.Symlink("busybox", filepath.Join(rootfs, "bin", a)); err != nil {
-			d.t.Fatal(err)
-		}
-	}
-	tar := filepath.Join(d.dir, "rootfs.tar")
-	if out, err := exec.Command("tar", "-C", rootfs, "-cf", tar, ".").CombinedOutput(); err != nil {
-		d.t.Fatalf("tar: %v: %s", err, out)
-	}
-	d.must("import", tar, "bb:1")
 }
 
 // TestDocker: Docker containers on two hosts and a CNI container on a
@@ -280,8 +91,6 @@ func TestDocker(t *testing.T) {
 	n := newNet(t, 3)
 	h1, h2, h3 := n.Hosts[0], n.Hosts[1], n.Hosts[2]
 	d1, d2 := startDockerd(t, h1), startDockerd(t, h2)
-	d1.importBusybox()
-	d2.importBusybox()
 
 	d1.must("network", "create", "-d", "overlaynet", "--ipam-driver", "overlaynet", "--subnet", "10.30.0.0/16", "--opt", "name=red", "red")
 	// Without --subnet, dockerd 20.10 asks for a pool again and again
@@ -374,7 +183,7 @@ func TestDocker(t *testing.T) {
 	// dockerd is back, its address and veth are gone, and dockerd
 	// removes it and runs new ones.
 	pid := d2.must("inspect", "-f", "{{.State.Pid}}", "cb")
-	d2.crash()
+	d2.Crash()
 	var p int
 	fmt.Sscan(pid, &p)
 	if err := syscall.Kill(p, syscall.SIGKILL); err != nil {
