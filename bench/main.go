@@ -42,8 +42,9 @@ func main() {
 	n := flag.Int("n", 20, "samples per figure")
 	newHostOnly := flag.Bool("new-host-only", false, "measure only a new host programmed on another, against flanneld")
 	networksOnly := flag.Bool("networks-only", false, "measure only networks created at run time: usable everywhere, and 50 more on every host")
+	dockerOnly := flag.Bool("docker-only", false, "measure only docker run with this driver, against --network none and Docker's bridge driver")
 	flag.Parse()
-	if err := run(*n, *newHostOnly, *networksOnly); err != nil {
+	if err := run(*n, *newHostOnly, *networksOnly, *dockerOnly); err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)
 		os.Exit(1)
 	}
@@ -54,7 +55,7 @@ func main() {
 const refConf = `{"cniVersion":"1.1.0","name":"ref","plugins":[{"type":"bridge","bridge":"refbr0","isGateway":true,
 "ipam":{"type":"host-local","subnet":"198.18.100.0/24","dataDir":%q}}]}`
 
-func run(samples int, newHostOnly, networksOnly bool) error {
+func run(samples int, newHostOnly, networksOnly, dockerOnly bool) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("needs root: sudo go run ./bench")
 	}
@@ -77,6 +78,12 @@ func run(samples int, newHostOnly, networksOnly bool) error {
 	h1, h2 := net.Hosts[0], net.Hosts[1]
 
 	fmt.Printf("bench: %d samples per figure, %s\n\n", samples, time.Now().Format(time.RFC3339))
+	if dockerOnly {
+		if err := h1.Start(ctx); err != nil {
+			return err
+		}
+		return dockerFigures(ctx, h1, samples)
+	}
 	if networksOnly {
 		for _, h := range net.Hosts {
 			if err := h.Start(ctx); err != nil {
@@ -263,6 +270,9 @@ func run(samples int, newHostOnly, networksOnly bool) error {
 		return err
 	}
 	fmt.Println()
+	if err := dockerFigures(ctx, h1, samples); err != nil {
+		return err
+	}
 	return networkFigures(ctx, net, samples)
 }
 
