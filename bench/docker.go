@@ -17,7 +17,7 @@ import (
 // with this project's driver, with --network none and with Docker's own
 // bridge driver, interleaved sample by sample, and the driver's calls that
 // a container's start makes, sent to overlayd's plugin socket alone.
-func dockerFigures(ctx context.Context, h *simnet.Host, samples int) error {
+func dockerFigures(ctx context.Context, net *simnet.Net, h *simnet.Host, samples int) error {
 	root := os.Getenv(simnet.DockerRootEnv)
 	if root == "" {
 		fmt.Printf("docker run: skipped, %s is not set (scripts/lib.sh ensure_docker unpacks Debian's docker.io)\n\n", simnet.DockerRootEnv)
@@ -69,6 +69,13 @@ func dockerFigures(ctx context.Context, h *simnet.Host, samples int) error {
 	calls, err := driverCalls(ctx, h, subnet, samples)
 	if err != nil {
 		return err
+	}
+	// The figures after these want the hosts as they were.
+	if _, err := d.Docker(ctx, "network", "rm", "ov", "br"); err != nil {
+		return err
+	}
+	if out, err := net.Ctl(ctx, "network", "delete", "dbench"); err != nil {
+		return fmt.Errorf("overlayctl network delete dbench: %w: %s", err, out)
 	}
 	fmt.Println("docker run -d to a running container, one host (dockerd 20.10, containers removed between samples)")
 	report("--network with this driver", times["ov"], times["none"], "--network none")

@@ -82,7 +82,7 @@ func run(samples int, newHostOnly, networksOnly, dockerOnly bool) error {
 		if err := h1.Start(ctx); err != nil {
 			return err
 		}
-		return dockerFigures(ctx, h1, samples)
+		return dockerFigures(ctx, net, h1, samples)
 	}
 	if networksOnly {
 		for _, h := range net.Hosts {
@@ -270,7 +270,7 @@ func run(samples int, newHostOnly, networksOnly, dockerOnly bool) error {
 		return err
 	}
 	fmt.Println()
-	if err := dockerFigures(ctx, h1, samples); err != nil {
+	if err := dockerFigures(ctx, net, h1, samples); err != nil {
 		return err
 	}
 	return networkFigures(ctx, net, samples)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -332,8 +333,12 @@ func (b *dockerBackend) inUse(ctx context.Context, network string, key overlay.A
 }
 
 // dockerNetworkOptions are the --opt keys of a network the driver
-// creates.
+// creates, beside label.KEY.
 var dockerNetworkOptions = []string{"name", "vni", "mtu", "block-bits", "masquerade"}
+
+// dockerLabelOption starts the --opt keys that are the network's labels:
+// dockerd gives a remote driver no --label.
+const dockerLabelOption = "label."
 
 // CreateNetwork maps Docker network r.NetworkID onto the overlay network
 // of its pool, creating it (named --opt name=NAME, else docker-<ID>) on
@@ -358,8 +363,8 @@ func (b *dockerBackend) CreateNetwork(ctx context.Context, r cnm.CreateNetworkRe
 		return err
 	}
 	for k := range opts {
-		if !slices.Contains(dockerNetworkOptions, k) {
-			return fmt.Errorf("unknown --opt %q (known: %s)", k, strings.Join(dockerNetworkOptions, ", "))
+		if !slices.Contains(dockerNetworkOptions, k) && !strings.HasPrefix(k, dockerLabelOption) {
+			return fmt.Errorf("unknown --opt %q (known: %s, %sKEY)", k, strings.Join(dockerNetworkOptions, ", "), dockerLabelOption)
 		}
 	}
 	want := overlay.Network{Name: opts["name"], CIDR: p, BlockBits: overlay.DefaultBlockBits, Port: overlay.DefaultPort}
@@ -461,6 +466,17 @@ func parseNetworkOptions(opts map[string]string, n *overlay.Network) error {
 		}
 		n.Masquerade = &on
 	}
+	for k, v := range opts {
+		if key, ok := strings.CutPrefix(k, dockerLabelOption); ok {
+			if n.Labels == nil {
+				n.Labels = map[string]string{}
+			}
+			n.Labels[key] = v
+		}
+	}
+	if err := overlay.ValidateLabels(n.Labels); err != nil {
+		return fmt.Errorf("--opt %sKEY=VALUE: %w", dockerLabelOption, err)
+	}
 	return nil
 }
 
@@ -479,6 +495,16 @@ func optionsDiffer(opts map[string]string, want, have overlay.Network) string {
 	}
 	if _, ok := opts["masquerade"]; ok && want.MasqueradeOn() != have.MasqueradeOn() {
 		out = append(out, fmt.Sprintf("masquerade %t", have.MasqueradeOn()))
+	}
+	keys := slices.Sorted(maps.Keys(want.Labels))
+	for _, k := range keys {
+		if v, ok := have.Labels[k]; !ok || v != want.Labels[k] {
+			if ok {
+				out = append(out, fmt.Sprintf("label %s=%s", k, v))
+			} else {
+				out = append(out, fmt.Sprintf("no label %s", k))
+			}
+		}
 	}
 	return strings.Join(out, ", ")
 }

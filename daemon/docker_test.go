@@ -248,10 +248,10 @@ func TestDockerLifecycle(t *testing.T) {
 	}
 	netID := "666f51ee110d9ec54593393875ab6921e7d75387af61caca13e7b3a635b5ce27"
 	must(b.CreateNetwork(ctx, cnm.CreateNetworkRequest{NetworkID: netID,
-		Options:  map[string]any{"com.docker.network.enable_ipv6": false, cnm.GenericOption: map[string]any{"name": "red", "vni": "4242"}},
+		Options:  map[string]any{"com.docker.network.enable_ipv6": false, cnm.GenericOption: map[string]any{"name": "red", "vni": "4242", "label.team": "web"}},
 		IPv4Data: []cnm.IPAMData{{AddressSpace: "overlay", Pool: "10.30.0.0/16", Gateway: gw.Address}}}))
 	red, err := store.Network(ctx, "red")
-	if err != nil || red.CIDR != netip.MustParsePrefix("10.30.0.0/16") || red.VNI != 4242 {
+	if err != nil || red.CIDR != netip.MustParsePrefix("10.30.0.0/16") || red.VNI != 4242 || red.Labels["team"] != "web" || len(red.Labels) != 1 {
 		t.Fatalf("the overlay network created: %+v, %v", red, err)
 	}
 
@@ -297,7 +297,12 @@ func TestDockerLifecycle(t *testing.T) {
 		IPv4Data: []cnm.IPAMData{{Pool: "10.30.0.0/16"}}}); err == nil || !strings.Contains(err.Error(), "vni 4242") {
 		t.Fatalf("a vni that differs: %v", err)
 	}
-	must(b2.CreateNetwork(ctx, cnm.CreateNetworkRequest{NetworkID: "n2", IPv4Data: []cnm.IPAMData{{Pool: "10.30.0.0/16"}}}))
+	if err := b2.CreateNetwork(ctx, cnm.CreateNetworkRequest{NetworkID: "n2", Options: map[string]any{cnm.GenericOption: map[string]any{"label.team": "db", "label.tier": "1"}},
+		IPv4Data: []cnm.IPAMData{{Pool: "10.30.0.0/16"}}}); err == nil || !strings.Contains(err.Error(), "label team=web, no label tier") {
+		t.Fatalf("labels that differ: %v", err)
+	}
+	must(b2.CreateNetwork(ctx, cnm.CreateNetworkRequest{NetworkID: "n2", Options: map[string]any{cnm.GenericOption: map[string]any{"label.team": "web"}},
+		IPv4Data: []cnm.IPAMData{{Pool: "10.30.0.0/16"}}}))
 	if name, _ := store.DockerNetwork(ctx, "b", "n2"); name != "red" || len(store.nets) != 1 {
 		t.Fatalf("host b's network is %q (%d overlay networks); want red", name, len(store.nets))
 	}
@@ -414,6 +419,7 @@ func TestDockerUnknown(t *testing.T) {
 		{NetworkID: "n2", Options: map[string]any{cnm.GenericOption: map[string]any{"name": "blue"}}, IPv4Data: []cnm.IPAMData{{Pool: "10.30.0.0/16"}}},
 		{NetworkID: "n3", IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16"}, {Pool: "10.51.0.0/16"}}},
 		{NetworkID: "n4", IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16"}}, IPv6Data: []cnm.IPAMData{{Pool: "fd00::/64"}}},
+		{NetworkID: "n5", Options: map[string]any{cnm.GenericOption: map[string]any{"label.": "x"}}, IPv4Data: []cnm.IPAMData{{Pool: "10.50.0.0/16"}}},
 	} {
 		if err := b.CreateNetwork(ctx, r); err == nil {
 			t.Errorf("CreateNetwork(%+v) succeeded", r)

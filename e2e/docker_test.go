@@ -92,7 +92,7 @@ func TestDocker(t *testing.T) {
 	h1, h2, h3 := n.Hosts[0], n.Hosts[1], n.Hosts[2]
 	d1, d2 := startDockerd(t, h1), startDockerd(t, h2)
 
-	d1.must("network", "create", "-d", "overlaynet", "--ipam-driver", "overlaynet", "--subnet", "10.30.0.0/16", "--opt", "name=red", "red")
+	d1.must("network", "create", "-d", "overlaynet", "--ipam-driver", "overlaynet", "--subnet", "10.30.0.0/16", "--opt", "name=red", "--opt", "label.team=web", "red")
 	// Without --subnet, dockerd 20.10 asks for a pool again and again
 	// while the one it gets overlaps a route of the host's, as red's
 	// blocks are on host 2: the driver refuses that, naming the subnet.
@@ -100,7 +100,7 @@ func TestDocker(t *testing.T) {
 		t.Fatalf("network create on host 2 without --subnet: %v %s", err, out)
 	}
 	d2.must("network", "create", "-d", "overlaynet", "--ipam-driver", "overlaynet", "--subnet", "10.30.0.0/16", "red")
-	if out := ctl(t, n, "network", "list"); !strings.Contains(out, "red") || !strings.Contains(out, "10.30.0.0/16") {
+	if out := ctl(t, n, "network", "list"); !strings.Contains(out, "red") || !strings.Contains(out, "10.30.0.0/16") || !strings.Contains(out, "team=web") {
 		t.Fatalf("the network created through Docker is not an overlay network:\n%s", out)
 	}
 	waitServed(t, n, "red", h1, h2, h3)
@@ -227,8 +227,8 @@ func TestDocker(t *testing.T) {
 		return nil
 	})
 	for _, h := range []*simnet.Host{h1, h2} {
-		if out := ipOut(t, h, "ip", "-o", "link", "show"); strings.Contains(out, "ovd") {
-			t.Errorf("%s: a Docker veth is left:\n%s", h.Name, out)
+		if out := ipOut(t, h, "ip", "-o", "link", "show"); strings.Contains(out, "ovd") || strings.Contains(out, "docker_gwbridge") {
+			t.Errorf("%s: a Docker veth, or a gateway bridge of dockerd's, is left:\n%s", h.Name, out)
 		}
 	}
 }
