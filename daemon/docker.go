@@ -68,7 +68,6 @@ type dockerService interface {
 	Detach(ctx context.Context, r attach.Request) error
 	Allocations(ctx context.Context, network string) ([]overlay.Allocation, error)
 	Holder(ctx context.Context, network string, a netip.Addr) (overlay.Allocation, error)
-	Release(ctx context.Context, network string, a netip.Addr, force bool) (overlay.AttachmentKey, bool, error)
 }
 
 // dockerLinks makes and removes the endpoints' veth pairs.
@@ -740,6 +739,10 @@ func (b *dockerBackend) sweep(ctx context.Context, networks []string) error {
 		return errors.Join(append(errs, fmt.Errorf("read this host's Docker endpoints: %w", err))...)
 	}
 	for _, a := range collect {
+		// A Join since the first look (dockerd can be slow) wins.
+		if state, err := b.links.State(overlay.HostVethName(a.network, a.key)); err != nil || state == hostlink.Attached {
+			continue
+		}
 		if err := b.svc.Detach(ctx, attach.Request{Network: a.network, Key: a.key}); err != nil {
 			errs = append(errs, err)
 			continue

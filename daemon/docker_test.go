@@ -168,16 +168,6 @@ func (f *fakeDockerService) Holder(_ context.Context, _ string, a netip.Addr) (o
 	}
 	return overlay.Allocation{}, &attach.Error{Kind: attach.NotFound, Msg: "nobody holds " + a.String()}
 }
-func (f *fakeDockerService) Release(ctx context.Context, network string, a netip.Addr, _ bool) (overlay.AttachmentKey, bool, error) {
-	al, err := f.Holder(ctx, network, a)
-	if err != nil {
-		return overlay.AttachmentKey{}, false, err
-	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	delete(f.allocs, al.Key)
-	return al.Key, false, nil
-}
 
 // fakeDockerLinks records the veth pairs.
 type fakeDockerLinks struct {
